@@ -1,0 +1,27 @@
+# oscbench: `make run` trains the default configuration, `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) -m oscbench.run $(ARGS)
+
+test: install
+	$(PY) -m pytest $(ARGS)
+
+lint: install
+	$(PY) -m ruff check oscbench tests
+
+clean:
+	rm -rf runs multirun outputs .pytest_cache

@@ -1,0 +1,190 @@
+"""Config schemas and `validate`, which checks a composed Hydra config before any work.
+
+Hydra composes conf/ (the only place defaults live) and rejects unknown groups and
+options; `validate` rejects unknown keys, wrong types and values out of range, with a
+message that names the bad value and what is allowed, and returns typed objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from oscbench.data import DATASETS
+from oscbench.models import MODELS
+from oscbench.oscillation.policy import POLICIES
+from oscbench.oscillation.tracker import TrackerConfig
+from oscbench.quant import QUANTIZERS
+from oscbench.registry import ConfigError, Registry, check, parse
+
+BITS_RANGE = range(2, 9)
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int
+    batch_size: int
+    optimizer: str  # sgd | adamw
+    lr: float
+    momentum: float  # SGD momentum (AdamW: beta1)
+    nesterov: bool
+    weight_decay: float  # not applied to quantizer parameters
+    warmup_epochs: float  # linear warm-up, then cosine decay to 0, per optimizer step
+    quant_lr: float  # learning rate of quantizer parameters (their own group)
+    eval_batch_size: int
+    bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
+
+    def __post_init__(self) -> None:
+        check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
+        check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
+        check(self.optimizer in ("sgd", "adamw"), "trainer.optimizer", self.optimizer, "sgd, adamw")
+        check(self.lr > 0, "trainer.lr", self.lr, "a number > 0")
+        check(self.quant_lr >= 0, "trainer.quant_lr", self.quant_lr, "a number >= 0")
+        check(0 <= self.momentum < 1, "trainer.momentum", self.momentum, "0 <= x < 1")
+        check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a number >= 0")
+        check(
+            0 <= self.warmup_epochs < self.epochs,
+            "trainer.warmup_epochs",
+            self.warmup_epochs,
+            f"0 <= x < trainer.epochs ({self.epochs})",
+        )
+        check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, ">= 1")
+        check(
+            self.bn_reestimate_batches >= 0,
+            "trainer.bn_reestimate_batches",
+            self.bn_reestimate_batches,
+            "an integer >= 0 (0 = off)",
+        )
+
+
+@dataclass
+class LoggerConfig:
+    name: str  # wandb | none
+    mode: str  # offline (no account needed) | online | disabled
+    project: str
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(self.name in ("wandb", "none"), "logger", self.name, "wandb, none")
+        check(
+            self.mode in ("offline", "online", "disabled"),
+            "logger.mode",
+            self.mode,
+            "offline, online, disabled",
+        )
+
+
+@dataclass
+class Component:
+    """A config-group choice: its registry name and its validated options."""
+
+    name: str
+    options: Any
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, typed and checked."""
+
+    method: str
+    bits: int
+    act_bits: int
+    first_last_bits: int
+    seed: int
+    device: str
+    model: Component
+    dataset: Component
+    quantizer: Component
+    act_quantizer: Component
+    policies: list[Component]
+    trainer: TrainerConfig
+    oscillation: TrackerConfig
+    logger: LoggerConfig
+
+    @property
+    def quantized(self) -> bool:
+        return self.quantizer.name != "none"
+
+
+def _component(registry: Registry, node: Any, path: str) -> Component:
+    if not isinstance(node, (dict, DictConfig)) or "name" not in node:
+        raise ConfigError(f"{path}: expected a config with a 'name'; choose with {path}=NAME")
+    return Component(node["name"], registry.parse(node, path))
+
+
+def _bits(cfg: DictConfig, key: str) -> int:
+    value = cfg[key]
+    check(
+        isinstance(value, int) and value in BITS_RANGE,
+        key,
+        value,
+        f"an integer {BITS_RANGE.start}..{BITS_RANGE.stop - 1}",
+    )
+    return value
+
+
+def validate(cfg: DictConfig) -> RunSpec:
+    """Check a composed config; raise ConfigError naming the bad value and the fix."""
+    top = {
+        "model",
+        "dataset",
+        "quantizer",
+        "act_quantizer",
+        "policy",
+        "method",
+        "trainer",
+        "oscillation",
+        "logger",
+        "bits",
+        "act_bits",
+        "first_last_bits",
+        "seed",
+        "device",
+    }
+    unknown = sorted(set(cfg.keys()) - top)
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(top))}"
+        )
+    check(isinstance(cfg.seed, int) and cfg.seed >= 0, "seed", cfg.seed, "an integer >= 0")
+    device = str(cfg.device)
+    check(
+        device in ("auto", "cpu", "cuda") or device.startswith("cuda:"),
+        "device",
+        device,
+        "auto, cpu, cuda, cuda:N",
+    )
+    policy_node = cfg.policy or {}
+    spec = RunSpec(
+        method=str(cfg.method.name),
+        bits=_bits(cfg, "bits"),
+        act_bits=_bits(cfg, "act_bits"),
+        first_last_bits=_bits(cfg, "first_last_bits"),
+        seed=cfg.seed,
+        device=device,
+        model=_component(MODELS, cfg.model, "model"),
+        dataset=_component(DATASETS, cfg.dataset, "dataset"),
+        quantizer=_component(QUANTIZERS, cfg.quantizer, "quantizer"),
+        act_quantizer=_component(QUANTIZERS, cfg.act_quantizer, "act_quantizer"),
+        policies=[
+            _component(POLICIES, {"name": name, **dict(opts or {})}, f"policy.{name}")
+            for name, opts in policy_node.items()
+        ],
+        trainer=parse(TrainerConfig, cfg.trainer, "trainer"),
+        oscillation=parse(TrackerConfig, cfg.oscillation, "oscillation"),
+        logger=parse(LoggerConfig, cfg.logger, "logger"),
+    )
+    if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
+        raise ConfigError(
+            "act_quantizer.per_channel=true is not supported; activations are per tensor"
+        )
+    return spec
+
+
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain data, interpolations resolved (for records and W&B)."""
+    return OmegaConf.to_container(cfg, resolve=True)

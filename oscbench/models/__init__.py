@@ -1,0 +1,19 @@
+"""Model registry: `model.name` in conf/model/*.yaml -> a builder taking its options."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from oscbench.registry import Registry
+
+MODELS: Registry[nn.Module] = Registry("model")
+
+
+def build_model(component, num_classes: int, in_channels: int) -> nn.Module:  # noqa: ANN001
+    """Build a validated model `Component` for a dataset's classes and input channels."""
+    return MODELS.get(component.name).build(
+        component.options, num_classes=num_classes, in_channels=in_channels
+    )
+
+
+from oscbench.models import cnn_small  # noqa: E402,F401  (registers)

@@ -1,0 +1,95 @@
+"""Oscillation tracking in the integer domain (Nagel et al., ICML 2022, arXiv:2203.11086).
+
+Per weight, once per optimizer step: delta = q_t - q_{t-1}; a *switch* (a threshold
+crossing) is delta != 0; an *oscillation* is a switch whose direction is opposite to the
+weight's previous switch (no time window; a weight's first switch never counts); the
+oscillation frequency is the EMA f = m * osc + (1 - m) * f.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oscbench.registry import check
+
+COUNT_MAX = torch.iinfo(torch.int16).max
+
+
+@dataclass
+class TrackerConfig:
+    """`oscillation:` in conf/config.yaml."""
+
+    momentum: float  # Nagel et al.: 0.001 on ImageNet (~10^5 steps)
+    window_fraction: float | None  # short runs: m >= 1 / (window_fraction * total steps)
+    threshold: float  # a weight "oscillates" when f > threshold
+    track_first_last: bool  # Nagel et al. track only <= 4-bit layers, i.e. not the 8-bit ends
+
+    def __post_init__(self) -> None:
+        check(0 < self.momentum <= 1, "oscillation.momentum", self.momentum, "0 < m <= 1")
+        check(
+            self.window_fraction is None or 0 < self.window_fraction <= 1,
+            "oscillation.window_fraction",
+            self.window_fraction,
+            "null or 0 < x <= 1",
+        )
+        check(0 <= self.threshold < 1, "oscillation.threshold", self.threshold, "0 <= x < 1")
+
+    def effective_momentum(self, total_steps: int) -> float:
+        """The paper's m, raised for short runs so that the EMA window spans at most
+        `window_fraction` of training."""
+        if self.window_fraction is None:
+            return self.momentum
+        return min(1.0, max(self.momentum, 1.0 / (self.window_fraction * max(total_steps, 1))))
+
+
+class OscillationTracker(nn.Module):
+    """State of one quantized weight tensor, all in buffers (saved with the model).
+
+    8 bytes per weight: int8 last code, int8 last switch direction, float32 frequency EMA,
+    int16 oscillation count (saturating at 32767). Epoch counters are device scalars, so an
+    update never synchronises with the host.
+    """
+
+    def __init__(self, codes: torch.Tensor, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("code", codes.to(torch.int8))
+        self.register_buffer("direction", torch.zeros_like(codes, dtype=torch.int8))
+        self.register_buffer("freq", torch.zeros_like(codes, dtype=torch.float32))
+        self.register_buffer("count", torch.zeros_like(codes, dtype=torch.int16))
+        self.register_buffer("epoch_switches", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("epoch_oscillations", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def update(self, codes: torch.Tensor) -> None:
+        """Record the codes after one optimizer step. Ignored outside training mode."""
+        if not self.training:
+            return
+        codes = codes.to(torch.int8)
+        direction = (codes > self.code).to(torch.int8) - (codes < self.code).to(torch.int8)
+        switched = direction != 0
+        osc = (direction * self.direction) == -1
+        self.freq.mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
+        self.count.add_(osc & (self.count < COUNT_MAX))
+        self.direction.copy_(torch.where(switched, direction, self.direction))
+        self.code.copy_(codes)
+        self.epoch_switches.add_(switched.sum())
+        self.epoch_oscillations.add_(osc.sum())
+
+    @torch.no_grad()
+    def epoch_stats(self, threshold: float, reset: bool = True) -> dict[str, float]:
+        """Per-layer numbers for the epoch; resets the epoch counters."""
+        stats = {
+            "numel": self.freq.numel(),
+            "osc_share": (self.freq > threshold).float().mean().item(),
+            "mean_freq": self.freq.mean().item(),
+            "crossings": int(self.epoch_switches.item()),
+            "oscillations": int(self.epoch_oscillations.item()),
+        }
+        if reset:
+            self.epoch_switches.zero_()
+            self.epoch_oscillations.zero_()
+        return stats

@@ -1,0 +1,146 @@
+"""LSQ: learned step size quantization (Esser et al., ICLR 2020, arXiv:1902.08153)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oscbench.quant.base import Quantizer, channel_view, int_range
+from oscbench.registry import check
+
+
+@dataclass
+class LSQConfig:
+    """Options of `quantizer: lsq` / `act_quantizer: lsq` (values live in conf/)."""
+
+    per_channel: bool
+    init: str  # "lsq": s = 2 mean|x| / sqrt(p) (Esser et al.); "mse": grid search (Nagel et al.)
+    grad_scale: bool  # g = 1/sqrt(numel * p); off gives plain STE gradients to s
+    signed: str  # "auto" (unsigned when the calibration data has no negatives), "true", "false"
+
+    def __post_init__(self) -> None:
+        check(self.init in ("lsq", "mse"), "init", self.init, "lsq, mse")
+        check(self.signed in ("auto", "true", "false"), "signed", self.signed, "auto, true, false")
+
+
+class _LSQRound(torch.autograd.Function):
+    """x -> s * clamp(round(x / s), n, p) with LSQ's gradients, in one pass each way.
+
+    Follows PyTorch's fused `_fake_quantize_learnable_*_affine`: x / s is computed as
+    x * (1 / s); the straight-through mask keeps elements whose *rounded* code lies in
+    [n, p]; the step gradient is (q - x/s) inside and n or p outside, times g.
+    """
+
+    @staticmethod
+    def forward(ctx, x, s, n: int, p: int, g: float):  # noqa: ANN001, ANN205
+        xs = x * s.reciprocal()
+        q = torch.round(xs)
+        out = torch.clamp(q, n, p) * s
+        ctx.save_for_backward(xs, s)
+        ctx.n, ctx.p, ctx.g = n, p, g
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        xs, s = ctx.saved_tensors
+        q = torch.round(xs)
+        inside = (q >= ctx.n) & (q <= ctx.p)
+        grad_x = grad * inside
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(inside, q - xs, torch.clamp(q, ctx.n, ctx.p))
+            grad_s = (grad * ds).sum_to_size(s.shape) * ctx.g
+        return grad_x, grad_s, None, None, None
+
+
+def lsq_quantize(x: torch.Tensor, s: torch.Tensor, n: int, p: int, g: float) -> torch.Tensor:
+    """Functional LSQ fake quantization; s broadcasts against x."""
+    return _LSQRound.apply(x, s, n, p, g)
+
+
+def mse_step(
+    x: torch.Tensor, n: int, p: int, per_channel: bool, candidates: int = 100
+) -> torch.Tensor:
+    """Step size minimising the fake-quantization MSE over a grid of max|x| fractions."""
+    flat = x.detach().flatten(1) if per_channel else x.detach().reshape(1, -1)
+    amax = flat.abs().amax(dim=1).clamp_min(1e-8)
+    best = torch.full_like(amax, float("inf"))
+    best_s = amax / max(p, 1)
+    for frac in torch.linspace(0.05, 1.0, candidates).tolist():
+        s = (amax * frac / max(p, 1)).unsqueeze(1)
+        err = ((torch.clamp(torch.round(flat / s), n, p) * s - flat) ** 2).mean(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s = torch.where(better, s.squeeze(1), best_s)
+    return best_s if per_channel else best_s.reshape(())
+
+
+class LSQQuantizer(Quantizer):
+    """LSQ with a learnable step s (per tensor or per output channel).
+
+    Weights are signed (n = -2^(b-1), p = 2^(b-1) - 1), activations after a ReLU unsigned
+    (n = 0, p = 2^b - 1); with `signed: auto` the sign is read off the calibration batch,
+    which is a choice of ours (Esser et al. quantize only post-ReLU activations as unsigned).
+    The step's gradient is scaled by g = 1/sqrt(N p), N = the number of weights (per
+    channel when per-channel) or, for activations, of features per sample (Esser et al.).
+    """
+
+    learnable_params = ("s",)
+
+    def __init__(self, bits: int, cfg: LSQConfig, channels: int | None, is_weight: bool) -> None:
+        """`channels`: output channels for a per-channel weight quantizer, else None."""
+        super().__init__(bits)
+        self.cfg = cfg
+        self.is_weight = is_weight
+        self.per_channel = cfg.per_channel and channels is not None
+        self.signed = is_weight if cfg.signed == "auto" else cfg.signed == "true"
+        self.n, self.p = int_range(bits, self.signed)
+        self.s = nn.Parameter(torch.ones(channels) if self.per_channel else torch.ones(()))
+        self.g = 1.0
+
+    def init_from(self, x: torch.Tensor) -> None:
+        x = x.detach()
+        if self.cfg.signed == "auto" and not self.is_weight:
+            self.signed = bool((x < 0).any())
+            self.n, self.p = int_range(self.bits, self.signed)
+        if self.cfg.init == "mse":
+            s = mse_step(x, self.n, self.p, self.per_channel)
+        elif self.per_channel:
+            s = 2 * x.abs().flatten(1).mean(dim=1) / math.sqrt(self.p)
+        else:
+            s = 2 * x.abs().mean() / math.sqrt(self.p)
+        self.s.data.copy_(s.clamp_min(1e-8))
+        numel = x[0].numel() if (self.per_channel or not self.is_weight) else x.numel()
+        self.g = 1.0 / math.sqrt(numel * self.p) if self.cfg.grad_scale else 1.0
+        self.ready = True
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "signed": self.signed, "g": self.g}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.signed, self.g = state["signed"], state["g"]
+        self.n, self.p = int_range(self.bits, self.signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_ready()
+        return lsq_quantize(x, channel_view(self.s, x, self.per_channel), self.n, self.p, self.g)
+
+    @torch.no_grad()
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        s = channel_view(self.s, x, self.per_channel)
+        return torch.clamp(torch.round(x * s.reciprocal()), self.n, self.p)
+
+    def levels(self) -> torch.Tensor:
+        codes = torch.arange(self.n, self.p + 1, device=self.s.device, dtype=self.s.dtype)
+        return self.s.detach().unsqueeze(-1) * codes
+
+    def thresholds(self) -> torch.Tensor:
+        lv = self.levels()
+        return (lv[..., 1:] + lv[..., :-1]) / 2
+
+    def step(self) -> torch.Tensor:
+        return self.s.detach()

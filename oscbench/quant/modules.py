@@ -1,0 +1,128 @@
+"""Quantized Conv2d/Linear and `quantize_model`, which swaps them into any network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscbench.quant.base import Quantizer
+
+# (bits, channels or None, is_weight) -> Quantizer, or None for "leave in full precision"
+QuantizerFactory = Callable[[int, "int | None", bool], "Quantizer | None"]
+
+
+class QuantizedLayer:
+    """Mixin: a layer with a weight quantizer, an optional input quantizer and tracker."""
+
+    weight: nn.Parameter
+    weight_quantizer: Quantizer
+    input_quantizer: Quantizer | None
+    is_first_or_last: bool
+
+    def _setup(self, wq: Quantizer, aq: Quantizer | None, is_first_or_last: bool) -> None:
+        self.weight_quantizer = wq
+        self.input_quantizer = aq
+        self.is_first_or_last = is_first_or_last
+        self.tracker = None  # set by oscbench.oscillation.attach_trackers
+        wq.init_from(self.weight)
+
+    def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        aq = self.input_quantizer
+        if aq is None:
+            return x
+        if not aq.ready:  # first forward: set the scale from data (see calibrate)
+            aq.init_from(x)
+        return aq(x)
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quantizer(self.weight)
+
+
+class QConv2d(QuantizedLayer, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+class QLinear(QuantizedLayer, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+
+
+_SWAP: dict[type, type] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+
+
+@dataclass
+class QuantPlan:
+    """Bit-widths of a quantized model; first/last layers keep their own (papers: 8)."""
+
+    bits: int
+    act_bits: int
+    first_last_bits: int
+
+
+def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) in _SWAP]
+
+
+def quantize_model(
+    model: nn.Module, weight_q: QuantizerFactory, act_q: QuantizerFactory, plan: QuantPlan
+) -> nn.Module:
+    """Replace every Conv2d/Linear by its quantized twin, sharing the same parameters.
+
+    The first and last such layer (in module order) use `plan.first_last_bits` for both
+    weights and inputs. Weight quantizers are initialised from the weights here; input
+    quantizers on the first forward (see `calibrate`).
+    """
+    layers = _named_layers(model)
+    if not layers:
+        raise ValueError("quantize_model: the model has no Conv2d or Linear layer to quantize")
+    edge = {layers[0][0], layers[-1][0]}
+    for name, layer in layers:
+        is_edge = name in edge
+        wbits = plan.first_last_bits if is_edge else plan.bits
+        abits = plan.first_last_bits if is_edge else plan.act_bits
+        wq = weight_q(wbits, layer.weight.shape[0], True)
+        if wq is None:
+            continue
+        qlayer = _SWAP[type(layer)].__new__(_SWAP[type(layer)])
+        qlayer.__dict__ = layer.__dict__.copy()
+        qlayer._modules = dict(layer._modules)
+        qlayer._setup(wq, act_q(abits, None, False), is_edge)
+        _set_submodule(model, name, qlayer)
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLayer):
+            yield name, m
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Learnable quantizer parameters (step sizes), for their own optimizer group."""
+    return [p for m in model.modules() if isinstance(m, Quantizer) for p in m.parameters()]
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, x: torch.Tensor) -> None:
+    """Initialise input quantizers from one batch, with batch-norm in batch-statistics mode
+    (as in training) but without touching its running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [bn.momentum for bn in bns]
+    was_training = model.training
+    for bn in bns:
+        bn.momentum = 0.0
+    model.train()
+    model(x)
+    for bn, mom in zip(bns, saved, strict=True):
+        bn.momentum = mom
+    model.train(was_training)

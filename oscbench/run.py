@@ -1,0 +1,142 @@
+"""`python -m oscbench.run [overrides]`: compose -> build -> train -> evaluate -> record."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from oscbench.config import RunSpec, resolved, validate
+from oscbench.data import build_data
+from oscbench.models import build_model
+from oscbench.oscillation import attach_trackers, oscillation_counts
+from oscbench.oscillation.policy import build_policies
+from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
+from oscbench.record import Recorder
+from oscbench.registry import ConfigError
+from oscbench.train import evaluate, reestimate_bn, train
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={name} but CUDA is not available here; use device=cpu or device=auto"
+        )
+    return torch.device(name)
+
+
+def run_name(spec: RunSpec) -> str:
+    bits = f"w{spec.bits}a{spec.act_bits}" if spec.quantized else "fp32"
+    return f"{spec.method}-{bits}-{spec.model.name}-{spec.dataset.name}-s{spec.seed}"
+
+
+def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
+    """Run one configuration end to end; returns the final metrics (also in results.json)."""
+    device = pick_device(spec.device)
+    torch.manual_seed(spec.seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+    data = build_data(spec.dataset, seed=spec.seed, device=device)
+    model = build_model(spec.model, num_classes=data.num_classes, in_channels=data.in_channels).to(
+        device
+    )
+    steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)
+    if spec.quantized:
+        plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
+        quantize_model(
+            model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan
+        )
+        calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
+        attach_trackers(model, spec.oscillation, steps)
+    policies = build_policies(spec.policies, model)
+    for p in policies:
+        p.setup(model, steps)
+
+    name = run_name(spec)
+    with Recorder(run_dir, config, spec.logger, name) as rec:
+        history = train(
+            model, data, spec.trainer, policies, spec.oscillation.threshold, rec.log_epoch
+        )
+        final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
+        reestimate_bn(model, data, spec.trainer.bn_reestimate_batches, spec.trainer.batch_size)
+        final["acc_bn"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
+        histograms = {}
+        if history[-1].get("osc"):
+            osc = history[-1]["osc"]
+            counts = oscillation_counts(model)
+            final |= {
+                "osc_share": osc["osc_share"],
+                "mean_freq": osc["mean_freq"],
+                "crossings_last_epoch": osc["crossings"],
+                "crossings_total": sum(h["osc"]["crossings"] for h in history),
+                "oscillations_total": sum(h["osc"]["oscillations"] for h in history),
+                "tracked_weights": osc["tracked_weights"],
+                "osc_count_hist": torch.bincount(counts).tolist(),
+            }
+            histograms["osc/count_per_weight"] = counts.numpy()
+        final["wall_time_s"] = time.time() - rec.start
+        rec.finish(final, histograms)
+        print_summary(spec, rec, final)
+    return final
+
+
+def print_summary(spec: RunSpec, rec: Recorder, final: dict) -> None:
+    what = f"W{spec.bits}A{spec.act_bits}" if spec.quantized else "full precision"
+    rows = [
+        (
+            "test accuracy",
+            f"{final['acc']:.2f} %  (after BN re-estimation: {final['acc_bn']:.2f} %)",
+        )
+    ]
+    if "osc_share" in final:
+        rows += [
+            (
+                "oscillating weights",
+                f"{100 * final['osc_share']:.2f} %  (frequency > "
+                f"{spec.oscillation.threshold}, {final['tracked_weights']:,} tracked weights)",
+            ),
+            (
+                "crossings",
+                f"{final['crossings_last_epoch']:,} in the last epoch, "
+                f"{final['crossings_total']:,} in all",
+            ),
+        ]
+    else:
+        rows.append(("oscillation", "not tracked (no quantized weights)"))
+    rows.append(("record", str(rec.path)))
+    if "wandb" in rec.data:
+        w = rec.data["wandb"]
+        hint = f"  (upload: wandb sync {w['dir']})" if w["mode"] == "offline" else ""
+        rows.append((f"W&B ({w['mode']})", w["dir"] + hint))
+    head = (
+        f"oscbench: {spec.method} {what}, {spec.model.name} on {spec.dataset.name}, "
+        f"{spec.trainer.epochs} epochs in {final['wall_time_s']:.1f} s"
+    )
+    print("\n".join([head] + [f"  {k:<20} {v}" for k, v in rows]), flush=True)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    try:
+        spec = validate(cfg)
+    except ConfigError as e:
+        if HydraConfig.get().mode == RunMode.RUN:
+            print(f"oscbench: invalid configuration: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return execute(spec, resolved(cfg), run_dir)["acc_bn"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""The training loop: optimizer, schedule, policy hooks, tracking, eval, BN re-estimation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from oscbench.config import TrainerConfig
+from oscbench.data import TensorData
+from oscbench.oscillation import model_stats, update_trackers
+from oscbench.oscillation.policy import Policy
+from oscbench.quant import quantizer_parameters
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """Model weights in one group (with weight decay), quantizer parameters in their own
+    group with `quant_lr` and no weight decay."""
+    qparams = quantizer_parameters(model)
+    qids = {id(p) for p in qparams}
+    groups = [
+        {
+            "params": [p for p in model.parameters() if id(p) not in qids],
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+        }
+    ]
+    if qparams:
+        groups.append({"params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def cosine_with_warmup(
+    opt: torch.optim.Optimizer, total: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (per step)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TensorData, batch_size: int) -> dict[str, float]:
+    """Test loss and accuracy (%) in eval mode."""
+    model.eval()
+    loss = torch.zeros((), device=data.x_test.device)
+    correct = torch.zeros((), device=data.x_test.device, dtype=torch.long)
+    for x, y in data.test_batches(batch_size):
+        logits = model(x)
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    n = len(data.x_test)
+    return {"loss": loss.item() / n, "acc": 100.0 * correct.item() / n}
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data: TensorData, batches: int, batch_size: int) -> None:
+    """Recompute BN running statistics as a plain average over training batches of the
+    final (quantized) model (Nagel et al. 2022, Sec. 5). Trackers are not updated."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches == 0:
+        return
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    model.train()
+    for i, (x, _) in enumerate(data.train_batches(epoch=-1, batch_size=batch_size)):
+        if i == batches:
+            break
+        model(x)
+    for bn, mom in zip(bns, saved, strict=True):
+        bn.momentum = mom
+
+
+def train(
+    model: nn.Module,
+    data: TensorData,
+    cfg: TrainerConfig,
+    policies: list[Policy],
+    osc_threshold: float,
+    on_epoch: Callable[[dict], None],
+) -> list[dict]:
+    """Train for `cfg.epochs`; after each epoch call `on_epoch(record)`. Returns the history."""
+    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    opt = build_optimizer(model, cfg)
+    sched = cosine_with_warmup(opt, total, round(cfg.warmup_epochs * steps_per_epoch))
+    device = data.x_train.device
+    history: list[dict] = []
+    step = 0
+    bar = tqdm(range(cfg.epochs), desc="epochs", unit="ep", disable=None, leave=False)
+    for epoch in bar:
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        extra_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        lr = opt.param_groups[0]["lr"]
+        for x, y in data.train_batches(epoch, cfg.batch_size):
+            for p in policies:
+                p.on_step_start(step, total)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
+            total_loss = loss + sum(extras) if extras else loss
+            opt.zero_grad(set_to_none=True)
+            total_loss.backward()
+            for p in policies:
+                p.after_backward(model)
+            opt.step()
+            sched.step()
+            for p in policies:
+                p.on_step_end(model)
+            update_trackers(model)
+            with torch.no_grad():
+                loss_sum += loss.detach() * len(y)
+                if extras:
+                    extra_sum += sum(extras).detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            step += 1
+        val = evaluate(model, data, cfg.eval_batch_size)
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "lr": lr,
+            "train_loss": loss_sum.item() / seen,
+            "train_acc": 100.0 * correct.item() / seen,
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+        }
+        if policies:
+            record["extra_loss"] = extra_sum.item() / seen
+            for p in policies:
+                record.update(p.metrics())
+        osc = model_stats(model, osc_threshold)
+        if osc is not None:
+            record["osc"] = osc
+        history.append(record)
+        on_epoch(record)
+        bar.set_postfix(val_acc=f"{val['acc']:.2f}", osc=f"{osc['osc_share']:.4f}" if osc else "-")
+    bar.close()
+    return history
