@@ -31,7 +31,7 @@ class TrainerConfig:
     momentum: float  # SGD momentum (AdamW: beta1)
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
-    warmup_epochs: float  # linear warm-up, then cosine decay to 0, per optimizer step
+    warmup_fraction: float  # linear warm-up over this share of steps, then cosine to 0
     quant_lr: float  # learning rate of quantizer parameters (their own group)
     eval_batch_size: int
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
@@ -45,10 +45,10 @@ class TrainerConfig:
         check(0 <= self.momentum < 1, "trainer.momentum", self.momentum, "0 <= x < 1")
         check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a number >= 0")
         check(
-            0 <= self.warmup_epochs < self.epochs,
-            "trainer.warmup_epochs",
-            self.warmup_epochs,
-            f"0 <= x < trainer.epochs ({self.epochs})",
+            0 <= self.warmup_fraction < 1,
+            "trainer.warmup_fraction",
+            self.warmup_fraction,
+            "0 <= x < 1 (a share of all steps)",
         )
         check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, ">= 1")
         check(

@@ -95,7 +95,7 @@ def train(
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = build_optimizer(model, cfg)
-    sched = cosine_with_warmup(opt, total, round(cfg.warmup_epochs * steps_per_epoch))
+    sched = cosine_with_warmup(opt, total, round(cfg.warmup_fraction * total))
     device = data.x_train.device
     history: list[dict] = []
     step = 0

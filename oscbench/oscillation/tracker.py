@@ -56,7 +56,7 @@ class OscillationTracker(nn.Module):
     def __init__(self, codes: torch.Tensor, momentum: float) -> None:
         super().__init__()
         self.momentum = momentum
-        self.register_buffer("code", codes.to(torch.int8))
+        self.register_buffer("code", codes.to(torch.int8, copy=True))
         self.register_buffer("direction", torch.zeros_like(codes, dtype=torch.int8))
         self.register_buffer("freq", torch.zeros_like(codes, dtype=torch.float32))
         self.register_buffer("count", torch.zeros_like(codes, dtype=torch.int16))

@@ -1,0 +1,33 @@
+"""Shared fixtures: compose the real Hydra config and run it in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from oscbench.config import resolved, validate
+from oscbench.run import CONF_DIR, execute
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def run_config(overrides: list[str], run_dir: Path) -> dict:
+    """Compose, validate and execute one run; returns the final metrics."""
+    cfg = compose_config(overrides)
+    return execute(validate(cfg), resolved(cfg), run_dir)
+
+
+@pytest.fixture
+def quick() -> list[str]:
+    """Overrides for a short CPU run without W&B."""
+    return ["trainer.epochs=3", "logger=none", "device=cpu"]

@@ -1,0 +1,75 @@
+"""Bad configurations fail before any training, naming the bad value and what is allowed."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException, HydraException
+from omegaconf.errors import ConfigKeyError
+
+from oscbench.config import validate
+from oscbench.registry import ConfigError
+from tests.conftest import compose_config
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("bits=1", "bits=1 is invalid; allowed: an integer 2..8"),
+        ("bits=9", "bits=9 is invalid; allowed: an integer 2..8"),
+        ("act_bits=16", "act_bits=16 is invalid; allowed: an integer 2..8"),
+        ("trainer.lr=-1", "trainer.lr=-1.0 is invalid; allowed: a number > 0"),
+        ("trainer.optimizer=adam", "allowed: sgd, adamw"),
+        ("trainer.epochs=0", "trainer.epochs=0 is invalid"),
+        ("trainer.warmup_fraction=1.5", "trainer.warmup_fraction=1.5"),
+        ("quantizer.init=max", "init='max' is invalid; allowed: lsq, mse"),
+        ("oscillation.momentum=2", "oscillation.momentum=2"),
+        ("+model.widht=3", "model: unknown key(s) widht; allowed: width"),
+        ("trainer.epochs=abc", "trainer.epochs"),
+        ("device=tpu", "allowed: auto, cpu, cuda, cuda:N"),
+    ],
+)
+def test_bad_values_are_rejected_with_the_allowed_ones(override, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config([override]))
+    assert message in str(err.value)
+
+
+def test_typo_in_a_key_is_rejected_by_hydra():
+    with pytest.raises((HydraException, ConfigKeyError), match="lrr"):
+        compose_config(["trainer.lrr=0.1"])
+
+
+def test_unknown_method_lists_the_available_ones():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["method=nosuch"])
+    assert "nosuch" in str(err.value) and "fp" in str(err.value.__cause__ or err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["bits=9"], "bits=9 is invalid; allowed: an integer 2..8"),
+        (["trainer.lr=-1"], "trainer.lr=-1.0 is invalid"),
+        (["method=nosuch"], "Could not find 'method/nosuch'"),
+    ],
+)
+def test_command_line_exits_non_zero_before_training(args, needle, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "oscbench.run", *args, f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert not (tmp_path / "results.json").exists()  # nothing trained, nothing recorded
+
+
+def test_method_presets_set_the_quantizer_and_can_be_overridden():
+    assert compose_config(["method=fp"]).quantizer.name == "none"
+    assert compose_config(["method=lsq"]).quantizer.name == "lsq"
+    cfg = compose_config(["method=lsq", "quantizer.per_channel=true", "bits=3"])
+    spec = validate(cfg)
+    assert spec.quantizer.options.per_channel and spec.bits == 3 and spec.act_bits == 3
+    assert validate(compose_config(["bits=3", "act_bits=8"])).act_bits == 8

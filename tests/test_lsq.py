@@ -1,0 +1,131 @@
+"""LSQ equals PyTorch's fused learnable fake-quantize ops, forward and backward."""
+
+import math
+
+import pytest
+import torch
+
+from oscbench.quant.base import int_range
+from oscbench.quant.lsq import LSQConfig, LSQQuantizer, lsq_quantize
+
+
+def _grads(fn, x, s, go):
+    x = x.clone().requires_grad_()
+    s = s.clone().requires_grad_()
+    y = fn(x, s)
+    y.backward(go)
+    return y.detach(), x.grad, s.grad
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_per_tensor_matches_fused_op(bits, signed):
+    torch.manual_seed(bits)
+    n, p = int_range(bits, signed)
+    x = torch.randn(32, 16, 3, 3)
+    s = torch.tensor([1.0 / p])  # grid spans about +-1: clips at both ends at every bit-width
+    g = 1 / math.sqrt(x.numel() * p)
+    go = torch.randn_like(x)
+    ref = _grads(
+        lambda x, s: torch._fake_quantize_learnable_per_tensor_affine(
+            x, s, torch.zeros(1), n, p, g
+        ),
+        x,
+        s,
+        go,
+    )
+    ours = _grads(lambda x, s: lsq_quantize(x, s.reshape(()), n, p, g), x, s, go)
+    assert torch.equal(ours[0], ref[0])
+    assert torch.equal(ours[1], ref[1])
+    torch.testing.assert_close(ours[2].reshape(1), ref[2], rtol=1e-5, atol=1e-7)
+    # the test is not vacuous: values are clipped at both ends and the step gradient is live
+    codes = torch.round(x / s)
+    assert (codes < n).any() and (codes > p).any() and ref[2].abs().item() > 1e-4
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_per_channel_matches_fused_op(bits):
+    torch.manual_seed(100 + bits)
+    n, p = int_range(bits, True)
+    x = torch.randn(24, 8, 3, 3)
+    s = torch.rand(24) * 0.5 + 0.05
+    g = 1 / math.sqrt(x[0].numel() * p)
+    go = torch.randn_like(x)
+    ref = _grads(
+        lambda x, s: torch._fake_quantize_learnable_per_channel_affine(
+            x, s, torch.zeros(24), 0, n, p, g
+        ),
+        x,
+        s,
+        go,
+    )
+    ours = _grads(lambda x, s: lsq_quantize(x, s.view(-1, 1, 1, 1), n, p, g), x, s, go)
+    assert torch.equal(ours[0], ref[0])
+    assert torch.equal(ours[1], ref[1])
+    torch.testing.assert_close(ours[2], ref[2], rtol=1e-5, atol=1e-7)
+
+
+def _cfg(**kw):
+    base = dict(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+    return LSQConfig(**{**base, **kw})
+
+
+def test_init_and_grad_scale_follow_esser():
+    w = torch.randn(16, 8, 3, 3)
+    q = LSQQuantizer(4, _cfg(), channels=16, is_weight=True)
+    q.init_from(w)
+    assert (q.n, q.p) == (-8, 7)
+    torch.testing.assert_close(q.s.detach(), 2 * w.abs().mean() / math.sqrt(7))
+    assert q.g == pytest.approx(1 / math.sqrt(w.numel() * 7))
+    qc = LSQQuantizer(4, _cfg(per_channel=True), channels=16, is_weight=True)
+    qc.init_from(w)
+    torch.testing.assert_close(qc.s.detach(), 2 * w.abs().flatten(1).mean(1) / math.sqrt(7))
+    assert qc.g == pytest.approx(1 / math.sqrt(w[0].numel() * 7))
+
+
+def test_activation_sign_is_read_from_calibration_data():
+    relu_out = torch.rand(8, 4, 5, 5)
+    aq = LSQQuantizer(4, _cfg(), channels=None, is_weight=False)
+    aq.init_from(relu_out)
+    assert (aq.signed, aq.n, aq.p) == (False, 0, 15)
+    assert aq.g == pytest.approx(1 / math.sqrt(4 * 5 * 5 * 15))  # features per sample
+    aq2 = LSQQuantizer(4, _cfg(), channels=None, is_weight=False)
+    aq2.init_from(relu_out - 0.5)
+    assert (aq2.signed, aq2.n, aq2.p) == (True, -8, 7)
+
+
+def test_mse_init_beats_lsq_init_on_mse():
+    torch.manual_seed(0)
+    w = torch.randn(4096)
+    errs = {}
+    for init in ("lsq", "mse"):
+        q = LSQQuantizer(3, _cfg(init=init), channels=None, is_weight=True)
+        q.init_from(w)
+        errs[init] = ((q(w) - w) ** 2).mean().item()
+    assert errs["mse"] < errs["lsq"]
+
+
+def test_levels_thresholds_and_codes_agree():
+    q = LSQQuantizer(2, _cfg(), channels=None, is_weight=True)
+    q.init_from(torch.randn(100))
+    s = q.s.item()
+    torch.testing.assert_close(q.levels(), torch.tensor([-2.0, -1.0, 0.0, 1.0]) * s)
+    torch.testing.assert_close(q.thresholds(), torch.tensor([-1.5, -0.5, 0.5]) * s)
+    x = torch.linspace(-3 * s, 3 * s, 101)
+    torch.testing.assert_close(q(x), q.to_int(x) * s)
+
+
+def test_state_dict_restores_data_dependent_state():
+    a = LSQQuantizer(3, _cfg(), channels=None, is_weight=False)
+    a.init_from(torch.rand(4, 10))
+    b = LSQQuantizer(3, _cfg(), channels=None, is_weight=False)
+    assert not b.ready
+    b.load_state_dict(a.state_dict())
+    assert b.ready and (b.signed, b.g, b.n, b.p) == (a.signed, a.g, a.n, a.p)
+    assert torch.equal(b.s, a.s)
+
+
+def test_uninitialised_quantizer_refuses_to_run():
+    q = LSQQuantizer(4, _cfg(), channels=None, is_weight=True)
+    with pytest.raises(RuntimeError, match="calibrate"):
+        q(torch.randn(3))

@@ -1,0 +1,77 @@
+"""quantize_model swaps every Conv2d/Linear, shares parameters, keeps the ends at 8 bits."""
+
+import torch
+from torch import nn
+
+from oscbench.config import validate
+from oscbench.models import build_model
+from oscbench.oscillation import attach_trackers, model_stats, update_trackers
+from oscbench.quant import (
+    QConv2d,
+    QLinear,
+    QuantPlan,
+    calibrate,
+    quantize_model,
+    quantized_layers,
+    quantizer_factory,
+)
+from tests.conftest import compose_config
+
+
+def _quantized(overrides=()):
+    spec = validate(compose_config(["device=cpu", *overrides]))
+    torch.manual_seed(0)
+    model = build_model(spec.model, num_classes=10, in_channels=1)
+    fp_params = {n: p for n, p in model.named_parameters()}
+    plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
+    quantize_model(
+        model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan
+    )
+    return spec, model, fp_params
+
+
+def test_every_layer_is_swapped_and_parameters_are_shared():
+    _, model, fp_params = _quantized(["bits=2"])
+    layers = dict(quantized_layers(model))
+    assert len(layers) == 4
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, QConv2d) for m in model.modules()) == 3
+    assert sum(isinstance(m, QLinear) for m in model.modules()) == 1
+    for name, p in model.named_parameters():
+        if name in fp_params:
+            assert p is fp_params[name]
+    bits = [(m.weight_quantizer.bits, m.input_quantizer.bits) for m in layers.values()]
+    assert bits == [(8, 8), (2, 2), (2, 2), (8, 8)]
+
+
+def test_calibration_sets_input_signs_and_keeps_bn_statistics():
+    _, model, _ = _quantized(["bits=4"])
+    bn = model[1]
+    before = bn.running_mean.clone()
+    calibrate(model, torch.randn(32, 1, 8, 8))
+    assert torch.equal(bn.running_mean, before)
+    first, *_, last = [m for _, m in quantized_layers(model)]
+    assert first.input_quantizer.signed  # normalised images have negatives
+    assert not last.input_quantizer.signed  # pooled ReLU outputs do not
+    assert all(m.input_quantizer.ready for _, m in quantized_layers(model))
+
+
+def test_trackers_skip_the_8bit_ends_and_observe_weight_changes():
+    spec, model, _ = _quantized(["bits=2"])
+    calibrate(model, torch.randn(16, 1, 8, 8))
+    assert attach_trackers(model, spec.oscillation, total_steps=100) == 2
+    layer = model[3]
+    step = layer.weight_quantizer.s.detach()
+    with torch.no_grad():
+        layer.weight.add_(step)  # every weight moves up one level (unless clipped)
+    model.train()
+    update_trackers(model)
+    stats = model_stats(model, threshold=0.0)
+    assert stats["layers"]["3"]["crossings"] > 0.5 * layer.weight.numel()
+    assert set(stats["layers"]) == {"3", "7"}  # first (0) and last (12) layers are 8-bit
+    assert stats["layers"]["7"]["crossings"] == 0  # untouched layer
+    with torch.no_grad():
+        layer.weight.sub_(step)
+    model.eval()
+    update_trackers(model)  # eval mode: no update
+    assert model_stats(model, threshold=0.0)["crossings"] == 0

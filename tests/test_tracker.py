@@ -1,0 +1,108 @@
+"""The oscillation tracker on hand-written integer sequences with known counts."""
+
+import torch
+
+from oscbench.oscillation.tracker import OscillationTracker, TrackerConfig
+
+# one column per weight; rows are the codes after each optimizer step (row 0 = start)
+SEQ = torch.tensor(
+    [
+        [0, 0, 3, -2],
+        [1, 0, 2, -2],  # w0 up (first switch: no oscillation), w2 down (first)
+        [0, 0, 3, -2],  # w0 down: osc; w2 up: osc
+        [1, 0, 3, -2],  # w0 up: osc
+        [1, 0, 2, -2],  # w2 down: osc
+        [2, 0, 1, -1],  # w0 up again (same direction: no osc); w2 down (same); w3 up (first)
+        [1, 0, 0, -2],  # w0 down: osc; w2 down (same); w3 down: osc
+    ],
+    dtype=torch.int8,
+)
+SWITCHES = [5, 0, 5, 2]
+OSCILLATIONS = [3, 0, 2, 1]
+
+
+def _osc_flags() -> torch.Tensor:
+    """Oscillation events per step, written out by hand from the comments above."""
+    f = torch.zeros(len(SEQ) - 1, 4)
+    f[1, 0] = f[2, 0] = f[5, 0] = 1
+    f[1, 2] = f[3, 2] = 1
+    f[5, 3] = 1
+    return f
+
+
+def test_counts_on_known_sequences():
+    m = 0.1
+    start = SEQ[0].clone()
+    tr = OscillationTracker(SEQ[0], momentum=m)
+    for codes in SEQ[1:]:
+        tr.update(codes)
+    assert tr.count.tolist() == OSCILLATIONS
+    assert tr.epoch_switches.item() == sum(SWITCHES)
+    assert tr.epoch_oscillations.item() == sum(OSCILLATIONS)
+    assert _osc_flags().sum(0).tolist() == OSCILLATIONS
+    expected = torch.zeros(4)
+    for flags in _osc_flags():
+        expected = m * flags + (1 - m) * expected
+    torch.testing.assert_close(tr.freq, expected)
+    assert tr.direction.tolist() == [-1, 0, -1, -1]
+    assert torch.equal(SEQ[0], start)  # the caller's tensor is not the tracker's state
+
+
+def test_epoch_stats_and_reset():
+    tr = OscillationTracker(SEQ[0], momentum=0.1)
+    for codes in SEQ[1:]:
+        tr.update(codes)
+    stats = tr.epoch_stats(threshold=0.1)
+    assert stats["crossings"] == 12 and stats["oscillations"] == 6
+    assert stats["osc_share"] == 0.5  # w0 (f=0.2539) and w2 (f=0.1539) exceed 0.1
+    again = tr.epoch_stats(threshold=0.1)
+    assert again["crossings"] == 0 and again["oscillations"] == 0
+    assert again["osc_share"] == 0.5  # the frequency EMA is not an epoch counter
+
+
+def test_no_update_in_eval_mode():
+    tr = OscillationTracker(SEQ[0], momentum=0.1)
+    tr.eval()
+    for codes in SEQ[1:]:
+        tr.update(codes)
+    assert tr.epoch_switches.item() == 0 and tr.count.sum().item() == 0
+    assert torch.equal(tr.code, SEQ[0])
+
+
+def test_compact_state_is_in_state_dict_and_restores_exactly():
+    tr = OscillationTracker(SEQ[0], momentum=0.1)
+    for codes in SEQ[1:4]:
+        tr.update(codes)
+    state = tr.state_dict()
+    assert {k: v.dtype for k, v in state.items() if v.dim()} == {
+        "code": torch.int8,
+        "direction": torch.int8,
+        "freq": torch.float32,
+        "count": torch.int16,
+    }
+    per_weight = sum(v.element_size() for v in state.values() if v.dim())
+    assert per_weight == 8
+    fresh = OscillationTracker(torch.zeros(4, dtype=torch.int8), momentum=0.1)
+    fresh.load_state_dict(state)
+    for codes in SEQ[4:]:
+        tr.update(codes)
+        fresh.update(codes)
+    for key, value in tr.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_extreme_codes_do_not_overflow():
+    tr = OscillationTracker(torch.tensor([-128, 127], dtype=torch.int8), momentum=0.5)
+    tr.update(torch.tensor([127, -128]))
+    tr.update(torch.tensor([-128, 127]))
+    assert tr.count.tolist() == [1, 1]
+
+
+def test_short_runs_raise_the_momentum_floor():
+    cfg = TrackerConfig(
+        momentum=0.001, window_fraction=0.1, threshold=0.005, track_first_last=False
+    )
+    assert cfg.effective_momentum(500_000) == 0.001  # paper regime: unchanged
+    assert cfg.effective_momentum(700) == 1 / 70  # EMA window = 10% of the run
+    cfg.window_fraction = None
+    assert cfg.effective_momentum(700) == 0.001
