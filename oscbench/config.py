@@ -7,7 +7,7 @@ message that names the bad value and what is allowed, and returns typed objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,7 +16,7 @@ from oscbench.data import DATASETS
 from oscbench.models import MODELS
 from oscbench.oscillation.policy import POLICIES
 from oscbench.oscillation.tracker import TrackerConfig
-from oscbench.quant import QUANTIZERS
+from oscbench.quant import QUANTIZERS, WEIGHT_ONLY
 from oscbench.registry import ConfigError, Registry, check, parse
 
 BITS_RANGE = range(2, 9)
@@ -104,6 +104,7 @@ class RunSpec:
     trainer: TrainerConfig
     oscillation: TrackerConfig
     logger: LoggerConfig
+    cross_bits: list[int]
 
     @property
     def quantized(self) -> bool:
@@ -129,22 +130,7 @@ def _bits(cfg: DictConfig, key: str) -> int:
 
 def validate(cfg: DictConfig) -> RunSpec:
     """Check a composed config; raise ConfigError naming the bad value and the fix."""
-    top = {
-        "model",
-        "dataset",
-        "quantizer",
-        "act_quantizer",
-        "policy",
-        "method",
-        "trainer",
-        "oscillation",
-        "logger",
-        "bits",
-        "act_bits",
-        "first_last_bits",
-        "seed",
-        "device",
-    }
+    top = {f.name for f in fields(RunSpec)} - {"policies"} | {"policy"}
     unknown = sorted(set(cfg.keys()) - top)
     if unknown:
         raise ConfigError(
@@ -177,12 +163,55 @@ def validate(cfg: DictConfig) -> RunSpec:
         trainer=parse(TrainerConfig, cfg.trainer, "trainer"),
         oscillation=parse(TrackerConfig, cfg.oscillation, "oscillation"),
         logger=parse(LoggerConfig, cfg.logger, "logger"),
+        cross_bits=list(cfg.cross_bits or []),
     )
-    if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
-        raise ConfigError(
-            "act_quantizer.per_channel=true is not supported; activations are per tensor"
+    for b in spec.cross_bits:
+        check(
+            isinstance(b, int) and b in BITS_RANGE, "cross_bits", b, "integers 2..8, e.g. [2,3,4,8]"
         )
+    check_combination(spec)
     return spec
+
+
+NEEDS_QUANTIZER = ("dampen", "freeze", "cga", "aoq_schedule")
+FREEZABLE = ("lsq", "aoq")  # grids that do not move with the weights they quantize
+AOQ_BITS = range(2, 5)
+
+
+def check_combination(spec: RunSpec) -> None:
+    """Reject quantizer/policy/bit combinations that cannot run, saying what would."""
+    q, names = spec.quantizer.name, [p.name for p in spec.policies]
+    if spec.act_quantizer.name in WEIGHT_ONLY:
+        raise ConfigError(
+            f"act_quantizer={spec.act_quantizer.name} quantizes weights only; "
+            "use act_quantizer=lsq or act_quantizer=none"
+        )
+    if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
+        raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
+    for name in names:
+        if name in NEEDS_QUANTIZER and q == "none":
+            raise ConfigError(
+                f"policy={name} acts on quantized weights, but quantizer=none trains in full "
+                "precision; add a quantizer (quantizer=lsq) or use a preset such as "
+                "method=lsq_dampen, method=lsq_freeze, method=ofq, method=aoq"
+            )
+    if "aoq_schedule" in names and q != "aoq":
+        raise ConfigError(f"policy=aoq_schedule needs quantizer=aoq, not {q}; use method=aoq")
+    if "freeze" in names and q not in FREEZABLE:
+        raise ConfigError(
+            f"policy=freeze pins weights to codes of a fixed grid, but quantizer={q} recomputes "
+            f"its grid from the weights; use quantizer={' or quantizer='.join(FREEZABLE)}"
+        )
+    if "osc_reg" in names and q != "none":
+        raise ConfigError(
+            "policy=osc_reg trains in full precision and quantizes after training, but "
+            f"quantizer={q}; use quantizer=none (method=osc_reg)"
+        )
+    if q == "aoq" and spec.bits not in AOQ_BITS:
+        raise ConfigError(
+            f"quantizer=aoq with bits={spec.bits}: AOQ is defined here for 2..4-bit weights "
+            "(its public code does 2); use bits=2, 3 or 4"
+        )
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -17,6 +17,7 @@ from oscbench.data import build_data
 from oscbench.models import build_model
 from oscbench.oscillation import attach_trackers, oscillation_counts
 from oscbench.oscillation.policy import build_policies
+from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
 from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
 from oscbench.record import Recorder
 from oscbench.registry import ConfigError
@@ -50,7 +51,7 @@ def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
     model = build_model(spec.model, num_classes=data.num_classes, in_channels=data.in_channels).to(
         device
     )
-    steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)
+    steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)  # tracker's T
     if spec.quantized:
         plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
         quantize_model(
@@ -58,9 +59,7 @@ def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
         )
         calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
         attach_trackers(model, spec.oscillation, steps)
-    policies = build_policies(spec.policies, model)
-    for p in policies:
-        p.setup(model, steps)
+    policies = build_policies(spec.policies, model, spec.bits)
 
     name = run_name(spec)
     with Recorder(run_dir, config, spec.logger, name) as rec:
@@ -70,6 +69,13 @@ def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
         final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
         reestimate_bn(model, data, spec.trainer.bn_reestimate_batches, spec.trainer.batch_size)
         final["acc_bn"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
+        cross = list(spec.cross_bits) + (
+            [] if spec.quantized or not spec.cross_bits else [spec.bits]
+        )
+        final |= cross_bit_accuracy(model, data, cross, spec.first_last_bits, spec.trainer)
+        final["threshold_distance"] = threshold_distance_histogram(
+            model, spec.bits, spec.first_last_bits
+        )
         histograms = {}
         if history[-1].get("osc"):
             osc = history[-1]["osc"]

@@ -91,21 +91,36 @@ def train(
     osc_threshold: float,
     on_epoch: Callable[[dict], None],
 ) -> list[dict]:
-    """Train for `cfg.epochs`; after each epoch call `on_epoch(record)`. Returns the history."""
+    """Train for `cfg.epochs` plus any policy's extra epochs (run at the policy's constant
+    `phase_lr`); after each epoch call `on_epoch(record)`. Returns the history.
+
+    Per step: policies' on_step_start -> forward, task loss + policies' extra losses ->
+    backward -> after_backward -> optimizer and schedule step -> tracker update ->
+    policies' on_step_end."""
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
+    main_steps = cfg.epochs * steps_per_epoch
+    extra_epochs = sum(p.extra_epochs for p in policies)
+    total = main_steps + extra_epochs * steps_per_epoch
+    phase_lr = next((p.phase_lr for p in policies if p.phase_lr is not None), None)
     opt = build_optimizer(model, cfg)
-    sched = cosine_with_warmup(opt, total, round(cfg.warmup_fraction * total))
+    sched = cosine_with_warmup(opt, main_steps, round(cfg.warmup_fraction * main_steps))
+    for p in policies:
+        p.setup(model, total, steps_per_epoch)
     device = data.x_train.device
     history: list[dict] = []
     step = 0
-    bar = tqdm(range(cfg.epochs), desc="epochs", unit="ep", disable=None, leave=False)
+    bar = tqdm(
+        range(cfg.epochs + extra_epochs), desc="epochs", unit="ep", disable=None, leave=False
+    )
     for epoch in bar:
         model.train()
         loss_sum = torch.zeros((), device=device)
         extra_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
+        if epoch >= cfg.epochs and phase_lr is not None:
+            for group in opt.param_groups:
+                group["lr"] = phase_lr
         lr = opt.param_groups[0]["lr"]
         for x, y in data.train_batches(epoch, cfg.batch_size):
             for p in policies:
@@ -119,10 +134,11 @@ def train(
             for p in policies:
                 p.after_backward(model)
             opt.step()
-            sched.step()
+            if step + 1 < main_steps:
+                sched.step()
+            update_trackers(model)
             for p in policies:
                 p.on_step_end(model)
-            update_trackers(model)
             with torch.no_grad():
                 loss_sum += loss.detach() * len(y)
                 if extras:

@@ -109,10 +109,13 @@ def test_levels_thresholds_and_codes_agree():
     q = LSQQuantizer(2, _cfg(), channels=None, is_weight=True)
     q.init_from(torch.randn(100))
     s = q.s.item()
-    torch.testing.assert_close(q.levels(), torch.tensor([-2.0, -1.0, 0.0, 1.0]) * s)
-    torch.testing.assert_close(q.thresholds(), torch.tensor([-1.5, -0.5, 0.5]) * s)
     x = torch.linspace(-3 * s, 3 * s, 101)
+    torch.testing.assert_close(q.levels(x), torch.tensor([-2.0, -1.0, 0.0, 1.0]) * s)
+    torch.testing.assert_close(q.thresholds(x), torch.tensor([-1.5, -0.5, 0.5]) * s)
     torch.testing.assert_close(q(x), q.to_int(x) * s)
+    dist = q.threshold_distance(x)
+    brute = (x[:, None] - q.thresholds(x)[None]).abs().min(1).values
+    torch.testing.assert_close(dist, brute)
 
 
 def test_state_dict_restores_data_dependent_state():

@@ -63,3 +63,6 @@ def oscillation_counts(model: nn.Module) -> torch.Tensor | None:
     """Per-weight oscillation counts of every tracked weight, flattened (for histograms)."""
     counts = [layer.tracker.count.flatten().long() for _, layer in _tracked(model)]
     return torch.cat(counts).cpu() if counts else None
+
+
+from oscbench.oscillation import aoq_schedule, cga, dampen, freeze, osc_reg  # noqa: E402,F401  (register)

@@ -7,6 +7,8 @@ state in buffers of their own, saved with the run.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -14,10 +16,14 @@ from oscbench.registry import Registry
 
 
 class Policy:
-    """Base class; every hook is optional."""
+    """Base class; every hook is optional. Builders take (options, model, bits)."""
 
-    def setup(self, model: nn.Module, total_steps: int) -> None:
-        """Called once after the model is quantized and calibrated."""
+    extra_epochs: int = 0  # epochs this policy adds after the main run (CGA, as OFQ does)
+    phase_lr: float | None = None  # constant learning rate during those extra epochs
+
+    def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
+        """Called once after the model is quantized, calibrated and given trackers;
+        `total_steps` includes every policy's extra epochs."""
 
     def on_step_start(self, step: int, total: int) -> None:
         """Before the forward pass of optimizer step `step` (0-based) of `total`."""
@@ -30,16 +36,39 @@ class Policy:
         """After backward, before the optimizer step (e.g. gradient masking)."""
 
     def on_step_end(self, model: nn.Module) -> None:
-        """After the optimizer step (e.g. restoring frozen weights)."""
+        """After the optimizer step and the trackers' update (e.g. restoring frozen weights)."""
 
     def metrics(self) -> dict[str, float]:
-        """Schedule values and loss terms for the epoch record."""
+        """Schedule values and loss terms for the epoch record (called once per epoch)."""
         return {}
 
 
 POLICIES: Registry[Policy] = Registry("policy")
 
 
-def build_policies(components, model: nn.Module) -> list[Policy]:  # noqa: ANN001
+def build_policies(components, model: nn.Module, bits: int) -> list[Policy]:  # noqa: ANN001
     """Build validated `Component`s (see oscbench.config) into policies."""
-    return [POLICIES.get(c.name).build(c.options, model=model) for c in components]
+    return [POLICIES.get(c.name).build(c.options, model=model, bits=bits) for c in components]
+
+
+def cosine_ramp(progress: float, start: float, end: float) -> float:
+    """Cosine interpolation from `start` (progress 0) to `end` (progress 1)."""
+    progress = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EpochMean:
+    """Mean of a per-step scalar over an epoch, kept on device (no host sync per step)."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.n = 0
+
+    def add(self, value: torch.Tensor | float) -> None:
+        self.total = self.total + (value.detach() if isinstance(value, torch.Tensor) else value)
+        self.n += 1
+
+    def pop(self) -> float:
+        out = float(self.total) / self.n if self.n else 0.0
+        self.total, self.n = 0.0, 0
+        return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import partial
 
+from oscbench.quant.aoq import AOQConfig, AOQQuantizer
 from oscbench.quant.base import Quantizer
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer
 from oscbench.quant.modules import (
@@ -20,6 +21,8 @@ from oscbench.quant.modules import (
     quantized_layers,
     quantizer_parameters,
 )
+from oscbench.quant.rtn import RTNConfig, RTNQuantizer
+from oscbench.quant.statsq import StatsQConfig, StatsQQuantizer
 from oscbench.registry import Registry
 
 QUANTIZERS: Registry[Quantizer | None] = Registry("quantizer")
@@ -28,6 +31,14 @@ QUANTIZERS.register("none")(lambda options, bits, channels, is_weight: None)
 QUANTIZERS.register("lsq", LSQConfig)(
     lambda options, bits, channels, is_weight: LSQQuantizer(bits, options, channels, is_weight)
 )
+QUANTIZERS.register("statsq", StatsQConfig)(
+    lambda options, bits, channels, is_weight: StatsQQuantizer(bits)
+)
+QUANTIZERS.register("aoq", AOQConfig)(lambda options, bits, channels, is_weight: AOQQuantizer(bits, options.grad_scale))
+QUANTIZERS.register("rtn", RTNConfig)(
+    lambda options, bits, channels, is_weight: RTNQuantizer(bits, options.per_channel)
+)
+WEIGHT_ONLY = ("statsq", "aoq", "rtn")
 
 
 def quantizer_factory(component):  # noqa: ANN001, ANN201
@@ -37,6 +48,7 @@ def quantizer_factory(component):  # noqa: ANN001, ANN201
 
 __all__ = [
     "QUANTIZERS",
+    "WEIGHT_ONLY",
     "QConv2d",
     "QLinear",
     "QuantPlan",

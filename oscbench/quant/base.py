@@ -10,10 +10,12 @@ class Quantizer(nn.Module):
     """Fake quantizer: `forward(x)` returns x on the grid with straight-through gradients.
 
     Policies and the oscillation tracker see a quantizer only through `to_int` (integer
-    codes), `levels`, `thresholds` and `step`. A quantizer whose scale comes from data is
-    set up by `init_from(x)` once (weights at swap time, activations on a calibration
-    batch); `ready` says whether that happened. Non-tensor state (`ready`, data-dependent
-    constants) travels in the module's extra state, so `load_state_dict` restores it.
+    codes), `levels`, `thresholds`, `step`, `threshold_distance` and `code_centre`; each
+    takes the tensor being quantized, since some grids (StatsQ) are statistics of it.
+    A quantizer whose scale comes from data is set up by `init_from(x)` once (weights at
+    swap time, activations on a calibration batch); `ready` says whether that happened.
+    Non-tensor state (`ready`, data-dependent constants) travels in the module's extra
+    state, so `load_state_dict` restores it.
     """
 
     bits: int
@@ -33,16 +35,25 @@ class Quantizer(nn.Module):
         """Integer code of each element of x (no gradient)."""
         raise NotImplementedError
 
-    def levels(self) -> torch.Tensor:
-        """Real values of the grid points, shape (levels,) or (channels, levels)."""
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """Real values of the grid points for tensor x, shape (L,) or (channels, L)."""
         raise NotImplementedError
 
-    def thresholds(self) -> torch.Tensor:
-        """Decision thresholds between consecutive levels, shape like `levels()` minus one."""
+    def thresholds(self, x: torch.Tensor) -> torch.Tensor:
+        """Decision thresholds between consecutive levels, shape like `levels` minus one."""
         raise NotImplementedError
 
-    def step(self) -> torch.Tensor:
-        """Distance between neighbouring thresholds, per tensor or per output channel."""
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Distance between neighbouring thresholds for x, broadcastable against x."""
+        raise NotImplementedError
+
+    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """|x - nearest threshold| per element (beyond the grid: to the outermost one)."""
+        raise NotImplementedError
+
+    def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A latent value for each code that `to_int` maps back to that code (the middle of
+        its bin), for policies that pin weights; shaped like x."""
         raise NotImplementedError
 
     def get_extra_state(self) -> dict:
@@ -72,3 +83,12 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
 def channel_view(s: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.Tensor:
     """Reshape a per-channel step (C,) to broadcast over x's output-channel dim 0."""
     return s.view(-1, *([1] * (x.dim() - 1))) if per_channel else s
+
+
+def uniform_threshold_distance(
+    x: torch.Tensor, step: torch.Tensor, offset: float, kmin: int, kmax: int
+) -> torch.Tensor:
+    """Distance of x to the nearest threshold of a uniform set step * (k + offset),
+    k = kmin..kmax; `step` broadcasts against x."""
+    t = x / step - offset
+    return (t - torch.clamp(torch.round(t), kmin, kmax)).abs() * step

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import Quantizer, channel_view, int_range
+from oscbench.quant.base import Quantizer, channel_view, int_range, uniform_threshold_distance
 from oscbench.registry import check
 
 
@@ -134,13 +134,19 @@ class LSQQuantizer(Quantizer):
         s = channel_view(self.s, x, self.per_channel)
         return torch.clamp(torch.round(x * s.reciprocal()), self.n, self.p)
 
-    def levels(self) -> torch.Tensor:
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
         codes = torch.arange(self.n, self.p + 1, device=self.s.device, dtype=self.s.dtype)
         return self.s.detach().unsqueeze(-1) * codes
 
-    def thresholds(self) -> torch.Tensor:
-        lv = self.levels()
+    def thresholds(self, x: torch.Tensor) -> torch.Tensor:
+        lv = self.levels(x)
         return (lv[..., 1:] + lv[..., :-1]) / 2
 
-    def step(self) -> torch.Tensor:
-        return self.s.detach()
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        return channel_view(self.s.detach(), x, self.per_channel)
+
+    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
+        return uniform_threshold_distance(x.detach(), self.step(x), 0.5, self.n, self.p - 1)
+
+    def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return codes * self.step(x)

@@ -1,0 +1,104 @@
+"""AOQ's staged schedule (Allowing Oscillation Quantization, ICCV 2025; code:
+github.com/muzenc/AOQ, CIFAR script of 250 epochs, here in shares of training)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy
+from oscbench.quant.aoq import AOQQuantizer
+from oscbench.quant.modules import quantized_layers
+from oscbench.registry import ConfigError, check
+
+
+@dataclass
+class AOQScheduleConfig:
+    stage1_end: float  # AOQ: epoch 50 of 250 = 0.2
+    stage2_end: float  # 0.6 (DESIGN.md's reading of the public code)
+    alpha_end: float  # AOQ: 0.30 = 0.65 - 0.35
+    dampen_lambda: float  # stage 3: AOQ uses 0.01
+
+    def __post_init__(self) -> None:
+        check(
+            0 < self.stage1_end <= self.stage2_end <= 1,
+            "policy.aoq_schedule.stage1_end/stage2_end",
+            (self.stage1_end, self.stage2_end),
+            "0 < stage1_end <= stage2_end <= 1",
+        )
+        check(
+            0 < self.alpha_end <= 1, "policy.aoq_schedule.alpha_end", self.alpha_end, "0 < x <= 1"
+        )
+        check(
+            self.dampen_lambda >= 0, "policy.aoq_schedule.dampen_lambda", self.dampen_lambda, ">= 0"
+        )
+
+
+class AOQSchedule(Policy):
+    """Stage 1 (t < stage1_end T): s_th and s_le are frozen and both scaled by
+    alpha(t) = (1 + a)/2 + (1 - a)/2 cos(pi t / T1),
+    from 1.0 to a = alpha_end (AOQ: 0.65 + 0.35 cos), which shrinks the grid and makes more
+    weights cross thresholds. AOQ's code updates alpha every 5 epochs; here every step.
+    Stage 2: thresholds stay at a s_th0; s_le is learned from a s_le0 (no jump). AOQ's code
+    learns a step that it multiplies by a, i.e. an effective learning rate a^2 times ours.
+    Stage 3 (t >= stage2_end T): adds lambda sum_layers ||w - c(w).detach()||_2 (unsquared),
+    c = the centre of w's threshold bin. Applies to the AOQ layers at the run's bit-width
+    (not the 8-bit first and last layers)."""
+
+    def __init__(self, cfg: AOQScheduleConfig, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.layers = [
+            m
+            for _, m in quantized_layers(model)
+            if isinstance(m.weight_quantizer, AOQQuantizer) and not m.is_first_or_last
+        ]
+        if not self.layers:
+            raise ConfigError("policy=aoq_schedule needs quantizer=aoq (use method=aoq)")
+        self.alpha, self.stage = 1.0, 1
+        self.loss = EpochMean()
+
+    def on_step_start(self, step: int, total: int) -> None:
+        t1, t2, a = self.cfg.stage1_end * total, self.cfg.stage2_end * total, self.cfg.alpha_end
+        if step < t1:
+            self.stage = 1
+            self.alpha = (1 + a) / 2 + (1 - a) / 2 * math.cos(math.pi * step / t1)
+        else:
+            self.stage = 2 if step < t2 else 3
+            self.alpha = a
+        with torch.no_grad():
+            for layer in self.layers:
+                q = layer.weight_quantizer
+                q.s_th.copy_(self.alpha * q.s0)
+                if self.stage == 1:
+                    q.s_le.copy_(self.alpha * q.s0)
+
+    def after_backward(self, model: nn.Module) -> None:
+        if self.stage == 1:
+            for layer in self.layers:
+                layer.weight_quantizer.s_le.grad = None  # frozen: the optimizer skips it
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self.stage < 3 or self.cfg.dampen_lambda == 0:
+            return None
+        total = sum(
+            torch.linalg.vector_norm(m.weight - m.weight_quantizer.bin_centre(m.weight).detach())
+            for m in self.layers
+        )
+        loss = self.cfg.dampen_lambda * total
+        self.loss.add(loss)
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "aoq/alpha": self.alpha,
+            "aoq/stage": self.stage,
+            "aoq/dampen_loss": self.loss.pop(),
+        }
+
+
+@POLICIES.register("aoq_schedule", AOQScheduleConfig)
+def _build(cfg: AOQScheduleConfig, model: nn.Module, bits: int) -> Policy:
+    return AOQSchedule(cfg, model)

@@ -1,0 +1,57 @@
+"""The oscillation regulariser (Wenshoj, Pepin, Selvan, TMLR 2025, "Oscillations make
+neural networks robust to quantization")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy
+from oscbench.quant.rtn import RTNQuantizer
+from oscbench.registry import check
+
+
+@dataclass
+class OscRegConfig:
+    lam: float  # Wenshoj et al.: 1
+    bits: int | None  # grid of the regulariser; null = the run's `bits`
+
+    def __post_init__(self) -> None:
+        check(self.lam >= 0, "policy.osc_reg.lam", self.lam, ">= 0")
+        check(
+            self.bits is None or 2 <= self.bits <= 8,
+            "policy.osc_reg.bits",
+            self.bits,
+            "null or 2..8",
+        )
+
+
+class OscReg(Policy):
+    """Full-precision training with L = L_task + lam sum_layers mean(q(w)^2 - w^2), where q
+    rounds to nearest on a symmetric per-tensor grid s = max|w| / (2^(b-1) - 1) (detached)
+    and is NOT detached: through the straight-through round the extra gradient is
+    lam 2 (q(w) - w) / numel per layer, pushing weights towards thresholds as QAT does.
+    Conv and linear weights only: norm layers are excluded."""
+
+    def __init__(self, cfg: OscRegConfig, model: nn.Module, bits: int) -> None:
+        self.lam = cfg.lam
+        self.q = RTNQuantizer(cfg.bits or bits, per_channel=False)
+        self.weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        self.loss = EpochMean()
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self.lam == 0:
+            return None
+        loss = self.lam * sum((self.q(w) ** 2 - w**2).mean() for w in self.weights)
+        self.loss.add(loss)
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        return {"osc_reg/loss": self.loss.pop()}
+
+
+@POLICIES.register("osc_reg", OscRegConfig)
+def _build(cfg: OscRegConfig, model: nn.Module, bits: int) -> Policy:
+    return OscReg(cfg, model, bits)

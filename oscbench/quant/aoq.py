@@ -1,0 +1,97 @@
+"""AOQ: Allowing Oscillation Quantization (ICCV 2025; code: github.com/muzenc/AOQ).
+
+Thresholds and levels are decoupled. With b bits, per tensor:
+levels L_i = (i - (2^b - 1)/2) s_le, i = 0..2^b-1 (mid-rise, no zero level);
+thresholds T_j = (j - 2^(b-1) + 1) s_th, j = 0..2^b-2; w_hat = L_i for T_{i-1} <= w < T_i.
+Init s_th = s_le = std(w) / 2^(b-2), which is a uniform mid-rise quantizer. Backward: the
+identity straight-through estimator for w; s_le gets gradient through the chosen level's
+coefficient; s_th none (the `aoq_schedule` policy moves it). The public code does 2 bits
+only; the formulas above are its generalisation. It leaves s_le's gradient unscaled, a sum
+over every weight of the tensor; oscbench scales it by LSQ's g = 1/sqrt(numel * 2^(b-1))
+by default (`quantizer.grad_scale`), without which the 8-bit end layers' steps diverge
+under the shared quantizer learning rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oscbench.quant.base import Quantizer, uniform_threshold_distance
+
+
+@dataclass
+class AOQConfig:
+    """Options of `quantizer: aoq`; its schedule is the `aoq_schedule` policy."""
+
+    grad_scale: bool  # scale s_le's gradient by 1/sqrt(numel * 2^(b-1)) as LSQ does (our choice)
+
+
+class AOQQuantizer(Quantizer):
+    signed = True
+    per_channel = False
+    learnable_params = ("s_le",)
+
+    def __init__(self, bits: int, grad_scale: bool) -> None:
+        super().__init__(bits)
+        self.grad_scale = grad_scale
+        self.g = 1.0
+        self.half = 2 ** (bits - 1)
+        self.centre = (2**bits - 1) / 2
+        self.s_le = nn.Parameter(torch.ones(()))
+        self.register_buffer("s_th", torch.ones(()))
+        self.register_buffer("s0", torch.ones(()))  # std(w) / 2^(b-2) at init, for the schedule
+
+    def init_from(self, x: torch.Tensor) -> None:
+        s = (x.detach().std() / 2 ** (self.bits - 2)).clamp_min(1e-8)
+        self.s_le.data.copy_(s)
+        self.s_th.copy_(s)
+        self.s0.copy_(s)
+        self.g = 1 / math.sqrt(x.numel() * self.half) if self.grad_scale else 1.0
+        self.ready = True
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), "g": self.g}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.g = state["g"]
+
+    def index(self, w: torch.Tensor) -> torch.Tensor:
+        """Bin index i in 0..2^b-1 (as float): the number of thresholds <= w."""
+        return torch.clamp(torch.floor(w.detach() / self.s_th) + self.half, 0, 2**self.bits - 1)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        self._check_ready()
+        coef = self.index(w) - self.centre
+        s_le = self.s_le * self.g + (self.s_le * (1 - self.g)).detach()  # value s_le, grad x g
+        return coef * s_le + (w - w.detach())
+
+    @torch.no_grad()
+    def to_int(self, w: torch.Tensor) -> torch.Tensor:
+        return self.index(w) - self.half  # shifted to the signed range, so it fits int8
+
+    def bin_centre(self, w: torch.Tensor) -> torch.Tensor:
+        """c(w): the level of w's bin on the uniform grid of the thresholds, (i - (2^b-1)/2)
+        s_th, also for the two outer bins (AOQ's code, its dampening target)."""
+        return (self.index(w) - self.centre) * self.s_th
+
+    def levels(self, w: torch.Tensor) -> torch.Tensor:
+        i = torch.arange(2**self.bits, device=self.s_le.device, dtype=self.s_le.dtype)
+        return (i - self.centre) * self.s_le.detach()
+
+    def thresholds(self, w: torch.Tensor) -> torch.Tensor:
+        j = torch.arange(2**self.bits - 1, device=self.s_th.device, dtype=self.s_th.dtype)
+        return (j - self.half + 1) * self.s_th
+
+    def step(self, w: torch.Tensor) -> torch.Tensor:
+        return self.s_th
+
+    def threshold_distance(self, w: torch.Tensor) -> torch.Tensor:
+        return uniform_threshold_distance(w.detach(), self.s_th, 0.0, 1 - self.half, self.half - 1)
+
+    def code_centre(self, codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return (codes + 0.5) * self.s_th  # bin i = code + 2^(b-1) spans [T_{i-1}, T_i)
