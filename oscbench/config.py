@@ -16,7 +16,7 @@ from oscbench.data import DATASETS
 from oscbench.models import MODELS
 from oscbench.oscillation.policy import POLICIES
 from oscbench.oscillation.tracker import TrackerConfig
-from oscbench.quant import QUANTIZERS, WEIGHT_ONLY
+from oscbench.quant import QUANTIZERS
 from oscbench.registry import ConfigError, Registry, check, parse
 
 BITS_RANGE = range(2, 9)
@@ -181,11 +181,6 @@ AOQ_BITS = range(2, 5)
 def check_combination(spec: RunSpec) -> None:
     """Reject quantizer/policy/bit combinations that cannot run, saying what would."""
     q, names = spec.quantizer.name, [p.name for p in spec.policies]
-    if spec.act_quantizer.name in WEIGHT_ONLY:
-        raise ConfigError(
-            f"act_quantizer={spec.act_quantizer.name} quantizes weights only; "
-            "use act_quantizer=lsq or act_quantizer=none"
-        )
     if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
         raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
     for name in names:

@@ -11,7 +11,7 @@ from torch import nn
 from oscbench.config import TrainerConfig
 from oscbench.data import TensorData
 from oscbench.quant import QuantPlan, quantize_model, quantized_layers
-from oscbench.quant.base import Quantizer
+from oscbench.quant.base import Quantizer, clip_to_grid
 from oscbench.quant.rtn import RTNQuantizer
 from oscbench.train import evaluate, reestimate_bn
 
@@ -55,7 +55,9 @@ def cross_bit_accuracy(
 def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: int) -> dict:
     """Histogram of |w - nearest threshold| / step over the low-bit layers' latent weights
     (the 8-bit ends excluded), on each layer's own grid, or for a full-precision model on
-    the round-to-nearest grid at `bits`. The last bin collects weights beyond the grid."""
+    the round-to-nearest grid at `bits`. The last bin collects weights beyond the grid.
+    Also the mean distance of latent weights, clipped to the grid's range as dampening
+    does, to their quantized value, in steps."""
     layers = [m for _, m in quantized_layers(model) if not m.is_first_or_last]
     if not layers:
         layers = [
@@ -63,14 +65,13 @@ def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: i
             for _, m in quantized_layers(with_weight_bits(model, bits, first_last_bits))
             if not m.is_first_or_last
         ]
-    dists = torch.cat(
-        [
-            (m.weight_quantizer.threshold_distance(m.weight) / m.weight_quantizer.step(m.weight))
-            .flatten()
-            .float()
-            for m in layers
-        ]
-    )
+    dists, to_level = [], []
+    for m in layers:
+        q, w = m.weight_quantizer, m.weight
+        step = q.step(w)
+        dists.append((q.threshold_distance(w) / step).flatten().float())
+        to_level.append(((q(w) - clip_to_grid(q, w)).abs() / step).flatten().float())
+    dists = torch.cat(dists)
     edges = torch.linspace(0, 0.5, DIST_BINS + 1)
     counts = torch.histc(dists.clamp(max=0.5).cpu(), bins=DIST_BINS, min=0.0, max=0.5)
     beyond = int((dists > 0.5).sum())
@@ -80,4 +81,5 @@ def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: i
         "counts": [int(c) for c in counts] + [beyond],
         "near_share": float((dists <= 0.1).float().mean()),  # within 0.1 step of a threshold
         "mean": float(dists.clamp(max=0.5).mean()),
+        "mean_to_level": float(torch.cat(to_level).mean()),  # |clip(w) - q(w)| / step
     }

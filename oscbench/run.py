@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -11,12 +12,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from torch import nn
 
 from oscbench.config import RunSpec, resolved, validate
-from oscbench.data import build_data
+from oscbench.data import TensorData, build_data
 from oscbench.models import build_model
 from oscbench.oscillation import attach_trackers, oscillation_counts
-from oscbench.oscillation.policy import build_policies
+from oscbench.oscillation.policy import Policy, build_policies
 from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
 from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
 from oscbench.record import Recorder
@@ -41,57 +43,77 @@ def run_name(spec: RunSpec) -> str:
     return f"{spec.method}-{bits}-{spec.model.name}-{spec.dataset.name}-s{spec.seed}"
 
 
-def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
-    """Run one configuration end to end; returns the final metrics (also in results.json)."""
+@dataclass
+class Built:
+    """A run's parts, ready to train."""
+
+    data: TensorData
+    model: nn.Module
+    policies: list[Policy]
+
+
+def build(spec: RunSpec) -> Built:
+    """Seed, load data, build the model, quantize and calibrate it, attach trackers and
+    policies: everything before the first optimizer step."""
     device = pick_device(spec.device)
     torch.manual_seed(spec.seed)
     if device.type == "cpu":
         torch.use_deterministic_algorithms(True)
     data = build_data(spec.dataset, seed=spec.seed, device=device)
-    model = build_model(spec.model, num_classes=data.num_classes, in_channels=data.in_channels).to(
-        device
-    )
-    steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)  # tracker's T
+    model = build_model(spec.model, data.num_classes, data.in_channels).to(device)
     if spec.quantized:
         plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
-        quantize_model(
-            model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan
-        )
+        weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
+        quantize_model(model, weight_q, act_q, plan)
         calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
+        steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)
         attach_trackers(model, spec.oscillation, steps)
-    policies = build_policies(spec.policies, model, spec.bits)
+    return Built(data, model, build_policies(spec.policies, model, spec.bits))
 
-    name = run_name(spec)
-    with Recorder(run_dir, config, spec.logger, name) as rec:
+
+def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
+    """Accuracy after BN re-estimation, cross-bit accuracy, oscillation totals and the
+    threshold-distance histogram, from the trained model and its history."""
+    model, data, cfg = built.model, built.data, spec.trainer
+    final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
+    reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
+    final["acc_bn"] = evaluate(model, data, cfg.eval_batch_size)["acc"]
+    ptq_bits = [spec.bits] if spec.cross_bits and not spec.quantized else []
+    final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.first_last_bits, cfg)
+    final["threshold_distance"] = threshold_distance_histogram(
+        model, spec.bits, spec.first_last_bits
+    )
+    osc = history[-1].get("osc")
+    if osc:
+        final |= {
+            "osc_share": osc["osc_share"],
+            "mean_freq": osc["mean_freq"],
+            "crossings_last_epoch": osc["crossings"],
+            "crossings_total": sum(h["osc"]["crossings"] for h in history),
+            "oscillations_total": sum(h["osc"]["oscillations"] for h in history),
+            "tracked_weights": osc["tracked_weights"],
+            "osc_count_hist": torch.bincount(oscillation_counts(model)).tolist(),
+        }
+    final |= {k: v for k, v in history[-1].items() if "/" in k}  # the policies' last values
+    return final
+
+
+def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
+    """Run one configuration end to end; returns the final metrics (also in results.json)."""
+    built = build(spec)
+    with Recorder(run_dir, config, spec.logger, run_name(spec)) as rec:
         history = train(
-            model, data, spec.trainer, policies, spec.oscillation.threshold, rec.log_epoch
+            built.model,
+            built.data,
+            spec.trainer,
+            built.policies,
+            spec.oscillation.threshold,
+            rec.log_epoch,
         )
-        final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
-        reestimate_bn(model, data, spec.trainer.bn_reestimate_batches, spec.trainer.batch_size)
-        final["acc_bn"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
-        cross = list(spec.cross_bits) + (
-            [] if spec.quantized or not spec.cross_bits else [spec.bits]
-        )
-        final |= cross_bit_accuracy(model, data, cross, spec.first_last_bits, spec.trainer)
-        final["threshold_distance"] = threshold_distance_histogram(
-            model, spec.bits, spec.first_last_bits
-        )
-        histograms = {}
-        if history[-1].get("osc"):
-            osc = history[-1]["osc"]
-            counts = oscillation_counts(model)
-            final |= {
-                "osc_share": osc["osc_share"],
-                "mean_freq": osc["mean_freq"],
-                "crossings_last_epoch": osc["crossings"],
-                "crossings_total": sum(h["osc"]["crossings"] for h in history),
-                "oscillations_total": sum(h["osc"]["oscillations"] for h in history),
-                "tracked_weights": osc["tracked_weights"],
-                "osc_count_hist": torch.bincount(counts).tolist(),
-            }
-            histograms["osc/count_per_weight"] = counts.numpy()
+        final = final_metrics(spec, built, history)
         final["wall_time_s"] = time.time() - rec.start
-        rec.finish(final, histograms)
+        counts = oscillation_counts(built.model)
+        rec.finish(final, {} if counts is None else {"osc/count_per_weight": counts.numpy()})
         print_summary(spec, rec, final)
     return final
 
@@ -119,6 +141,12 @@ def print_summary(spec: RunSpec, rec: Recorder, final: dict) -> None:
         ]
     else:
         rows.append(("oscillation", "not tracked (no quantized weights)"))
+    ptq = [f"{k[4:-3]} bit {v:.2f} %" for k, v in final.items() if k.startswith("acc@")]
+    if ptq:
+        rows.append(("rounded weights", ", ".join(ptq)))
+    for key, value in final.items():
+        if key.endswith("frozen_share"):
+            rows.append((f"frozen ({key.split('/')[0]})", f"{100 * value:.2f} % of weights"))
     rows.append(("record", str(rec.path)))
     if "wandb" in rec.data:
         w = rec.data["wandb"]

@@ -31,3 +31,26 @@ def run_config(overrides: list[str], run_dir: Path) -> dict:
 def quick() -> list[str]:
     """Overrides for a short CPU run without W&B."""
     return ["trainer.epochs=3", "logger=none", "device=cpu"]
+
+
+def build_config(overrides: list[str]):
+    """Validate and build a run (CPU, no W&B) without training: (spec, Built)."""
+    from oscbench.run import build
+
+    spec = validate(compose_config(["device=cpu", "logger=none", *overrides]))
+    return spec, build(spec)
+
+
+def fit(spec, built, extra_policies=()) -> list[dict]:
+    """Train a built run through the real loop; extra policies run after the run's own."""
+    from oscbench.train import train
+
+    policies = [*built.policies, *extra_policies]
+    return train(
+        built.model,
+        built.data,
+        spec.trainer,
+        policies,
+        spec.oscillation.threshold,
+        on_epoch=lambda record: None,
+    )

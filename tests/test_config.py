@@ -40,6 +40,12 @@ def test_typo_in_a_key_is_rejected_by_hydra():
         compose_config(["trainer.lrr=0.1"])
 
 
+def test_weight_only_quantizer_is_not_offered_for_activations():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config(["act_quantizer=statsq"])
+    assert "act_quantizer/statsq" in str(err.value)
+
+
 def test_unknown_method_lists_the_available_ones():
     with pytest.raises(ConfigCompositionException) as err:
         compose_config(["method=nosuch"])

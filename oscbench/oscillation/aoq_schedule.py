@@ -57,22 +57,26 @@ class AOQSchedule(Policy):
         ]
         if not self.layers:
             raise ConfigError("policy=aoq_schedule needs quantizer=aoq (use method=aoq)")
-        self.alpha, self.stage = 1.0, 1
+        self.alpha, self.stage = 1.0, None
         self.loss = EpochMean()
 
     def on_step_start(self, step: int, total: int) -> None:
         t1, t2, a = self.cfg.stage1_end * total, self.cfg.stage2_end * total, self.cfg.alpha_end
+        previous = self.stage
         if step < t1:
             self.stage = 1
             self.alpha = (1 + a) / 2 + (1 - a) / 2 * math.cos(math.pi * step / t1)
         else:
             self.stage = 2 if step < t2 else 3
             self.alpha = a
+        # s_le follows alpha in stage 1 and is learned from a * s0 once stage 1 ends (checked
+        # against the previous step's stage, so a resumed run keeps its learned s_le)
+        set_levels = self.stage == 1 or previous == 1
         with torch.no_grad():
             for layer in self.layers:
                 q = layer.weight_quantizer
                 q.s_th.copy_(self.alpha * q.s0)
-                if self.stage == 1:
+                if set_levels:
                     q.s_le.copy_(self.alpha * q.s0)
 
     def after_backward(self, model: nn.Module) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, cosine_ramp
-from oscbench.quant.base import channel_view
+from oscbench.quant.base import clip_to_grid
 from oscbench.quant.modules import quantized_layers
 from oscbench.registry import check
 
@@ -67,10 +67,7 @@ class Dampen(Policy):
         total = 0.0
         for layer in self.layers:
             w, q = layer.weight, layer.weight_quantizer
-            lv = q.levels(w)
-            lo = channel_view(lv[..., 0], w, lv.dim() == 2)
-            hi = channel_view(lv[..., -1], w, lv.dim() == 2)
-            diff = q(w).detach() - torch.clamp(w, lo, hi)
+            diff = q(w).detach() - clip_to_grid(q, w)
             total = total + _aggregate(diff * diff, self.cfg.aggregation)
         loss = self.lam * total
         self.loss.add(loss)

@@ -34,11 +34,12 @@ QUANTIZERS.register("lsq", LSQConfig)(
 QUANTIZERS.register("statsq", StatsQConfig)(
     lambda options, bits, channels, is_weight: StatsQQuantizer(bits)
 )
-QUANTIZERS.register("aoq", AOQConfig)(lambda options, bits, channels, is_weight: AOQQuantizer(bits, options.grad_scale))
+QUANTIZERS.register("aoq", AOQConfig)(
+    lambda options, bits, channels, is_weight: AOQQuantizer(bits, options.grad_scale)
+)
 QUANTIZERS.register("rtn", RTNConfig)(
     lambda options, bits, channels, is_weight: RTNQuantizer(bits, options.per_channel)
 )
-WEIGHT_ONLY = ("statsq", "aoq", "rtn")
 
 
 def quantizer_factory(component):  # noqa: ANN001, ANN201
@@ -48,7 +49,6 @@ def quantizer_factory(component):  # noqa: ANN001, ANN201
 
 __all__ = [
     "QUANTIZERS",
-    "WEIGHT_ONLY",
     "QConv2d",
     "QLinear",
     "QuantPlan",

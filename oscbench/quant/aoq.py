@@ -68,7 +68,7 @@ class AOQQuantizer(Quantizer):
         self._check_ready()
         coef = self.index(w) - self.centre
         s_le = self.s_le * self.g + (self.s_le * (1 - self.g)).detach()  # value s_le, grad x g
-        return coef * s_le + (w - w.detach())
+        return coef * s_le + (w - w.detach())  # exact levels; identity gradient to w
 
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:

@@ -92,3 +92,18 @@ def uniform_threshold_distance(
     k = kmin..kmax; `step` broadcasts against x."""
     t = x / step - offset
     return (t - torch.clamp(torch.round(t), kmin, kmax)).abs() * step
+
+
+def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
+    """w clamped to [lowest, highest level] of q's grid (detached bounds)."""
+    lv = q.levels(w).detach()
+    per_channel = lv.dim() == 2
+    lo = channel_view(lv[..., 0], w, per_channel)
+    hi = channel_view(lv[..., -1], w, per_channel)
+    return torch.clamp(w, lo, hi)
+
+
+def straight_through(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`value` in the forward pass, the identity gradient to x in the backward pass.
+    Written as value + (x - x), not x + (value - x), so the output is exactly `value`."""
+    return value.detach() + (x - x.detach())

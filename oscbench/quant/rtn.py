@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.quant.base import Quantizer, channel_view, uniform_threshold_distance
+from oscbench.quant.base import (
+    Quantizer,
+    channel_view,
+    straight_through,
+    uniform_threshold_distance,
+)
 
 
 @dataclass
@@ -37,7 +42,7 @@ class RTNQuantizer(Quantizer):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = self.scale(w)
-        return w + (torch.clamp(torch.round(w.detach() / s), -self.p, self.p) * s - w).detach()
+        return straight_through(torch.clamp(torch.round(w.detach() / s), -self.p, self.p) * s, w)
 
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.quant.base import Quantizer, channel_view, uniform_threshold_distance
+from oscbench.quant.base import (
+    Quantizer,
+    channel_view,
+    straight_through,
+    uniform_threshold_distance,
+)
 
 CLIP_EPS = 1e-6  # OFQ clamps w/s to [-1, 1 - 1e-6] so the top bin stays in range
 
@@ -47,7 +52,7 @@ class StatsQQuantizer(Quantizer):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         s = self.scale(w)
         wq = s * (self._codes(w, s) + 0.5) / self.n2
-        return w + (wq - w).detach()
+        return straight_through(wq, w)
 
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:

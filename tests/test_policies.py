@@ -1,0 +1,252 @@
+"""Each policy's mechanism, through the real training loop on digits (CPU, seeded)."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscbench.oscillation.freeze import Freeze
+from oscbench.oscillation.osc_reg import OscReg, OscRegConfig
+from oscbench.oscillation.policy import Policy
+from oscbench.quant import quantized_layers
+from oscbench.quant.base import clip_to_grid
+from oscbench.quant.rtn import RTNQuantizer
+from tests.conftest import build_config, fit, run_config
+
+
+class Observer(Policy):
+    """Runs after the run's own policies and records what a test asks for."""
+
+    def __init__(self, after_backward=None, on_step_end=None):
+        self._ab, self._se = after_backward, on_step_end
+
+    def after_backward(self, model):
+        if self._ab:
+            self._ab(model)
+
+    def on_step_end(self, model):
+        if self._se:
+            self._se(model)
+
+
+# --- AOQ schedule ------------------------------------------------------------------
+
+
+def test_aoq_alpha_goes_from_one_to_0_30_over_stage_one():
+    spec, built = build_config(["method=aoq", "bits=2"])
+    policy = built.policies[0]
+    layer = policy.layers[0]
+    q = layer.weight_quantizer
+    alphas = []
+    for step in range(0, 21):
+        policy.on_step_start(step, 100)
+        alphas.append(policy.alpha)
+        assert policy.stage == (1 if step < 20 else 2)
+        torch.testing.assert_close(q.s_th, policy.alpha * q.s0)
+    assert alphas[0] == 1.0
+    assert all(a > b for a, b in zip(alphas[:20], alphas[1:20], strict=False))  # decreasing
+    assert alphas[19] == pytest.approx(0.65 + 0.35 * math.cos(math.pi * 19 / 20))
+    assert alphas[20] == pytest.approx(0.30)
+    policy.on_step_start(59, 100)
+    assert policy.stage == 2 and policy.alpha == pytest.approx(0.30)
+    policy.on_step_start(60, 100)
+    assert policy.stage == 3
+
+
+def _backward(spec, built, step, total=100):
+    policy = built.policies[0]
+    for t in range(step + 1):  # the schedule walks through every step
+        policy.on_step_start(t, total)
+    x, y = next(built.data.train_batches(0, 64))
+    loss = F.cross_entropy(built.model(x), y)
+    extra = policy.extra_loss(built.model)
+    built.model.zero_grad(set_to_none=True)
+    (loss + (extra if extra is not None else 0)).backward()
+    policy.after_backward(built.model)
+    return policy, extra
+
+
+def test_aoq_stage_two_learns_level_step_not_thresholds_stage_three_dampens():
+    spec, built = build_config(["method=aoq", "bits=2"])
+    policy, extra = _backward(spec, built, step=5)  # stage 1: both spacings frozen
+    q = policy.layers[0].weight_quantizer
+    assert q.s_le.grad is None and extra is None
+    policy, extra = _backward(spec, built, step=30)  # stage 2
+    assert q.s_le.grad is not None and q.s_le.grad.abs().item() > 0
+    assert not q.s_th.requires_grad and "s_th" not in dict(q.named_parameters())
+    assert extra is None
+    torch.testing.assert_close(q.s_le.detach(), 0.30 * q.s0)  # no jump at the stage boundary
+    policy, extra = _backward(spec, built, step=70)  # stage 3
+    expected = 0.01 * sum(
+        torch.linalg.vector_norm(m.weight - m.weight_quantizer.bin_centre(m.weight))
+        for m in policy.layers
+    )
+    torch.testing.assert_close(extra.detach(), expected.detach())
+
+
+def test_aoq_crosses_more_thresholds_than_lsq_in_stage_one():
+    """AOQ's claim: shrinking thresholds lets weights cross them. Same seed and epochs."""
+    crossings = {}
+    for method in ("lsq", "aoq"):
+        spec, built = build_config([f"method={method}", "bits=2", "trainer.epochs=10"])
+        history = fit(spec, built)
+        crossings[method] = sum(h["osc"]["crossings"] for h in history[:2])  # first 20%
+    assert crossings["aoq"] > 2 * crossings["lsq"]
+
+
+# --- Dampening ---------------------------------------------------------------------
+
+
+def test_dampening_lowers_oscillation_and_distance_to_grid(tmp_path):
+    finals = {
+        m: run_config(
+            [f"method={m}", "bits=2", "trainer.epochs=10", "logger=none", "device=cpu"],
+            tmp_path / m,
+        )
+        for m in ("lsq", "lsq_dampen")
+    }
+    lsq, damp = finals["lsq"], finals["lsq_dampen"]
+    assert damp["osc_share"] < lsq["osc_share"]
+    assert damp["threshold_distance"]["mean_to_level"] < lsq["threshold_distance"]["mean_to_level"]
+    assert damp["dampen/lambda"] == pytest.approx(0.1, rel=0.01)  # reached lambda_end
+
+
+def test_dampening_term_follows_the_formula_and_gives_no_gradient_to_the_step():
+    spec, built = build_config(["method=lsq_dampen", "bits=2"])
+    policy = built.policies[0]
+    policy.on_step_start(10, 100)
+    assert policy.lam == 0.0 and policy.extra_loss(built.model) is None  # off before 25%
+    policy.on_step_start(100, 100)
+    assert policy.lam == pytest.approx(0.1)
+    loss = policy.extra_loss(built.model)
+    expected = 0
+    for _, layer in quantized_layers(built.model):
+        q, w = layer.weight_quantizer, layer.weight
+        expected += ((q(w).detach() - clip_to_grid(q, w)) ** 2).sum(0).mean()
+    torch.testing.assert_close(loss, 0.1 * expected)
+    built.model.zero_grad()
+    loss.backward()
+    layers = [m for _, m in quantized_layers(built.model)]
+    assert all(m.weight_quantizer.s.grad is None for m in layers)
+    assert any(m.weight.grad.abs().sum() > 0 for m in layers)
+
+
+# --- Freezing ----------------------------------------------------------------------
+
+
+def test_frozen_weights_keep_their_code_and_do_not_drift():
+    spec, built = build_config(
+        ["method=lsq_freeze", "bits=3", "trainer.epochs=6", "trainer.quant_lr=0"]
+    )
+    seen: dict = {}
+    violations = []
+
+    def check(model):
+        tracked = [m for _, m in quantized_layers(model) if m.tracker is not None]
+        for i, layer in enumerate(tracked):
+            st = layer.freeze_state
+            codes = layer.weight_quantizer.to_int(layer.weight)
+            w = layer.weight.detach()
+            if i in seen:
+                old_frozen, old_codes, old_w = seen[i]
+                if not torch.equal(codes[old_frozen], old_codes[old_frozen]):
+                    violations.append("code changed")
+                if not torch.equal(w[old_frozen], old_w[old_frozen]):
+                    violations.append("latent value drifted")
+                if (old_frozen & ~st.frozen).any():
+                    violations.append("unfrozen")
+            seen[i] = (st.frozen.clone(), codes.clone(), w.clone())
+
+    history = fit(spec, built, [Observer(on_step_end=check)])
+    assert not violations, violations[:3]
+    assert history[-1]["freeze/frozen_share"] > 0
+    assert history[0]["freeze/threshold"] == 0.0  # off in the first 25%
+    assert history[-1]["freeze/threshold"] == pytest.approx(0.011, rel=0.05)  # 3-bit end value
+
+
+def test_freeze_state_survives_save_and_load():
+    spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.epochs=4"])
+    fit(spec, built)
+    state = copy.deepcopy(built.model.state_dict())
+    assert any(k.endswith("freeze_state.frozen") and v.any() for k, v in state.items())
+    _, fresh = build_config(["method=lsq_freeze", "bits=3", "seed=3"])
+    for p in fresh.policies:
+        p.setup(fresh.model, total_steps=10, steps_per_epoch=5)
+    fresh.model.load_state_dict(state)
+    for key, value in state.items():
+        if ".freeze_state." in key:
+            assert torch.equal(fresh.model.state_dict()[key], value), key
+    assert isinstance(fresh.policies[0], Freeze)
+
+
+# --- CGA ---------------------------------------------------------------------------
+
+
+def test_cga_keeps_confident_weights_bit_identical_during_the_phase():
+    spec, built = build_config(
+        ["method=ofq", "bits=2", "trainer.epochs=2", "policy.cga.extra_epochs=1"]
+    )
+    cga = built.policies[0]
+    steps = {"phase": 0, "moved": 0}
+    snapshot = {}
+    broken = []
+
+    def before(model):
+        if cga.active:
+            snapshot["w"] = [m.weight.detach().clone() for m in cga.layers]
+
+    def after(model):
+        if not cga.active:
+            return
+        steps["phase"] += 1
+        for layer, frozen, old in zip(cga.layers, cga.frozen, snapshot["w"], strict=True):
+            w = layer.weight.detach()
+            if not torch.equal(w[frozen], old[frozen]):
+                broken.append(1)
+            steps["moved"] += int((w[~frozen] != old[~frozen]).sum())
+
+    history = fit(spec, built, [Observer(after_backward=before, on_step_end=after)])
+    assert len(history) == 3  # 2 epochs + 1 CGA epoch
+    assert steps["phase"] == built.data.steps_per_epoch(64) and not broken
+    assert steps["moved"] > 0  # the not-confident weights did train
+    assert history[-1]["lr"] == 1e-5 and history[-1]["cga/active"] == 1.0
+    assert 0.9 < history[-1]["cga/frozen_share"] < 1.0
+    assert history[0]["cga/active"] == 0.0
+
+
+# --- Oscillation regulariser ---------------------------------------------------------
+
+
+def test_regulariser_gradient_is_two_lambda_q_minus_w_over_numel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 5))
+    policy = OscReg(OscRegConfig(lam=0.7, bits=3), model, bits=4)
+    policy.extra_loss(model).backward()
+    q = RTNQuantizer(3, per_channel=False)
+    for layer in (model[0], model[2]):
+        w = layer.weight.detach()
+        torch.testing.assert_close(layer.weight.grad, 0.7 * 2 * (q(w) - w) / w.numel())
+        assert layer.bias.grad is None
+    assert model[1].weight.grad is None  # norm layers excluded
+
+
+def test_regulariser_moves_weights_towards_thresholds(tmp_path):
+    near = {}
+    for lam in (0, 1):
+        final = run_config(
+            [
+                "method=osc_reg",
+                "bits=2",
+                f"policy.osc_reg.lam={lam}",
+                "trainer.epochs=10",
+                "logger=none",
+                "device=cpu",
+            ],
+            tmp_path / str(lam),
+        )
+        near[lam] = final["threshold_distance"]["near_share"]
+        assert {"acc@2bit", "acc@3bit", "acc@4bit", "acc@8bit"} <= set(final)
+    assert near[1] > near[0]

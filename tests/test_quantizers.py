@@ -1,0 +1,79 @@
+"""StatsQ, AOQ and round-to-nearest: grids, gradients, codes."""
+
+import pytest
+import torch
+
+from oscbench.quant.aoq import AOQQuantizer
+from oscbench.quant.rtn import RTNQuantizer
+from oscbench.quant.statsq import StatsQQuantizer
+
+
+def test_statsq_2bit_levels_are_half_steps_of_mean_abs_per_row():
+    torch.manual_seed(0)
+    w = torch.randn(6, 4, 3, 3, requires_grad=True)
+    q = StatsQQuantizer(2)
+    q.init_from(w)
+    wq = q(w)
+    m = w.detach().abs().flatten(1).mean(1)
+    grid = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    for row in range(6):
+        values = torch.unique(wq[row].detach())
+        torch.testing.assert_close(values, grid * m[row])  # exactly these four, all used
+    torch.testing.assert_close(q.levels(w), m[:, None] * grid)
+    torch.testing.assert_close(q.thresholds(w), m[:, None] * torch.tensor([-1.0, 0.0, 1.0]))
+    assert list(q.parameters()) == []
+    (wq * torch.arange(wq.numel()).reshape(wq.shape)).sum().backward()
+    # identity straight-through: no gradient path through s = 2 mean|w|
+    torch.testing.assert_close(w.grad, torch.arange(w.numel(), dtype=torch.float).reshape(w.shape))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_statsq_codes_and_levels_agree(bits):
+    w = torch.randn(5, 40)
+    q = StatsQQuantizer(bits)
+    k = q.to_int(w)
+    assert k.min() >= -(2 ** (bits - 1)) and k.max() <= 2 ** (bits - 1) - 1
+    s = 2 * w.abs().mean(1, keepdim=True)
+    torch.testing.assert_close(q(w), s * (k + 0.5) / 2 ** (bits - 1))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_aoq_at_init_is_a_uniform_mid_rise_quantizer(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(64, 9) * 0.3
+    q = AOQQuantizer(bits, grad_scale=True)
+    q.init_from(w)
+    s = w.std() / 2 ** (bits - 2)
+    half = 2 ** (bits - 1)
+    expected = s * (torch.clamp(torch.floor(w / s), -half, half - 1) + 0.5)
+    torch.testing.assert_close(q(w), expected)
+    torch.testing.assert_close(q.thresholds(w), (torch.arange(2**bits - 1) - half + 1) * s)
+    torch.testing.assert_close(q.levels(w), (torch.arange(2**bits) - (2**bits - 1) / 2) * s)
+    # codes fit int8 and map back to their bin through code_centre
+    codes = q.to_int(w)
+    torch.testing.assert_close(q.to_int(q.code_centre(codes, w)), codes)
+
+
+def test_aoq_gradients_identity_for_w_coefficient_for_level_step_none_for_thresholds():
+    w = torch.tensor([-2.0, -0.7, 0.2, 0.9, 3.0], requires_grad=True)
+    q = AOQQuantizer(2, grad_scale=False)
+    q.init_from(torch.tensor([-1.0, 1.0]))  # std = sqrt(2)
+    q.s_th.fill_(1.0)
+    q.s_le.data.fill_(0.8)
+    out = q(w)
+    torch.testing.assert_close(out.detach(), torch.tensor([-1.5, -0.5, 0.5, 0.5, 1.5]) * 0.8)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones(5))  # no clip mask
+    assert q.s_le.grad.item() == pytest.approx(-1.5 - 0.5 + 0.5 + 0.5 + 1.5)
+    assert [n for n, _ in q.named_parameters()] == ["s_le"]  # s_th is a buffer
+
+
+def test_rtn_is_symmetric_max_scaled_with_straight_through_gradient():
+    w = torch.tensor([-1.0, -0.4, 0.1, 0.26, 0.9], requires_grad=True)
+    q = RTNQuantizer(2, per_channel=False)  # 2 bits: ternary {-1, 0, 1} * max|w|
+    out = q(w)
+    torch.testing.assert_close(out.detach(), torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0]))
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.ones(5))
+    q3 = RTNQuantizer(3, per_channel=False)  # s = 1/3
+    torch.testing.assert_close(q3(w.detach()), torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]) / 3)
