@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, cosine_ramp
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, delayed_cosine
 from oscbench.quant.base import clip_to_grid
 from oscbench.quant.modules import quantized_layers
 from oscbench.registry import check
@@ -52,13 +52,8 @@ class Dampen(Policy):
         self.loss = EpochMean()
 
     def on_step_start(self, step: int, total: int) -> None:
-        begin = self.cfg.start * total
-        self.lam = (
-            0.0
-            if step < begin
-            else cosine_ramp(
-                (step - begin) / max(total - begin, 1), self.cfg.lambda_start, self.cfg.lambda_end
-            )
+        self.lam = delayed_cosine(
+            step, total, self.cfg.start, self.cfg.lambda_start, self.cfg.lambda_end
         )
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:

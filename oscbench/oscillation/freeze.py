@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.oscillation.policy import POLICIES, Policy, cosine_ramp
+from oscbench.oscillation.policy import POLICIES, Policy, delayed_cosine
 from oscbench.quant.modules import quantized_layers
 from oscbench.registry import ConfigError, check
 
@@ -69,13 +69,8 @@ class Freeze(Policy):
                 layer.freeze_state = FreezeState(layer.tracker.code)
 
     def on_step_start(self, step: int, total: int) -> None:
-        begin = self.cfg.start * total
-        self.f_th = (
-            0.0
-            if step < begin
-            else cosine_ramp(
-                (step - begin) / max(total - begin, 1), self.cfg.threshold_start, self.threshold_end
-            )
+        self.f_th = delayed_cosine(
+            step, total, self.cfg.start, self.cfg.threshold_start, self.threshold_end
         )
 
     @torch.no_grad()

@@ -51,9 +51,13 @@ def build_policies(components, model: nn.Module, bits: int) -> list[Policy]:  # 
     return [POLICIES.get(c.name).build(c.options, model=model, bits=bits) for c in components]
 
 
-def cosine_ramp(progress: float, start: float, end: float) -> float:
-    """Cosine interpolation from `start` (progress 0) to `end` (progress 1)."""
-    progress = min(max(progress, 0.0), 1.0)
+def delayed_cosine(step: int, total: int, begin: float, start: float, end: float) -> float:
+    """0 before `begin` * total steps (off), then a cosine from `start` to `end` at `total`
+    (Nagel et al.'s schedule for the dampening weight and the freezing threshold)."""
+    first = begin * total
+    if step < first:
+        return 0.0
+    progress = min((step - first) / max(total - first, 1), 1.0)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
