@@ -105,6 +105,7 @@ class RunSpec:
     oscillation: TrackerConfig
     logger: LoggerConfig
     cross_bits: list[int]
+    data_dir: str
 
     @property
     def quantized(self) -> bool:
@@ -164,6 +165,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         oscillation=parse(TrackerConfig, cfg.oscillation, "oscillation"),
         logger=parse(LoggerConfig, cfg.logger, "logger"),
         cross_bits=list(cfg.cross_bits or []),
+        data_dir=str(cfg.data_dir),
     )
     for b in spec.cross_bits:
         check(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from oscbench.config import TrainerConfig
-from oscbench.data import TensorData
+from oscbench.data import Data
 from oscbench.quant import QuantPlan, quantize_model, quantized_layers
 from oscbench.quant.base import Quantizer, clip_to_grid
 from oscbench.quant.rtn import RTNQuantizer
@@ -39,7 +39,7 @@ def with_weight_bits(model: nn.Module, bits: int, first_last_bits: int) -> nn.Mo
 
 
 def cross_bit_accuracy(
-    model: nn.Module, data: TensorData, bits: list[int], first_last_bits: int, cfg: TrainerConfig
+    model: nn.Module, data: Data, bits: list[int], first_last_bits: int, cfg: TrainerConfig
 ) -> dict[str, float]:
     """`acc@Nbit` for each N: weights rounded to nearest at N bits, BN statistics
     re-estimated as for the main result (trainer.bn_reestimate_batches)."""

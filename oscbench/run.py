@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from oscbench.config import RunSpec, resolved, validate
-from oscbench.data import TensorData, build_data
+from oscbench.data import Data, build_data
 from oscbench.models import build_model
 from oscbench.oscillation import attach_trackers, oscillation_counts
 from oscbench.oscillation.policy import Policy, build_policies
@@ -47,7 +47,7 @@ def run_name(spec: RunSpec) -> str:
 class Built:
     """A run's parts, ready to train."""
 
-    data: TensorData
+    data: Data
     model: nn.Module
     policies: list[Policy]
 
@@ -163,13 +163,12 @@ def print_summary(spec: RunSpec, rec: Recorder, final: dict) -> None:
 def main(cfg: DictConfig) -> float:
     try:
         spec = validate(cfg)
-    except ConfigError as e:
+        return execute(spec, resolved(cfg), Path(HydraConfig.get().runtime.output_dir))["acc_bn"]
+    except ConfigError as e:  # bad input, or data not on disk: found before any training
         if HydraConfig.get().mode == RunMode.RUN:
-            print(f"oscbench: invalid configuration: {e}", file=sys.stderr)
+            print(f"oscbench: {e}", file=sys.stderr)
             sys.exit(2)
         raise
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return execute(spec, resolved(cfg), run_dir)["acc_bn"]
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from oscbench.config import TrainerConfig
-from oscbench.data import TensorData
+from oscbench.data import Data
 from oscbench.oscillation import model_stats, update_trackers
 from oscbench.oscillation.policy import Policy
 from oscbench.quant import quantizer_parameters
@@ -50,21 +50,22 @@ def cosine_with_warmup(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: TensorData, batch_size: int) -> dict[str, float]:
+def evaluate(model: nn.Module, data: Data, batch_size: int) -> dict[str, float]:
     """Test loss and accuracy (%) in eval mode."""
     model.eval()
-    loss = torch.zeros((), device=data.x_test.device)
-    correct = torch.zeros((), device=data.x_test.device, dtype=torch.long)
+    loss = torch.zeros((), device=data.device)
+    correct = torch.zeros((), device=data.device, dtype=torch.long)
+    n = 0
     for x, y in data.test_batches(batch_size):
         logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum")
+        loss += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-    n = len(data.x_test)
+        n += len(y)
     return {"loss": loss.item() / n, "acc": 100.0 * correct.item() / n}
 
 
 @torch.no_grad()
-def reestimate_bn(model: nn.Module, data: TensorData, batches: int, batch_size: int) -> None:
+def reestimate_bn(model: nn.Module, data: Data, batches: int, batch_size: int) -> None:
     """Recompute BN running statistics as a plain average over training batches of the
     final (quantized) model (Nagel et al. 2022, Sec. 5). Trackers are not updated."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -85,7 +86,7 @@ def reestimate_bn(model: nn.Module, data: TensorData, batches: int, batch_size: 
 
 def train(
     model: nn.Module,
-    data: TensorData,
+    data: Data,
     cfg: TrainerConfig,
     policies: list[Policy],
     osc_threshold: float,
@@ -106,7 +107,7 @@ def train(
     sched = cosine_with_warmup(opt, main_steps, round(cfg.warmup_fraction * main_steps))
     for p in policies:
         p.setup(model, total, steps_per_epoch)
-    device = data.x_train.device
+    device = data.device
     history: list[dict] = []
     step = 0
     bar = tqdm(

@@ -55,7 +55,7 @@ def test_unknown_method_lists_the_available_ones():
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["bits=9"], "bits=9 is invalid; allowed: an integer 2..8"),
+        (["bits=9"], "oscbench: bits=9 is invalid; allowed: an integer 2..8"),
         (["trainer.lr=-1"], "trainer.lr=-1.0 is invalid"),
         (["method=nosuch"], "Could not find 'method/nosuch'"),
     ],

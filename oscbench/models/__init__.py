@@ -16,4 +16,4 @@ def build_model(component, num_classes: int, in_channels: int) -> nn.Module:  # 
     )
 
 
-from oscbench.models import cnn_small  # noqa: E402,F401  (registers)
+from oscbench.models import cnn_small, resnet_cifar, timm_models  # noqa: E402,F401  (registers)

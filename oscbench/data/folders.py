@@ -1,0 +1,94 @@
+"""Image-folder datasets streamed by a DataLoader: `tinyimagenet` and `imagenet`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torchvision import datasets, transforms
+
+from oscbench.data import DATASETS, LoaderData, require
+from oscbench.registry import check
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class FolderConfig:
+    root: str  # the dataset's own folder (tiny-imagenet-200, or imagenet with train/ and val/)
+    image_size: int  # training crop and test size (Tiny ImageNet: 64, ImageNet: 224)
+    workers: int  # DataLoader worker processes
+
+    def __post_init__(self) -> None:
+        check(self.image_size >= 8, "dataset.image_size", self.image_size, ">= 8")
+        check(self.workers >= 0, "dataset.workers", self.workers, ">= 0")
+
+
+def _transforms(size: int, resize_test: bool) -> tuple[transforms.Compose, transforms.Compose]:
+    norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    train = transforms.Compose(
+        [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *norm]
+    )
+    test = (
+        [transforms.Resize(round(size / 0.875)), transforms.CenterCrop(size)]
+        if resize_test
+        else [transforms.Resize(size)]
+    )
+    return train, transforms.Compose([*test, *norm])
+
+
+class FileList(torch.utils.data.Dataset):
+    """(path, label) pairs read with torchvision's image loader."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.samples[i]
+        return self.transform(datasets.folder.default_loader(path)), label
+
+
+@DATASETS.register("tinyimagenet", FolderConfig)
+def tinyimagenet(cfg: FolderConfig, seed: int, device: torch.device) -> LoaderData:
+    """Tiny ImageNet's own layout: train/<wnid>/images/*.JPEG, and val/images/*.JPEG with
+    their classes in val/val_annotations.txt (file, wnid, box)."""
+    root = Path(cfg.root)
+    layout = (
+        f"{root}/train/<wnid>/images/*.JPEG, {root}/val/images/*.JPEG and "
+        f"{root}/val/val_annotations.txt"
+    )
+    how = "unpack http://cs231n.stanford.edu/tiny-imagenet-200.zip there"
+    for part in ("train", "val/images", "val/val_annotations.txt"):
+        require(root / part, "tinyimagenet", layout, how)
+    train_tf, test_tf = _transforms(cfg.image_size, resize_test=False)
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    val = []
+    for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
+        if line.strip():
+            name, wnid = line.split("\t")[:2]
+            val.append((str(root / "val" / "images" / name), train.class_to_idx[wnid]))
+    return LoaderData(train, FileList(val, test_tf), len(train.classes), seed, device, cfg.workers)
+
+
+@DATASETS.register("imagenet", FolderConfig)
+def imagenet(cfg: FolderConfig, seed: int, device: torch.device) -> LoaderData:
+    """ImageNet as two ImageFolder trees: train/<wnid>/*.JPEG and val/<wnid>/*.JPEG."""
+    root = Path(cfg.root)
+    for part in ("train", "val"):
+        require(
+            root / part,
+            "imagenet",
+            f"{root}/train/<wnid>/*.JPEG and {root}/val/<wnid>/*.JPEG",
+            "download ILSVRC2012 from image-net.org and sort val/ into class folders "
+            "(e.g. with the PyTorch examples' valprep.sh)",
+        )
+    train_tf, test_tf = _transforms(cfg.image_size, resize_test=True)
+    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    val = datasets.ImageFolder(str(root / "val"), transform=test_tf)
+    if val.classes != train.classes:
+        raise ValueError(f"imagenet: val/ and train/ under {root} have different class folders")
+    return LoaderData(train, val, len(train.classes), seed, device, cfg.workers)

@@ -1,0 +1,70 @@
+"""`resnet20`: the CIFAR ResNet of He et al. (CVPR 2016, Sec. 4.2), used in AOQ's experiments."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscbench.models import MODELS
+from oscbench.registry import check
+
+
+@dataclass
+class ResNetCifarConfig:
+    depth: int  # 6n + 2: 20, 32, 44, 56
+    width: int  # channels of the first stage (16); the next two have 2x and 4x
+    shortcut: str  # A: parameter-free (subsample + zero channels), as He et al.; B: 1x1 conv
+
+    def __post_init__(self) -> None:
+        check((self.depth - 2) % 6 == 0, "model.depth", self.depth, "6n + 2: 20, 32, 44, 56")
+        check(self.shortcut in ("A", "B"), "model.shortcut", self.shortcut, "A, B")
+
+
+class Block(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.pad = 0
+        self.down: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            if shortcut == "B":
+                self.down = nn.Sequential(
+                    nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
+                )
+            else:
+                self.pad, self.stride = cout - cin, stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if self.down is not None:
+            x = self.down(x)
+        elif self.pad:
+            x = F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, self.pad))
+        return F.relu(out + x)
+
+
+@MODELS.register("resnet20", ResNetCifarConfig)
+def resnet20(cfg: ResNetCifarConfig, num_classes: int, in_channels: int) -> nn.Module:
+    n, w = (cfg.depth - 2) // 6, cfg.width
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(),
+    ]
+    cin = w
+    for stage, cout in enumerate((w, 2 * w, 4 * w)):
+        for i in range(n):
+            layers.append(Block(cin, cout, 2 if stage and i == 0 else 1, cfg.shortcut))
+            cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    model = nn.Sequential(*layers)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model

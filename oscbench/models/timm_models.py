@@ -1,0 +1,72 @@
+"""ImageNet-family models built by timm (never `pretrained=True`: nothing is downloaded;
+start from local weights with `init_from=`). `stem: cifar` adapts the convolutional
+stems to 32x32 inputs; DeiT takes its image and patch size from the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import timm
+from torch import nn
+
+from oscbench.models import MODELS
+from oscbench.registry import check
+
+
+@dataclass
+class ConvNetConfig:
+    stem: str  # imagenet: the timm model as is; cifar: stride-1 3x3 stem, no max-pool (32x32)
+
+    def __post_init__(self) -> None:
+        check(self.stem in ("imagenet", "cifar"), "model.stem", self.stem, "imagenet, cifar")
+
+
+@dataclass
+class ViTConfig:
+    img_size: int  # 224 for ImageNet, 32 for CIFAR
+    patch_size: int  # 16 for ImageNet, 4 for CIFAR
+
+    def __post_init__(self) -> None:
+        check(
+            self.img_size % self.patch_size == 0,
+            "model.patch_size",
+            self.patch_size,
+            f"a divisor of model.img_size ({self.img_size})",
+        )
+
+
+@MODELS.register("resnet18", ConvNetConfig)
+def resnet18(cfg: ConvNetConfig, num_classes: int, in_channels: int) -> nn.Module:
+    model = timm.create_model("resnet18", num_classes=num_classes, in_chans=in_channels)
+    if cfg.stem == "cifar":
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+@MODELS.register("mobilenetv2", ConvNetConfig)
+def mobilenetv2(cfg: ConvNetConfig, num_classes: int, in_channels: int) -> nn.Module:
+    model = timm.create_model("mobilenetv2_100", num_classes=num_classes, in_chans=in_channels)
+    if cfg.stem == "cifar":
+        model.conv_stem.stride = (1, 1)
+    return model
+
+
+def _deit(arch: str, cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.Module:
+    return timm.create_model(
+        arch,
+        num_classes=num_classes,
+        in_chans=in_channels,
+        img_size=cfg.img_size,
+        patch_size=cfg.patch_size,
+    )
+
+
+@MODELS.register("deit_tiny", ViTConfig)
+def deit_tiny(cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.Module:
+    return _deit("deit_tiny_patch16_224", cfg, num_classes, in_channels)
+
+
+@MODELS.register("deit_small", ViTConfig)
+def deit_small(cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.Module:
+    return _deit("deit_small_patch16_224", cfg, num_classes, in_channels)

@@ -1,0 +1,55 @@
+"""Each model builds, quantizes (depthwise convs and attention projections included) and
+trains a step on synthetic data of its usual input shape."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from oscbench.quant import QConv2d, QLinear, quantized_layers
+from tests.conftest import build_config, fit
+
+CASES = {
+    "resnet20": (["model=resnet20"], 32),
+    "resnet18": (["model=resnet18"], 224),
+    "resnet18_cifar": (["model=resnet18", "model.stem=cifar"], 32),
+    "mobilenetv2": (["model=mobilenetv2"], 224),
+    "mobilenetv2_cifar": (["model=mobilenetv2", "model.stem=cifar"], 32),
+    "deit_tiny": (["model=deit_tiny", "model.img_size=224", "model.patch_size=16"], 224),
+    "deit_tiny_cifar": (["model=deit_tiny"], 32),
+    "deit_small_cifar": (["model=deit_small"], 32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_model_quantizes_and_trains_a_step(case):
+    overrides, size = CASES[case]
+    spec, built = build_config([
+        *overrides, "bits=4", "dataset=synthetic", f"dataset.image_size={size}",
+        "dataset.train_size=4", "dataset.test_size=2", "trainer.batch_size=4",
+        "trainer.epochs=1", "trainer.bn_reestimate_batches=0",
+    ])
+    model = built.model
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
+    layers = [m for _, m in quantized_layers(model)]
+    assert [m.weight_quantizer.bits for m in (layers[0], layers[-1])] == [8, 8]
+    assert all(m.weight_quantizer.bits == 4 for m in layers[1:-1])
+    if "mobilenetv2" in case:  # depthwise convolutions are quantized too
+        assert any(isinstance(m, QConv2d) and m.groups == m.in_channels > 1 for m in layers)
+    if "deit" in case:  # attention projections too
+        names = [n for n, m in quantized_layers(model) if isinstance(m, QLinear)]
+        assert "blocks.0.attn.qkv" in names and "blocks.0.attn.proj" in names
+    before = {id(m): m.weight.detach().clone() for m in layers}
+    history = fit(spec, built)
+    assert math.isfinite(history[0]["train_loss"])
+    assert all(not torch.equal(before[id(m)], m.weight) for m in layers)  # every layer learns
+    assert history[0]["osc"]["tracked_weights"] == sum(m.weight.numel() for m in layers[1:-1])
+
+
+def test_resnet20_has_the_he_et_al_shape():
+    spec, built = build_config(["model=resnet20", "dataset=synthetic", "act_quantizer=none"])
+    convs = [m for m in built.model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 19  # 1 + 3 stages x 3 blocks x 2; option A: parameter-free shortcuts
+    n_params = sum(p.numel() for n, p in built.model.named_parameters() if "quantizer" not in n)
+    assert 0.26e6 < n_params < 0.28e6  # 0.27M, as in He et al. Table 6
