@@ -25,11 +25,19 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_model_quantizes_and_trains_a_step(case):
     overrides, size = CASES[case]
-    spec, built = build_config([
-        *overrides, "bits=4", "dataset=synthetic", f"dataset.image_size={size}",
-        "dataset.train_size=4", "dataset.test_size=2", "trainer.batch_size=4",
-        "trainer.epochs=1", "trainer.bn_reestimate_batches=0",
-    ])
+    spec, built = build_config(
+        [
+            *overrides,
+            "bits=4",
+            "dataset=synthetic",
+            f"dataset.image_size={size}",
+            "dataset.train_size=4",
+            "dataset.test_size=2",
+            "trainer.batch_size=4",
+            "trainer.epochs=1",
+            "trainer.bn_reestimate_batches=0",
+        ]
+    )
     model = built.model
     assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
     layers = [m for _, m in quantized_layers(model)]

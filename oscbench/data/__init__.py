@@ -106,6 +106,25 @@ class TensorData:
             yield self._prepare(self.x_test[i : i + batch_size]), self.y_test[i : i + batch_size]
 
 
+class EpochView(torch.utils.data.Dataset):
+    """A dataset whose random transforms are seeded per (epoch seed, index): the same
+    augmentation however many workers load it and whatever ran before (resumable)."""
+
+    def __init__(self, ds: torch.utils.data.Dataset, seed: int) -> None:
+        self.ds, self.seed = ds, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        state = torch.get_rng_state()
+        torch.manual_seed(self.seed * 1_000_003 + i)
+        try:
+            return self.ds[i]
+        finally:
+            torch.set_rng_state(state)
+
+
 @dataclass
 class LoaderData:
     """A dataset streamed from disk by a DataLoader (workers, pinned memory on CUDA)."""
@@ -135,7 +154,9 @@ class LoaderData:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
-        return self._loader(self.train_set, batch_size, epoch_generator(self.seed, epoch))
+        g = epoch_generator(self.seed, epoch)
+        view = EpochView(self.train_set, int(torch.randint(2**31, (1,), generator=g)))
+        return self._loader(view, batch_size, g)
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
         return self._loader(self.test_set, batch_size, None)
