@@ -35,6 +35,8 @@ class TrainerConfig:
     quant_lr: float  # learning rate of quantizer parameters (their own group)
     eval_batch_size: int
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
+    checkpoint: bool  # save a checkpoint after every epoch (needed to resume)
+    resume: str  # auto: continue from the run directory's checkpoint, if any; never: start over
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
@@ -51,6 +53,7 @@ class TrainerConfig:
             "0 <= x < 1 (a share of all steps)",
         )
         check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, ">= 1")
+        check(self.resume in ("auto", "never"), "trainer.resume", self.resume, "auto, never")
         check(
             self.bn_reestimate_batches >= 0,
             "trainer.bn_reestimate_batches",

@@ -17,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from oscbench.checkpoint import fingerprint
 from oscbench.config import LoggerConfig
 
 RESULTS = "results.json"
@@ -65,19 +66,31 @@ class Recorder:
     mirrors to W&B when `logger.name == "wandb"`, and always finishes the W&B run (so a
     failed job in a sequential multirun cannot swallow the next one)."""
 
-    def __init__(self, run_dir: Path, config: dict, logger: LoggerConfig, name: str) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        config: dict,
+        logger: LoggerConfig,
+        name: str,
+        history: list[dict] | None = None,
+    ) -> None:
+        """`history`: epochs restored from a checkpoint (a resumed run); the W&B run of
+        the earlier attempt, if recorded, is continued."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RESULTS
         self.logger = logger
         self.name = name
         self.start = time.time()
+        previous = json.loads(self.path.read_text()) if history and self.path.exists() else {}
+        self.wandb_id = previous.get("wandb", {}).get("id")
         self.data: dict[str, Any] = {
             "status": "running",
             "name": name,
             "run_dir": str(self.run_dir.resolve()),
             "command": " ".join(sys.argv),
             "config": config,
-            "history": [],
+            "history": list(history or []),
+            "resumed_at_epoch": len(history) if history else None,
             "final": {},
             "versions": versions(),
             "wall_time_s": 0.0,
@@ -105,6 +118,8 @@ class Recorder:
             dir=str(self.run_dir),
             mode=self.logger.mode,
             reinit="finish_previous",
+            id=self.wandb_id,
+            resume="allow" if self.wandb_id else None,
             settings=wandb.Settings(silent=True, console="off"),
         )
         self.data["wandb"] = {
@@ -150,3 +165,13 @@ class Recorder:
 
 def load_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / RESULTS).read_text())
+
+
+def completed_record(run_dir: Path, config: dict) -> dict | None:
+    """The run directory's record if it completed with the same results-relevant config."""
+    path = Path(run_dir) / RESULTS
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    same = fingerprint(record["config"]) == fingerprint(config)
+    return record if record["status"] == "completed" and same else None

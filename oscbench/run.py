@@ -11,9 +11,10 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, fingerprint, load_for_resume, save_atomic
 from oscbench.config import RunSpec, resolved, validate
 from oscbench.data import Data, build_data
 from oscbench.models import build_model
@@ -21,11 +22,13 @@ from oscbench.oscillation import attach_trackers, oscillation_counts
 from oscbench.oscillation.policy import Policy, build_policies
 from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
 from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
-from oscbench.record import Recorder
+from oscbench.record import RESULTS, Recorder, completed_record
 from oscbench.registry import ConfigError
 from oscbench.train import evaluate, reestimate_bn, train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# run directories are named by the configuration, so rerunning a command finds its run
+OmegaConf.register_new_resolver("oscbench_suffix", lambda s: f"-{s}" if s else "", replace=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -99,9 +102,29 @@ def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
 
 
 def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
-    """Run one configuration end to end; returns the final metrics (also in results.json)."""
+    """Run one configuration end to end; returns the final metrics (also in results.json).
+
+    With `trainer.resume=auto` a run directory that already holds this configuration's
+    completed record is not trained again, and one with a checkpoint continues from it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume = None
+    if spec.trainer.resume == "auto":
+        done = completed_record(run_dir, config)
+        if done is not None:
+            print(
+                f"oscbench: {run_dir} already holds this completed run "
+                "(trainer.resume=never trains it again)"
+            )
+            print_summary(spec, done, run_dir / RESULTS)
+            return done["final"]
+        resume = load_for_resume(run_dir, config)
     built = build(spec)
-    with Recorder(run_dir, config, spec.logger, run_name(spec)) as rec:
+    save = None
+    if spec.trainer.checkpoint:
+        stamp = fingerprint(config)
+        save = lambda state: save_atomic({**state, "fingerprint": stamp}, run_dir / CHECKPOINT)  # noqa: E731
+    history = resume["history"] if resume else []
+    with Recorder(run_dir, config, spec.logger, run_name(spec), history) as rec:
         history = train(
             built.model,
             built.data,
@@ -109,16 +132,20 @@ def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
             built.policies,
             spec.oscillation.threshold,
             rec.log_epoch,
+            resume=resume,
+            save=save,
         )
         final = final_metrics(spec, built, history)
+        save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
         final["wall_time_s"] = time.time() - rec.start
         counts = oscillation_counts(built.model)
         rec.finish(final, {} if counts is None else {"osc/count_per_weight": counts.numpy()})
-        print_summary(spec, rec, final)
+        print_summary(spec, rec.data, rec.path)
     return final
 
 
-def print_summary(spec: RunSpec, rec: Recorder, final: dict) -> None:
+def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
+    final = results["final"]
     what = f"W{spec.bits}A{spec.act_bits}" if spec.quantized else "full precision"
     rows = [
         (
@@ -147,9 +174,9 @@ def print_summary(spec: RunSpec, rec: Recorder, final: dict) -> None:
     for key, value in final.items():
         if key.endswith("frozen_share"):
             rows.append((f"frozen ({key.split('/')[0]})", f"{100 * value:.2f} % of weights"))
-    rows.append(("record", str(rec.path)))
-    if "wandb" in rec.data:
-        w = rec.data["wandb"]
+    rows.append(("record", str(path)))
+    if "wandb" in results:
+        w = results["wandb"]
         hint = f"  (upload: wandb sync {w['dir']})" if w["mode"] == "offline" else ""
         rows.append((f"W&B ({w['mode']})", w["dir"] + hint))
     head = (

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from oscbench.checkpoint import rng_state, set_rng_state
 from oscbench.config import TrainerConfig
 from oscbench.data import Data
 from oscbench.oscillation import model_stats, update_trackers
@@ -91,9 +92,12 @@ def train(
     policies: list[Policy],
     osc_threshold: float,
     on_epoch: Callable[[dict], None],
+    resume: dict | None = None,
+    save: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """Train for `cfg.epochs` plus any policy's extra epochs (run at the policy's constant
-    `phase_lr`); after each epoch call `on_epoch(record)`. Returns the history.
+    `phase_lr`); after each epoch `save(state)` a checkpoint, then `on_epoch(record)`.
+    With `resume` (a checkpoint), continue after its epoch. Returns the whole history.
 
     Per step: policies' on_step_start -> forward, task loss + policies' extra losses ->
     backward -> after_backward -> optimizer and schedule step -> tracker update ->
@@ -109,10 +113,17 @@ def train(
         p.setup(model, total, steps_per_epoch)
     device = data.device
     history: list[dict] = []
-    step = 0
-    bar = tqdm(
-        range(cfg.epochs + extra_epochs), desc="epochs", unit="ep", disable=None, leave=False
-    )
+    step = start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        sched.load_state_dict(resume["scheduler"])
+        for p, state in zip(policies, resume["policies"], strict=True):
+            p.load_state_dict(state)
+        set_rng_state(resume["rng"])
+        history, step, start = list(resume["history"]), resume["step"], resume["epoch"]
+    epochs = cfg.epochs + extra_epochs
+    bar = tqdm(range(start, epochs), desc="epochs", unit="ep", disable=None, leave=False)
     for epoch in bar:
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -165,6 +176,19 @@ def train(
         if osc is not None:
             record["osc"] = osc
         history.append(record)
+        if save is not None:
+            save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "policies": [p.state_dict() for p in policies],
+                    "rng": rng_state(),
+                    "epoch": epoch + 1,
+                    "step": step,
+                    "history": history,
+                }
+            )
         on_epoch(record)
         bar.set_postfix(val_acc=f"{val['acc']:.2f}", osc=f"{osc['osc_share']:.4f}" if osc else "-")
     bar.close()

@@ -95,6 +95,12 @@ class AOQSchedule(Policy):
         self.loss.add(loss)
         return loss
 
+    def state_dict(self) -> dict:
+        return {"stage": self.stage}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage = state["stage"]
+
     def metrics(self) -> dict[str, float]:
         return {
             "aoq/alpha": self.alpha,

@@ -42,6 +42,13 @@ class Policy:
         """Schedule values and loss terms for the epoch record (called once per epoch)."""
         return {}
 
+    def state_dict(self) -> dict:
+        """Python-side state a resume needs (tensors belong in module buffers instead)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
+
 
 POLICIES: Registry[Policy] = Registry("policy")
 
