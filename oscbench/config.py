@@ -109,6 +109,7 @@ class RunSpec:
     logger: LoggerConfig
     cross_bits: list[int]
     data_dir: str
+    init_from: str | None
 
     @property
     def quantized(self) -> bool:
@@ -169,6 +170,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         logger=parse(LoggerConfig, cfg.logger, "logger"),
         cross_bits=list(cfg.cross_bits or []),
         data_dir=str(cfg.data_dir),
+        init_from=None if cfg.init_from is None else str(cfg.init_from),
     )
     for b in spec.cross_bits:
         check(

@@ -18,6 +18,7 @@ from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, fingerprint, load_for_r
 from oscbench.config import RunSpec, resolved, validate
 from oscbench.data import Data, build_data
 from oscbench.models import build_model
+from oscbench.models.init import load_weights
 from oscbench.oscillation import attach_trackers, oscillation_counts
 from oscbench.oscillation.policy import Policy, build_policies
 from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
@@ -27,8 +28,11 @@ from oscbench.registry import ConfigError
 from oscbench.train import evaluate, reestimate_bn, train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# run directories are named by the configuration, so rerunning a command finds its run
-OmegaConf.register_new_resolver("oscbench_suffix", lambda s: f"-{s}" if s else "", replace=True)
+# run directories are named by the configuration, so rerunning a command finds its run;
+# the overrides part is flattened (a path such as init_from=runs/fp/... stays one directory)
+OmegaConf.register_new_resolver(
+    "oscbench_suffix", lambda s: f"-{s.replace('/', '_')}" if s else "", replace=True
+)
 
 
 def pick_device(name: str) -> torch.device:
@@ -53,6 +57,7 @@ class Built:
     data: Data
     model: nn.Module
     policies: list[Policy]
+    init: dict | None  # what init_from loaded, and the accuracy before quantization
 
 
 def build(spec: RunSpec) -> Built:
@@ -64,6 +69,10 @@ def build(spec: RunSpec) -> Built:
         torch.use_deterministic_algorithms(True)
     data = build_data(spec.dataset, seed=spec.seed, device=device)
     model = build_model(spec.model, data.num_classes, data.in_channels).to(device)
+    init = None
+    if spec.init_from:
+        init = load_weights(model, Path(spec.init_from))
+        init["acc"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
     if spec.quantized:
         plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
         weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
@@ -71,7 +80,7 @@ def build(spec: RunSpec) -> Built:
         calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
         steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)
         attach_trackers(model, spec.oscillation, steps)
-    return Built(data, model, build_policies(spec.policies, model, spec.bits))
+    return Built(data, model, build_policies(spec.policies, model, spec.bits), init)
 
 
 def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
@@ -98,6 +107,8 @@ def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
             "osc_count_hist": torch.bincount(oscillation_counts(model)).tolist(),
         }
     final |= {k: v for k, v in history[-1].items() if "/" in k}  # the policies' last values
+    if built.init is not None:
+        final["init"] = built.init
     return final
 
 
@@ -174,6 +185,13 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
     for key, value in final.items():
         if key.endswith("frozen_share"):
             rows.append((f"frozen ({key.split('/')[0]})", f"{100 * value:.2f} % of weights"))
+    if "init" in final:
+        rows.append(
+            (
+                "started from",
+                f"{final['init']['from']} ({final['init']['acc']:.2f} % before quantization)",
+            )
+        )
     rows.append(("record", str(path)))
     if "wandb" in results:
         w = results["wandb"]

@@ -1,0 +1,64 @@
+"""QAT starts from a full-precision run's weights: same accuracy before quantization, and
+quantizer scales set from the loaded weights."""
+
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from oscbench.checkpoint import FINAL_MODEL
+from oscbench.record import load_results
+from oscbench.registry import ConfigError
+from tests.conftest import build_config, run_config
+
+QUICK = ["logger=none", "device=cpu"]
+
+
+def test_qat_from_an_fp_run_starts_at_its_accuracy_with_scales_from_its_weights(tmp_path):
+    fp = run_config(["method=fp", "trainer.epochs=3", *QUICK], tmp_path / "fp")
+    fp_state = torch.load(tmp_path / "fp" / FINAL_MODEL)
+
+    spec, built = build_config(["method=lsq", "bits=3", f"init_from={tmp_path / 'fp'}"])
+    assert built.init["acc"] == fp["acc_bn"]  # the FP run's final model, before quantization
+    assert built.init["missing"] == [] and built.init["skipped"] == []
+    layer = built.model[3]  # second conv: 3-bit LSQ, per tensor
+    w = fp_state["3.weight"]
+    assert torch.equal(layer.weight.detach(), w)
+    torch.testing.assert_close(layer.weight_quantizer.s.detach(), 2 * w.abs().mean() / math.sqrt(3))
+
+    final = run_config(
+        ["method=lsq", "bits=3", "trainer.epochs=2", f"init_from={tmp_path / 'fp'}", *QUICK],
+        tmp_path / "qat",
+    )
+    assert final["init"]["acc"] == fp["acc_bn"]
+    assert load_results(tmp_path / "qat")["final"]["init"]["from"] == str(tmp_path / "fp")
+
+
+def test_a_timm_weights_file_loads_and_skips_a_different_classifier(tmp_path):
+    src = timm.create_model("resnet18", num_classes=1000)
+    save_file(src.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    torch.save(src.state_dict(), tmp_path / "resnet18.pth")
+    for name in ("resnet18.safetensors", "resnet18.pth"):
+        _, built = build_config(
+            [
+                "model=resnet18",
+                "dataset=synthetic",
+                "dataset.image_size=32",
+                "dataset.train_size=4",
+                "dataset.test_size=4",
+                "act_quantizer=none",
+                f"init_from={tmp_path / name}",
+            ]
+        )
+        assert built.init["skipped"] == ["fc.bias", "fc.weight"]  # 1000 classes vs 10
+        assert torch.equal(built.model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
+    with pytest.raises(ConfigError, match="none of its weights fits this model"):
+        build_config([f"init_from={tmp_path / 'r18.pth'}"])
+    with pytest.raises(ConfigError, match="no such file"):
+        build_config([f"init_from={tmp_path / 'nothing'}"])
