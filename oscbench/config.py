@@ -36,6 +36,9 @@ class TrainerConfig:
     eval_batch_size: int
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
     checkpoint: bool  # save a checkpoint after every epoch (needed to resume)
+    precision: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    channels_last: str  # auto (on CUDA) | on | off
+    compile: bool  # torch.compile the model's forward
     resume: str  # auto: continue from the run directory's checkpoint, if any; never: start over
 
     def __post_init__(self) -> None:
@@ -54,6 +57,18 @@ class TrainerConfig:
         )
         check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, ">= 1")
         check(self.resume in ("auto", "never"), "trainer.resume", self.resume, "auto, never")
+        check(
+            self.precision in ("auto", "fp32", "bf16"),
+            "trainer.precision",
+            self.precision,
+            "auto, fp32, bf16",
+        )
+        check(
+            self.channels_last in ("auto", "on", "off"),
+            "trainer.channels_last",
+            self.channels_last,
+            "auto, on, off",
+        )
         check(
             self.bn_reestimate_batches >= 0,
             "trainer.bn_reestimate_batches",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,15 +51,45 @@ def cosine_with_warmup(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+@dataclass
+class Accel:
+    """How the loop runs on its device: bf16 autocast, channels_last, torch.compile."""
+
+    bf16: bool = False
+    channels_last: bool = False
+
+    @classmethod
+    def resolve(cls, cfg: TrainerConfig, device: torch.device) -> Accel:
+        cuda = device.type == "cuda"
+        return cls(
+            bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and cuda),
+            channels_last=cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda),
+        )
+
+    def autocast(self, device: torch.device) -> torch.autocast:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return (
+            x.contiguous(memory_format=torch.channels_last)
+            if self.channels_last and x.dim() == 4
+            else x
+        )
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Data, batch_size: int) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: Data, batch_size: int, accel: Accel | None = None
+) -> dict[str, float]:
     """Test loss and accuracy (%) in eval mode."""
+    accel = accel or Accel()
     model.eval()
     loss = torch.zeros((), device=data.device)
     correct = torch.zeros((), device=data.device, dtype=torch.long)
     n = 0
     for x, y in data.test_batches(batch_size):
-        logits = model(x)
+        with accel.autocast(data.device):
+            logits = model(accel.input(x))
         loss += F.cross_entropy(logits.float(), y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
@@ -107,11 +138,15 @@ def train(
     extra_epochs = sum(p.extra_epochs for p in policies)
     total = main_steps + extra_epochs * steps_per_epoch
     phase_lr = next((p.phase_lr for p in policies if p.phase_lr is not None), None)
+    device = data.device
+    accel = Accel.resolve(cfg, device)
+    if accel.channels_last:
+        model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
     opt = build_optimizer(model, cfg)
     sched = cosine_with_warmup(opt, main_steps, round(cfg.warmup_fraction * main_steps))
     for p in policies:
         p.setup(model, total, steps_per_epoch)
-    device = data.device
     history: list[dict] = []
     step = start = 0
     if resume is not None:
@@ -137,9 +172,10 @@ def train(
         for x, y in data.train_batches(epoch, cfg.batch_size):
             for p in policies:
                 p.on_step_start(step, total)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
-            extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
+            with accel.autocast(device):
+                logits = forward(accel.input(x))
+                loss = F.cross_entropy(logits.float(), y)
+                extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
             total_loss = loss + sum(extras) if extras else loss
             opt.zero_grad(set_to_none=True)
             total_loss.backward()
@@ -158,7 +194,7 @@ def train(
                 correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
-        val = evaluate(model, data, cfg.eval_batch_size)
+        val = evaluate(model, data, cfg.eval_batch_size, accel)
         record = {
             "epoch": epoch + 1,
             "step": step,

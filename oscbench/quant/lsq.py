@@ -19,11 +19,18 @@ class LSQConfig:
     per_channel: bool
     init: str  # "lsq": s = 2 mean|x| / sqrt(p) (Esser et al.); "mse": grid search (Nagel et al.)
     grad_scale: bool  # g = 1/sqrt(numel * p); off gives plain STE gradients to s
-    signed: str  # "auto" (unsigned when the calibration data has no negatives), "true", "false"
+    signed: (
+        str  # auto (inputs: unsigned unless the calibration data has negatives) | signed | unsigned
+    )
 
     def __post_init__(self) -> None:
         check(self.init in ("lsq", "mse"), "init", self.init, "lsq, mse")
-        check(self.signed in ("auto", "true", "false"), "signed", self.signed, "auto, true, false")
+        check(
+            self.signed in ("auto", "signed", "unsigned"),
+            "signed",
+            self.signed,
+            "auto, signed, unsigned",
+        )
 
 
 class _LSQRound(torch.autograd.Function):
@@ -96,7 +103,7 @@ class LSQQuantizer(Quantizer):
         self.cfg = cfg
         self.is_weight = is_weight
         self.per_channel = cfg.per_channel and channels is not None
-        self.signed = is_weight if cfg.signed == "auto" else cfg.signed == "true"
+        self.signed = is_weight if cfg.signed == "auto" else cfg.signed == "signed"
         self.n, self.p = int_range(bits, self.signed)
         self.s = nn.Parameter(torch.ones(channels) if self.per_channel else torch.ones(()))
         self.g = 1.0
@@ -126,13 +133,16 @@ class LSQQuantizer(Quantizer):
         self.n, self.p = int_range(self.bits, self.signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Always in float32, also for bf16 activations under autocast, so that codes are
+        exact (bf16 holds 8 significant bits: x / s would round before `round`)."""
         self._check_ready()
+        x = x.float()
         return lsq_quantize(x, channel_view(self.s, x, self.per_channel), self.n, self.p, self.g)
 
     @torch.no_grad()
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         s = channel_view(self.s, x, self.per_channel)
-        return torch.clamp(torch.round(x * s.reciprocal()), self.n, self.p)
+        return torch.clamp(torch.round(x.float() * s.reciprocal()), self.n, self.p)
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
         codes = torch.arange(self.n, self.p + 1, device=self.s.device, dtype=self.s.dtype)

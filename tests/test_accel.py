@@ -1,0 +1,63 @@
+"""Fast paths: bf16 autocast keeps quantizer arithmetic exact; channels_last; compile."""
+
+import math
+
+import pytest
+import torch
+
+from oscbench.quant.lsq import LSQConfig, LSQQuantizer
+from tests.conftest import build_config, fit
+
+CFG = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+
+
+def test_lsq_codes_under_bf16_autocast_are_the_fp32_codes():
+    torch.manual_seed(0)
+    q = LSQQuantizer(8, CFG, channels=None, is_weight=False)
+    q.init_from(torch.rand(4096) * 3)
+    x = (torch.rand(4096) * 3).to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(x)
+    assert out.dtype == torch.float32
+    exact = torch.clamp(torch.round(x.float() / q.s.detach()), 0, 255)
+    torch.testing.assert_close(out, exact * q.s.detach(), rtol=0, atol=0)
+    assert torch.equal(q.to_int(x), exact)
+    # bf16 arithmetic would have got codes wrong: the fp32 path is needed
+    naive = torch.clamp(torch.round(x * q.s.detach().to(torch.bfloat16).reciprocal()), 0, 255)
+    assert (naive.float() != exact).any()
+
+
+def test_gradients_flow_to_bf16_inputs():
+    q = LSQQuantizer(4, CFG, channels=None, is_weight=False)
+    q.init_from(torch.rand(64))
+    x = torch.rand(64, dtype=torch.bfloat16, requires_grad=True)
+    q(x).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and q.s.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("method", ["lsq", "aoq", "lsq_freeze"])
+def test_bf16_channels_last_training_runs_and_learns(method):
+    spec, built = build_config(
+        [
+            f"method={method}",
+            "bits=4",
+            "trainer.epochs=3",
+            "trainer.precision=bf16",
+            "trainer.channels_last=on",
+        ]
+    )
+    history = fit(spec, built)
+    assert all(math.isfinite(h["train_loss"]) for h in history)
+    assert history[-1]["val_acc"] > 60
+    conv = built.model[3]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.slow
+def test_compiled_forward_matches_eager(tmp_path):
+    eager_spec, eager = build_config(["trainer.epochs=1"])
+    comp_spec, comp = build_config(["trainer.epochs=1", "trainer.compile=true"])
+    a, b = fit(eager_spec, eager), fit(comp_spec, comp)
+    # fused kernels sum in another order, which flips a few rounding decisions: close, not equal
+    assert a[-1]["train_loss"] == pytest.approx(b[-1]["train_loss"], rel=0.01)
+    assert a[-1]["val_acc"] == pytest.approx(b[-1]["val_acc"], abs=2.0)
