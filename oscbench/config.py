@@ -37,7 +37,7 @@ class TrainerConfig:
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
     checkpoint: bool  # save a checkpoint after every epoch (needed to resume)
     precision: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    channels_last: str  # auto (on CUDA) | on | off
+    channels_last: str  # auto (on CUDA) | always | never
     compile: bool  # torch.compile the model's forward
     resume: str  # auto: continue from the run directory's checkpoint, if any; never: start over
 
@@ -64,10 +64,10 @@ class TrainerConfig:
             "auto, fp32, bf16",
         )
         check(
-            self.channels_last in ("auto", "on", "off"),
+            self.channels_last in ("auto", "always", "never"),
             "trainer.channels_last",
             self.channels_last,
-            "auto, on, off",
+            "auto, always, never",
         )
         check(
             self.bn_reestimate_batches >= 0,
@@ -125,6 +125,7 @@ class RunSpec:
     cross_bits: list[int]
     data_dir: str
     init_from: str | None
+    qkr: str  # never | auto (for attention models) | always (refused without attention)
 
     @property
     def quantized(self) -> bool:
@@ -186,7 +187,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         cross_bits=list(cfg.cross_bits or []),
         data_dir=str(cfg.data_dir),
         init_from=None if cfg.init_from is None else str(cfg.init_from),
+        qkr=str(cfg.qkr),
     )
+    check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
     for b in spec.cross_bits:
         check(
             isinstance(b, int) and b in BITS_RANGE, "cross_bits", b, "integers 2..8, e.g. [2,3,4,8]"
@@ -223,6 +226,10 @@ def check_combination(spec: RunSpec) -> None:
         raise ConfigError(
             "policy=osc_reg trains in full precision and quantizes after training, but "
             f"quantizer={q}; use quantizer=none (method=osc_reg)"
+        )
+    if spec.qkr == "always" and q == "none":
+        raise ConfigError(
+            "qkr=always quantizes attention, but quantizer=none trains in full precision"
         )
     if q == "aoq" and spec.bits not in AOQ_BITS:
         raise ConfigError(

@@ -23,6 +23,7 @@ from oscbench.oscillation import attach_trackers, oscillation_counts
 from oscbench.oscillation.policy import Policy, build_policies
 from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
 from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
+from oscbench.quant.qkr import apply_qkr, has_attention
 from oscbench.record import RESULTS, Recorder, completed_record
 from oscbench.registry import ConfigError
 from oscbench.train import evaluate, reestimate_bn, train
@@ -76,6 +77,14 @@ def build(spec: RunSpec) -> Built:
     if spec.quantized:
         plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
         weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
+        if spec.qkr != "never":
+            if has_attention(model):
+                apply_qkr(model, spec.bits, spec.act_bits, act_q)
+            elif spec.qkr == "always":
+                raise ConfigError(
+                    f"qkr=always reparameterises attention, but model={spec.model.name} has none; "
+                    "use an attention model (model=deit_tiny, model=deit_small) or qkr=never"
+                )
         quantize_model(model, weight_q, act_q, plan)
         calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
         steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)

@@ -63,7 +63,7 @@ class Accel:
         cuda = device.type == "cuda"
         return cls(
             bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and cuda),
-            channels_last=cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda),
+            channels_last=cfg.channels_last == "always" or (cfg.channels_last == "auto" and cuda),
         )
 
     def autocast(self, device: torch.device) -> torch.autocast:

@@ -43,7 +43,7 @@ def test_bf16_channels_last_training_runs_and_learns(method):
             "bits=4",
             "trainer.epochs=3",
             "trainer.precision=bf16",
-            "trainer.channels_last=on",
+            "trainer.channels_last=always",
         ]
     )
     history = fit(spec, built)

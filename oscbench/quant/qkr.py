@@ -1,0 +1,90 @@
+"""Query-key reparameterisation, QKR (Liu, Liu, Cheng, ICML 2023, "Oscillation-free
+Quantization for Low-bit Vision Transformers" (OFQ), arXiv:2302.02210, Sec. 4.2).
+
+timm's fused qkv projection is split. Per head h, W_qk,h = W_q,h^T W_k,h (C x C) is
+quantized with StatsQ per row, and the logits are x_q W_qk,h x_q^T * head_dim^-0.5, so the
+query and key activations are never quantized on their own. The value projection is an
+ordinary linear layer (quantized like every other); the values and the softmax output
+(unsigned) are quantized with LSQ. As in OFQ, the query and key biases are dropped: x W_qk x^T
+has no place for them. W_qk is derived from W_q and W_k every forward, so it is not tracked
+and the freezing and CGA policies do not act on it (they act on the v and output projections).
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import Attention
+from torch import nn
+
+from oscbench.quant.base import Quantizer
+from oscbench.quant.statsq import StatsQQuantizer
+from oscbench.registry import ConfigError
+
+
+class QKRAttention(nn.Module):
+    def __init__(self, attn: Attention, bits: int, act_bits: int, act_q) -> None:  # noqa: ANN001
+        super().__init__()
+        if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
+            raise ConfigError("qkr: attention with q/k normalisation cannot be reparameterised")
+        c = attn.qkv.in_features
+        w = attn.qkv.weight.detach()
+        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
+        self.q_weight = nn.Parameter(w[:c].clone())
+        self.k_weight = nn.Parameter(w[c : 2 * c].clone())
+        self.v = nn.Linear(c, c, bias=attn.qkv.bias is not None)
+        self.v.weight.data.copy_(w[2 * c :])
+        if attn.qkv.bias is not None:
+            self.v.bias.data.copy_(attn.qkv.bias.detach()[2 * c :])
+        self.proj, self.norm = attn.proj, attn.norm
+        self.qk_quantizer = StatsQQuantizer(bits)
+        self.qk_quantizer.init_from(self.q_weight)
+        self.input_quantizer: Quantizer | None = act_q(act_bits, None, False)
+        self.value_quantizer: Quantizer | None = act_q(act_bits, None, False)
+        self.attn_quantizer: Quantizer | None = act_q(act_bits, None, False)
+
+    def w_qk(self) -> torch.Tensor:
+        """(heads, C, C): W_q,h^T W_k,h for each head."""
+        c, h, d = self.q_weight.shape[1], self.num_heads, self.head_dim
+        wq = self.q_weight.view(h, d, c)
+        wk = self.k_weight.view(h, d, c)
+        return wq.transpose(1, 2) @ wk
+
+    @staticmethod
+    def _act(q: Quantizer | None, x: torch.Tensor) -> torch.Tensor:
+        if q is None:
+            return x
+        if not q.ready:
+            q.init_from(x)
+        return q(x)
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        b, n, c = x.shape
+        xq = self._act(self.input_quantizer, x)
+        wqk = self.w_qk()
+        wqk = self.qk_quantizer(wqk.reshape(-1, c)).view_as(wqk)  # StatsQ per row
+        logits = (xq.unsqueeze(1) @ wqk) @ xq.unsqueeze(1).transpose(-2, -1) * self.head_dim**-0.5
+        if is_causal:
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+            logits = logits.masked_fill(causal, float("-inf"))
+        if attn_mask is not None:
+            logits = logits + attn_mask
+        attn = self._act(self.attn_quantizer, logits.softmax(dim=-1))
+        v = self.v(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        out = (attn @ self._act(self.value_quantizer, v)).transpose(1, 2).reshape(b, n, c)
+        return self.proj(self.norm(out))
+
+
+def apply_qkr(model: nn.Module, bits: int, act_bits: int, act_q) -> int:  # noqa: ANN001
+    """Replace every timm attention block by its QKR form; returns how many."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    for name, attn in found:
+        parent, _, child = name.rpartition(".")
+        qkr = QKRAttention(attn, bits, act_bits, act_q)
+        setattr(model.get_submodule(parent) if parent else model, child, qkr)
+    return len(found)
+
+
+def has_attention(model: nn.Module) -> bool:
+    return any(isinstance(m, Attention) for m in model.modules())
