@@ -4,7 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint clean
+SWEEP  ?= multirun/compare_methods-cnn_small-digits
+
+.PHONY: install run test lint sweep report clean
 
 install: $(STAMP)
 
@@ -19,6 +21,12 @@ run: install
 
 test: install
 	$(PY) -m pytest $(ARGS)
+
+sweep: install
+	$(PY) -m oscbench.run experiment=compare_methods $(ARGS)
+
+report: install
+	$(PY) -m oscbench.report $(SWEEP)
 
 lint: install
 	$(PY) -m ruff check oscbench tests

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from oscbench.registry import ConfigError
+from oscbench.runs import fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model_final.pt"
-NOT_RESULTS = ("logger", "trainer.resume", "device")  # config keys that do not change results
 
 
 def save_atomic(obj: Any, path: Path) -> None:
@@ -52,24 +52,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
-    return out
-
-
-def fingerprint(config: dict) -> dict[str, Any]:
-    """The resolved config's values that determine a run's results, flattened."""
-    return {
-        k: v
-        for k, v in _flat(config).items()
-        if not any(k == n or k.startswith(n + ".") for n in NOT_RESULTS)
-    }
 
 
 def load_for_resume(run_dir: Path, config: dict) -> dict | None:

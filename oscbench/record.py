@@ -17,10 +17,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from oscbench.checkpoint import fingerprint
 from oscbench.config import LoggerConfig
-
-RESULTS = "results.json"
+from oscbench.runs import RESULTS, run_key
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -46,6 +44,16 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
+
+
+def run_tags(config: dict) -> list[str]:
+    """W&B tags that make runs easy to filter: bit-widths, model, dataset, seed."""
+    return [
+        f"w{config.get('bits')}a{config.get('act_bits')}",
+        str(config["model"]["name"]),
+        str(config["dataset"]["name"]),
+        f"seed{config.get('seed')}",
+    ]
 
 
 def flatten_epoch(record: dict) -> dict[str, float]:
@@ -86,6 +94,7 @@ class Recorder:
         self.data: dict[str, Any] = {
             "status": "running",
             "name": name,
+            "key": run_key(config),
             "run_dir": str(self.run_dir.resolve()),
             "command": " ".join(sys.argv),
             "config": config,
@@ -112,7 +121,7 @@ class Recorder:
             entity=self.logger.entity,
             group=self.logger.group,
             job_type=cfg.get("method", {}).get("name"),
-            tags=list(self.logger.tags),
+            tags=[*self.logger.tags, *run_tags(cfg)],
             name=self.name,
             config=cfg,
             dir=str(self.run_dir),
@@ -133,7 +142,14 @@ class Recorder:
         self.data["history"].append(record)
         self._save()
         if self.wandb_run is not None:
-            self.wandb_run.log(flatten_epoch(record), step=record["epoch"])
+            import wandb
+
+            metrics = flatten_epoch(record)
+            if record.get("osc"):
+                counts = record["osc"]["count_hist"]
+                edges = list(range(len(counts) + 1))
+                metrics["osc/count_hist"] = wandb.Histogram(np_histogram=(counts, edges))
+            self.wandb_run.log(metrics, step=record["epoch"])
 
     def finish(self, final: dict, histograms: dict[str, Any] | None = None) -> None:
         """Record the final metrics; `histograms` maps names to 1-D arrays for W&B."""
@@ -165,13 +181,3 @@ class Recorder:
 
 def load_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / RESULTS).read_text())
-
-
-def completed_record(run_dir: Path, config: dict) -> dict | None:
-    """The run directory's record if it completed with the same results-relevant config."""
-    path = Path(run_dir) / RESULTS
-    if not path.exists():
-        return None
-    record = json.loads(path.read_text())
-    same = fingerprint(record["config"]) == fingerprint(config)
-    return record if record["status"] == "completed" and same else None

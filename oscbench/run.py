@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, fingerprint, load_for_resume, save_atomic
-from oscbench.config import RunSpec, resolved, validate
+from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
+from oscbench.config import Component, RunSpec, resolved, validate
 from oscbench.data import Data, build_data
 from oscbench.models import build_model
 from oscbench.models.init import load_weights
@@ -24,8 +26,9 @@ from oscbench.oscillation.policy import Policy, build_policies
 from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
 from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention
-from oscbench.record import RESULTS, Recorder, completed_record
+from oscbench.record import Recorder, load_results
 from oscbench.registry import ConfigError
+from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
 from oscbench.train import evaluate, reestimate_bn, train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -121,23 +124,83 @@ def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
     return final
 
 
-def execute(spec: RunSpec, config: dict, run_dir: Path) -> dict:
+def fp_counterpart(spec: RunSpec, config: dict) -> tuple[RunSpec, dict]:
+    """The full-precision run a quantized run starts from with `init_from=fp`: the same
+    model, data, seed and trainer, without quantizers or policies."""
+    fp_config = copy.deepcopy(config)
+    fp_config |= {
+        "method": {"name": "fp"},
+        "quantizer": {"name": "none"},
+        "policy": {},
+        "init_from": None,
+        "cross_bits": [],
+        "qkr": "never",
+    }
+    fp_spec = dataclasses.replace(
+        spec,
+        method="fp",
+        quantizer=Component("none", None),
+        policies=[],
+        init_from=None,
+        cross_bits=[],
+        qkr="never",
+    )
+    return fp_spec, fp_config
+
+
+def ensure_fp(spec: RunSpec, config: dict, root: Path) -> Path:
+    """The directory of the completed fp run below `root` that `spec` starts from; trained
+    first (once, whichever job gets there first) if there is none yet."""
+    fp_spec, fp_config = fp_counterpart(spec, config)
+    key = run_key(fp_config)
+    found = find_completed(root, key)
+    if found is None:
+        fp_dir = root / "fp" / f"{spec.model.name}-{spec.dataset.name}-s{spec.seed}-{key[:8]}"
+        print(f"oscbench: init_from=fp: no completed fp run yet; training one in {fp_dir}")
+        execute(fp_spec, fp_config, fp_dir, search_root=root, fp_root=root)
+        found = find_completed(root, key)  # here, or where a parallel job finished it first
+    return found
+
+
+def execute(
+    spec: RunSpec,
+    config: dict,
+    run_dir: Path,
+    search_root: Path | None = None,
+    fp_root: Path | None = None,
+) -> dict:
     """Run one configuration end to end; returns the final metrics (also in results.json).
 
-    With `trainer.resume=auto` a run directory that already holds this configuration's
-    completed record is not trained again, and one with a checkpoint continues from it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume = None
-    if spec.trainer.resume == "auto":
-        done = completed_record(run_dir, config)
-        if done is not None:
-            print(
-                f"oscbench: {run_dir} already holds this completed run "
-                "(trainer.resume=never trains it again)"
+    With `trainer.resume=auto` a completed run of the same configuration anywhere below
+    `search_root` (default: the run directory) is not trained again, and a checkpoint in the
+    run directory is resumed. A lock per configuration keeps parallel jobs from training the
+    same run twice. `init_from=fp` starts a quantized run from the fp run below `fp_root`."""
+    search_root = search_root or run_dir
+    key = run_key(config)
+    with run_lock(search_root, key):
+        resume = None
+        if spec.trainer.resume == "auto":
+            done = find_completed(search_root, key)
+            if done is not None:
+                print(
+                    f"oscbench: {done} already holds this completed run "
+                    "(trainer.resume=never trains it again)"
+                )
+                record = load_results(done)
+                print_summary(spec, record, done / RESULTS)
+                return record["final"]
+            resume = load_for_resume(run_dir, config)
+        if spec.init_from == "fp":  # applies to quantized runs; FP runs start from scratch
+            fp_dir = (
+                ensure_fp(spec, config, fp_root or run_dir.parent.parent)
+                if spec.quantized
+                else None
             )
-            print_summary(spec, done, run_dir / RESULTS)
-            return done["final"]
-        resume = load_for_resume(run_dir, config)
+            spec = dataclasses.replace(spec, init_from=fp_dir and str(fp_dir))
+        return _train_and_record(spec, config, run_dir, resume)
+
+
+def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict | None) -> dict:
     built = build(spec)
     save = None
     if spec.trainer.checkpoint:
@@ -215,11 +278,18 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
     try:
         spec = validate(cfg)
-        return execute(spec, resolved(cfg), Path(HydraConfig.get().runtime.output_dir))["acc_bn"]
+        config = resolved(cfg)
+        if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs
+            root = Path(hc.sweep.dir)
+            spec.logger.group = spec.logger.group or root.name
+            return execute(spec, config, run_dir, search_root=root, fp_root=root)["acc_bn"]
+        return execute(spec, config, run_dir)["acc_bn"]
     except ConfigError as e:  # bad input, or data not on disk: found before any training
-        if HydraConfig.get().mode == RunMode.RUN:
+        if hc.mode == RunMode.RUN:
             print(f"oscbench: {e}", file=sys.stderr)
             sys.exit(2)
         raise

@@ -194,6 +194,11 @@ def train(
                 correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
+        if not torch.isfinite(loss_sum):  # checked once an epoch: no host sync per step
+            raise FloatingPointError(
+                f"training diverged: the loss is {loss_sum.item()} in epoch {epoch + 1} "
+                f"(trainer.lr={cfg.lr}); lower the learning rate"
+            )
         val = evaluate(model, data, cfg.eval_batch_size, accel)
         record = {
             "epoch": epoch + 1,

@@ -42,14 +42,22 @@ def update_trackers(model: nn.Module) -> None:
         layer.tracker.update(layer.weight_quantizer.to_int(layer.weight))
 
 
+HIST_MAX = 20  # per-epoch histogram of oscillations so far: 0, 1, ..., 19, >= 20
+
+
 def model_stats(model: nn.Module, threshold: float) -> dict | None:
-    """Epoch metrics per layer and over the model (weighted by weight count); resets the
-    epoch counters. None when nothing is tracked (full precision)."""
+    """Epoch metrics per layer and over the model (weighted by weight count), and a
+    histogram of per-weight oscillation counts so far; resets the epoch counters. None when
+    nothing is tracked (full precision)."""
     layers = {name: layer.tracker.epoch_stats(threshold) for name, layer in _tracked(model)}
     if not layers:
         return None
     total = sum(s["numel"] for s in layers.values())
+    counts = torch.cat([layer.tracker.count.flatten() for _, layer in _tracked(model)])
     return {
+        "count_hist": torch.bincount(
+            counts.long().clamp(max=HIST_MAX), minlength=HIST_MAX + 1
+        ).tolist(),
         "osc_share": sum(s["osc_share"] * s["numel"] for s in layers.values()) / total,
         "mean_freq": sum(s["mean_freq"] * s["numel"] for s in layers.values()) / total,
         "crossings": sum(s["crossings"] for s in layers.values()),

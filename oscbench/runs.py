@@ -1,0 +1,81 @@
+"""Run identity: which runs are the same, where a completed one is, and locks so that
+parallel jobs never train the same run twice.
+
+A run is identified by a fingerprint of its resolved config (the values that determine its
+results), not by its directory. A full-precision run without policies does not depend on
+the bit-widths, so `method=fp` at bits 2, 3 and 4 is one run, trained once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+RESULTS = "results.json"
+NOT_RESULTS = ("logger", "trainer.resume", "device", "data_dir")  # do not change results
+FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
+BITS = ("bits", "act_bits", "first_last_bits")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out |= _flat(v, f"{prefix}.{k}" if prefix else str(k))
+    return out
+
+
+def _drop(flat: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        k: v for k, v in flat.items() if not any(k == n or k.startswith(n + ".") for n in names)
+    }
+
+
+def fingerprint(config: dict) -> dict[str, Any]:
+    """The resolved config's values that determine a run's results, flattened."""
+    flat = _drop(_flat(config), NOT_RESULTS)
+    if config.get("quantizer", {}).get("name") == "none":
+        flat = _drop(flat, FP_UNUSED)
+        if config.get("init_from") in (None, "fp"):  # init_from=fp applies to quantized runs
+            flat.pop("init_from", None)
+        if not config.get("policy") and not config.get("cross_bits"):
+            flat = _drop(flat, BITS)
+    return flat
+
+
+def run_key(config: dict) -> str:
+    """A short stable hash of the fingerprint."""
+    text = json.dumps(fingerprint(config), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def find_completed(root: Path, key: str) -> Path | None:
+    """The directory of a completed run with this key anywhere below `root`."""
+    for path in sorted(Path(root).rglob(RESULTS)):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("status") == "completed" and record.get("key") == key:
+            return path.parent
+    return None
+
+
+@contextmanager
+def run_lock(root: Path, key: str) -> Iterator[None]:
+    """Exclusive lock for one run key below `root` (advisory, fcntl; on a cluster the
+    sweep directory must be on a filesystem with working locks)."""
+    lock_dir = Path(root) / ".locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
