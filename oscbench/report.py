@@ -233,7 +233,9 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
             ]
             if not runs:
                 continue
-            counts = pd.DataFrame([r["final"]["osc_count_hist"] for r in runs]).fillna(0).sum()
+            hists = [r["final"]["osc_count_hist"] for r in runs]
+            width = max(map(len, hists))
+            counts = pd.DataFrame([h + [0] * (width - len(h)) for h in hists]).sum()
             share = counts / counts.sum()
             axes[0].plot(share.index, share.values, marker=".", label=m)
             dist = pd.DataFrame(

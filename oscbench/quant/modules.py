@@ -57,11 +57,12 @@ _SWAP: dict[type, type] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
 
 @dataclass
 class QuantPlan:
-    """Bit-widths of a quantized model; first/last layers keep their own (papers: 8)."""
+    """Bit-widths of a quantized model; first/last layers keep their own (papers: 8), or,
+    with `first_last_bits=None`, are quantized like every other layer."""
 
     bits: int
     act_bits: int
-    first_last_bits: int
+    first_last_bits: int | None
 
 
 def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -80,7 +81,7 @@ def quantize_model(
     layers = _named_layers(model)
     if not layers:
         raise ValueError("quantize_model: the model has no Conv2d or Linear layer to quantize")
-    edge = {layers[0][0], layers[-1][0]}
+    edge = set() if plan.first_last_bits is None else {layers[0][0], layers[-1][0]}
     for name, layer in layers:
         is_edge = name in edge
         wbits = plan.first_last_bits if is_edge else plan.bits
