@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SWEEP  ?= multirun/compare_methods-cnn_small-digits
 
-.PHONY: install run test lint sweep report clean
+.PHONY: install run test lint sweep report bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ sweep: install
 
 report: install
 	$(PY) -m oscbench.report $(SWEEP)
+
+bench: install
+	$(PY) bench/bench.py $(ARGS)
 
 lint: install
 	$(PY) -m ruff check oscbench tests

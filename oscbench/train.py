@@ -116,6 +116,38 @@ def reestimate_bn(model: nn.Module, data: Data, batches: int, batch_size: int) -
         bn.momentum = mom
 
 
+def train_step(
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    policies: list[Policy],
+    accel: Accel,
+    step: int,
+    total: int,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
+    losses -> backward -> after_backward -> optimizer step -> tracker update -> policies'
+    on_step_end. Returns the detached task loss, extra loss (or None) and the logits."""
+    for p in policies:
+        p.on_step_start(step, total)
+    with accel.autocast(x.device):
+        logits = forward(accel.input(x))
+        loss = F.cross_entropy(logits.float(), y)
+        extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
+    extra = sum(extras) if extras else None
+    opt.zero_grad(set_to_none=True)
+    (loss + extra if extra is not None else loss).backward()
+    for p in policies:
+        p.after_backward(model)
+    opt.step()
+    update_trackers(model)
+    for p in policies:
+        p.on_step_end(model)
+    return loss.detach(), None if extra is None else extra.detach(), logits.detach()
+
+
 def train(
     model: nn.Module,
     data: Data,
@@ -129,10 +161,7 @@ def train(
     """Train for `cfg.epochs` plus any policy's extra epochs (run at the policy's constant
     `phase_lr`); after each epoch `save(state)` a checkpoint, then `on_epoch(record)`.
     With `resume` (a checkpoint), continue after its epoch. Returns the whole history.
-
-    Per step: policies' on_step_start -> forward, task loss + policies' extra losses ->
-    backward -> after_backward -> optimizer and schedule step -> tracker update ->
-    policies' on_step_end."""
+    Each optimizer step is `train_step`, then the schedule's step."""
     steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
     main_steps = cfg.epochs * steps_per_epoch
     extra_epochs = sum(p.extra_epochs for p in policies)
@@ -170,27 +199,15 @@ def train(
                 group["lr"] = phase_lr
         lr = opt.param_groups[0]["lr"]
         for x, y in data.train_batches(epoch, cfg.batch_size):
-            for p in policies:
-                p.on_step_start(step, total)
-            with accel.autocast(device):
-                logits = forward(accel.input(x))
-                loss = F.cross_entropy(logits.float(), y)
-                extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
-            total_loss = loss + sum(extras) if extras else loss
-            opt.zero_grad(set_to_none=True)
-            total_loss.backward()
-            for p in policies:
-                p.after_backward(model)
-            opt.step()
+            loss, extra, logits = train_step(
+                model, forward, x, y, opt, policies, accel, step, total
+            )
             if step + 1 < main_steps:
                 sched.step()
-            update_trackers(model)
-            for p in policies:
-                p.on_step_end(model)
             with torch.no_grad():
-                loss_sum += loss.detach() * len(y)
-                if extras:
-                    extra_sum += sum(extras).detach() * len(y)
+                loss_sum += loss * len(y)
+                if extra is not None:
+                    extra_sum += extra * len(y)
                 correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
