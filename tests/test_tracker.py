@@ -92,10 +92,20 @@ def test_compact_state_is_in_state_dict_and_restores_exactly():
 
 
 def test_extreme_codes_do_not_overflow():
-    tr = OscillationTracker(torch.tensor([-128, 127], dtype=torch.int8), momentum=0.5)
+    tr = OscillationTracker(torch.tensor([-128, 127], dtype=torch.int8), momentum=0.5, bits=8)
     tr.update(torch.tensor([127, -128]))
+    assert tr.direction.tolist() == [1, -1]
     tr.update(torch.tensor([-128, 127]))
-    assert tr.count.tolist() == [1, 1]
+    assert tr.count.tolist() == [1, 1] and tr.direction.tolist() == [-1, 1]
+
+
+def test_counts_saturate_instead_of_wrapping():
+    tr = OscillationTracker(torch.zeros(2, dtype=torch.int8), momentum=0.5)
+    tr.count.fill_(32767 - 3)  # as if loaded from a checkpoint of a very long run
+    tr.load_state_dict(tr.state_dict())
+    for i in range(10):
+        tr.update(torch.tensor([i % 2, 0]))
+    assert 0 < tr.count[0] <= 32767 and tr.count[1] == 32767 - 1024
 
 
 def test_short_runs_raise_the_momentum_floor():

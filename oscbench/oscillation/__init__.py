@@ -26,7 +26,8 @@ def attach_trackers(model: nn.Module, cfg: TrackerConfig, total_steps: int) -> i
         if layer.is_first_or_last and not cfg.track_first_last:
             continue
         codes = layer.weight_quantizer.to_int(layer.weight)
-        layer.tracker = OscillationTracker(codes, m).to(layer.weight.device)
+        bits = layer.weight_quantizer.bits
+        layer.tracker = OscillationTracker(codes, m, bits).to(layer.weight.device)
         attached += 1
     return attached
 

@@ -62,7 +62,7 @@ class Dampen(Policy):
         total = 0.0
         for layer in self.layers:
             w, q = layer.weight, layer.weight_quantizer
-            diff = q(w).detach() - clip_to_grid(q, w)
+            diff = layer.last_quantized_weight - clip_to_grid(q, w)  # this step's w_q
             total = total + _aggregate(diff * diff, self.cfg.aggregation)
         loss = self.lam * total
         self.loss.add(loss)

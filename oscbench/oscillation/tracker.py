@@ -16,6 +16,7 @@ from torch import nn
 from oscbench.registry import check
 
 COUNT_MAX = torch.iinfo(torch.int16).max
+SATURATE_EVERY = 1024  # counts rise by at most one a step: clamping this often keeps int16 safe
 
 
 @dataclass
@@ -49,13 +50,16 @@ class OscillationTracker(nn.Module):
     """State of one quantized weight tensor, all in buffers (saved with the model).
 
     8 bytes per weight: int8 last code, int8 last switch direction, float32 frequency EMA,
-    int16 oscillation count (saturating at 32767). Epoch counters are device scalars, so an
-    update never synchronises with the host.
+    int16 oscillation count (saturating between 31743 and 32767). Epoch counters are device
+    scalars, so an update never synchronises with the host. Codes of more than 7 bits
+    (`wide`) are differenced in int16, so that -128 -> 127 cannot overflow.
     """
 
-    def __init__(self, codes: torch.Tensor, momentum: float) -> None:
+    def __init__(self, codes: torch.Tensor, momentum: float, bits: int = 4) -> None:
         super().__init__()
         self.momentum = momentum
+        self.wide = bits > 7
+        self._steps = 0  # since construction or load; the first update clamps the counts
         self.register_buffer("code", codes.to(torch.int8, copy=True))
         self.register_buffer("direction", torch.zeros_like(codes, dtype=torch.int8))
         self.register_buffer("freq", torch.zeros_like(codes, dtype=torch.float32))
@@ -63,21 +67,30 @@ class OscillationTracker(nn.Module):
         self.register_buffer("epoch_switches", torch.zeros((), dtype=torch.int64))
         self.register_buffer("epoch_oscillations", torch.zeros((), dtype=torch.int64))
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = 0  # clamp the loaded counts on the next update
+
     @torch.no_grad()
     def update(self, codes: torch.Tensor) -> None:
         """Record the codes after one optimizer step. Ignored outside training mode."""
         if not self.training:
             return
-        codes = codes.to(torch.int8)
-        direction = (codes > self.code).to(torch.int8) - (codes < self.code).to(torch.int8)
-        switched = direction != 0
-        osc = (direction * self.direction) == -1
+        if self._steps % SATURATE_EVERY == 0:
+            self.count.clamp_(max=COUNT_MAX - SATURATE_EVERY)
+        self._steps += 1
+        new = codes.to(torch.int8)
+        if self.wide:
+            direction = torch.sub(new.to(torch.int16), self.code).sign_().to(torch.int8)
+        else:
+            direction = torch.sub(new, self.code).sign_()
+        osc = (direction * self.direction).eq_(-1)  # int8 0/1: reverses the previous switch
         self.freq.mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
-        self.count.add_(osc & (self.count < COUNT_MAX))
-        self.direction.copy_(torch.where(switched, direction, self.direction))
-        self.code.copy_(codes)
-        self.epoch_switches.add_(switched.sum())
-        self.epoch_oscillations.add_(osc.sum())
+        self.count.add_(osc)
+        self.direction.copy_(torch.where(direction != 0, direction, self.direction))
+        self.code.copy_(new)
+        self.epoch_switches.add_(direction.count_nonzero())
+        self.epoch_oscillations.add_(osc.count_nonzero())
 
     @torch.no_grad()
     def epoch_stats(self, threshold: float, reset: bool = True) -> dict[str, float]:

@@ -34,32 +34,37 @@ class LSQConfig:
 
 
 class _LSQRound(torch.autograd.Function):
-    """x -> s * clamp(round(x / s), n, p) with LSQ's gradients, in one pass each way.
+    """x -> s * clamp(round(x / s), n, p) with LSQ's gradients.
 
     Follows PyTorch's fused `_fake_quantize_learnable_*_affine`: x / s is computed as
     x * (1 / s); the straight-through mask keeps elements whose *rounded* code lies in
-    [n, p]; the step gradient is (q - x/s) inside and n or p outside, times g.
+    [n, p]; the step gradient is (q - x/s) inside and n or p outside, times g. The forward
+    keeps that mask and coefficient, so the backward is one product and one dot product.
     """
 
     @staticmethod
     def forward(ctx, x, s, n: int, p: int, g: float):  # noqa: ANN001, ANN205
         xs = x * s.reciprocal()
-        q = torch.round(xs)
-        out = torch.clamp(q, n, p) * s
-        ctx.save_for_backward(xs, s)
-        ctx.n, ctx.p, ctx.g = n, p, g
+        r = torch.round(xs)
+        q = r.clamp(n, p)
+        out = q * s
+        inside = torch.eq(r, q)
+        ds = q.sub_(xs.mul_(inside))  # q - x/s inside the range, n or p outside
+        ctx.save_for_backward(inside, ds)
+        ctx.g, ctx.s_shape = g, s.shape
         return out
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        xs, s = ctx.saved_tensors
-        q = torch.round(xs)
-        inside = (q >= ctx.n) & (q <= ctx.p)
-        grad_x = grad * inside
+        inside, ds = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
         if ctx.needs_input_grad[1]:
-            ds = torch.where(inside, q - xs, torch.clamp(q, ctx.n, ctx.p))
-            grad_s = (grad * ds).sum_to_size(s.shape) * ctx.g
+            if len(ctx.s_shape) == 0 or ctx.s_shape.numel() == 1:
+                grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(ctx.s_shape)
+            else:  # one step per output channel (dim 0)
+                grad_s = torch.linalg.vecdot(grad.flatten(1), ds.flatten(1)).reshape(ctx.s_shape)
+            grad_s = grad_s * ctx.g
         return grad_x, grad_s, None, None, None
 
 
@@ -142,7 +147,7 @@ class LSQQuantizer(Quantizer):
     @torch.no_grad()
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         s = channel_view(self.s, x, self.per_channel)
-        return torch.clamp(torch.round(x.float() * s.reciprocal()), self.n, self.p)
+        return (x.float() * s.reciprocal()).round_().clamp_(self.n, self.p)
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
         codes = torch.arange(self.n, self.p + 1, device=self.s.device, dtype=self.s.dtype)

@@ -39,7 +39,11 @@ class QuantizedLayer:
         return aq(x)
 
     def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quantizer(self.weight)
+        """The fake-quantized weight; also kept, detached, as `last_quantized_weight` for
+        policies that use it in the same step (autograd holds it for backward anyway)."""
+        wq = self.weight_quantizer(self.weight)
+        self.last_quantized_weight = wq.detach()
+        return wq
 
 
 class QConv2d(QuantizedLayer, nn.Conv2d):
