@@ -26,13 +26,13 @@ from oscbench.oscillation import (  # noqa: E402
     OscillationTracker,
     TrackerConfig,
     attach_trackers,
-    update_trackers,
 )
 from oscbench.oscillation.policy import POLICIES, build_policies  # noqa: E402
 from oscbench.quant import QUANTIZERS, QuantPlan, quantize_model, quantizer_factory  # noqa: E402
 from oscbench.quant.lsq import lsq_quantize  # noqa: E402
 from oscbench.record import write_json_atomic  # noqa: E402
 from oscbench.run import CONF_DIR  # noqa: E402  (also registers the run-directory resolver)
+from oscbench.train import Accel, train_step  # noqa: E402
 
 
 def _grid(w: torch.Tensor, step: float, n: int, p: int) -> torch.Tensor:
@@ -222,18 +222,18 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
             order = torch.randperm(cfg.num_samples, generator=g)
             for i in range(0, cfg.num_samples, cfg.batch):
                 idx = order[i : i + cfg.batch]
-                for p in policies:
-                    p.on_step_start(step, total)
-                loss = F.mse_loss(model(x[idx]).squeeze(-1), y[idx])
-                loss = loss + sum(t for p in policies if (t := p.extra_loss(model)) is not None)
-                opt.zero_grad()
-                loss.backward()
-                for p in policies:
-                    p.after_backward(model)
-                opt.step()
-                update_trackers(model)
-                for p in policies:
-                    p.on_step_end(model)
+                train_step(
+                    model,
+                    model,
+                    x[idx],
+                    y[idx],
+                    opt,
+                    policies,
+                    Accel(),
+                    step,
+                    total,
+                    loss_fn=lambda out, target: F.mse_loss(out.squeeze(-1), target),
+                )
                 step += 1
         layer = model[0]
         codes = layer.weight_quantizer.to_int(layer.weight.detach())[0]

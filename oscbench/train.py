@@ -126,15 +126,16 @@ def train_step(
     accel: Accel,
     step: int,
     total: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
     losses -> backward -> after_backward -> optimizer step -> tracker update -> policies'
-    on_step_end. Returns the detached task loss, extra loss (or None) and the logits."""
+    on_step_end. Returns the detached task loss, extra loss (or None) and the outputs."""
     for p in policies:
         p.on_step_start(step, total)
     with accel.autocast(x.device):
         logits = forward(accel.input(x))
-        loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(logits.float(), y)
         extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
     extra = sum(extras) if extras else None
     opt.zero_grad(set_to_none=True)

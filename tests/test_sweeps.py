@@ -108,15 +108,8 @@ def test_relaunching_a_sweep_trains_nothing_and_fp_is_trained_once(tmp_path):
 
 
 def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
-    proc = sweep(
-        tmp_path,
-        "-m",
-        "method=lsq",
-        "trainer.lr=1e30,0.05",
-        "trainer.epochs=1",
-        "logger=none",
-        check=False,
-    )
+    args = ["-m", "method=lsq", "trainer.lr=1e30,0.05", "trainer.epochs=1", "logger=none"]
+    proc = sweep(tmp_path, *args, check=False)
     assert proc.returncode != 0  # Hydra reports the failure at the end
     status = {r["config"]["trainer"]["lr"]: r for r in records(tmp_path).values()}
     assert status[1e30]["status"] == "failed" and "diverged" in status[1e30]["error"]
@@ -126,15 +119,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert "(1 failed)" in table and "Runs that did not complete" in table
     assert "training diverged" in table
     # relaunching retries the failed run only
-    out = sweep(
-        tmp_path,
-        "-m",
-        "method=lsq",
-        "trainer.lr=1e30,0.05",
-        "trainer.epochs=1",
-        "logger=none",
-        check=False,
-    ).stdout
+    out = sweep(tmp_path, *args, check=False).stdout
     assert out.count("already holds this completed run") == 1
 
 
