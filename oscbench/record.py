@@ -56,6 +56,13 @@ def run_tags(config: dict) -> list[str]:
     ]
 
 
+def count_histogram(counts: list[int]):  # noqa: ANN201
+    """A wandb.Histogram of a bincount (bin k: weights that oscillated k times)."""
+    import wandb
+
+    return wandb.Histogram(np_histogram=(counts, list(range(len(counts) + 1))))
+
+
 def flatten_epoch(record: dict) -> dict[str, float]:
     """An epoch record as flat W&B keys (`osc/share`, `osc_layer/<name>/share`, ...)."""
     flat = {k: v for k, v in record.items() if k != "osc"}
@@ -142,28 +149,24 @@ class Recorder:
         self.data["history"].append(record)
         self._save()
         if self.wandb_run is not None:
-            import wandb
-
             metrics = flatten_epoch(record)
             if record.get("osc"):
-                counts = record["osc"]["count_hist"]
-                edges = list(range(len(counts) + 1))
-                metrics["osc/count_hist"] = wandb.Histogram(np_histogram=(counts, edges))
+                metrics["osc/count_hist"] = count_histogram(record["osc"]["count_hist"])
             self.wandb_run.log(metrics, step=record["epoch"])
 
-    def finish(self, final: dict, histograms: dict[str, Any] | None = None) -> None:
-        """Record the final metrics; `histograms` maps names to 1-D arrays for W&B."""
+    def finish(self, final: dict) -> None:
+        """Record the final metrics (W&B: in the summary, plus the per-weight oscillation
+        count histogram)."""
         self.data["final"] = final
         self.data["status"] = "completed"
         self._save()
         if self.wandb_run is not None:
-            import wandb
-
             self.wandb_run.summary.update(
                 {k: v for k, v in final.items() if not isinstance(v, (list, dict))}
             )
-            for key, values in (histograms or {}).items():
-                self.wandb_run.log({key: wandb.Histogram(values)})
+            if "osc_count_hist" in final:
+                hist = count_histogram(final["osc_count_hist"])
+                self.wandb_run.log({"osc/count_per_weight": hist})
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
         if exc is not None:

@@ -221,8 +221,7 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
         final = final_metrics(spec, built, history)
         save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
         final["wall_time_s"] = time.time() - rec.start
-        counts = oscillation_counts(built.model)
-        rec.finish(final, {} if counts is None else {"osc/count_per_weight": counts.numpy()})
+        rec.finish(final)
         print_summary(spec, rec.data, rec.path)
     return final
 

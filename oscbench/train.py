@@ -53,7 +53,7 @@ def cosine_with_warmup(
 
 @dataclass
 class Accel:
-    """How the loop runs on its device: bf16 autocast, channels_last, torch.compile."""
+    """How the loop runs on its device: bf16 autocast and channels_last inputs."""
 
     bf16: bool = False
     channels_last: bool = False
