@@ -29,7 +29,7 @@ from oscbench.quant.qkr import apply_qkr, has_attention
 from oscbench.record import Recorder, load_results
 from oscbench.registry import ConfigError
 from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
-from oscbench.train import evaluate, reestimate_bn, train
+from oscbench.train import deterministic_cpu, evaluate, reestimate_bn, train
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 # run directories are named by the configuration, so rerunning a command finds its run;
@@ -70,7 +70,7 @@ def build(spec: RunSpec) -> Built:
     device = pick_device(spec.device)
     torch.manual_seed(spec.seed)
     if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+        deterministic_cpu()
     data = build_data(spec.dataset, seed=spec.seed, device=device)
     model = build_model(spec.model, data.num_classes, data.in_channels).to(device)
     init = None

@@ -19,6 +19,13 @@ from oscbench.oscillation.policy import Policy
 from oscbench.quant import quantizer_parameters
 
 
+def deterministic_cpu() -> None:
+    """Deterministic algorithms, without their debugging aid of filling every new tensor
+    with NaN (an extra memory pass per allocation; results do not depend on it)."""
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
     """Model weights in one group (with weight decay), quantizer parameters in their own
     group with `quant_lr` and no weight decay."""

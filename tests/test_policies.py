@@ -134,6 +134,31 @@ def test_dampening_term_follows_the_formula_and_gives_no_gradient_to_the_step():
     assert any(m.weight.grad.abs().sum() > 0 for m in layers)
 
 
+def test_dampening_gradient_is_bit_identical_to_autograd_of_the_formula():
+    """The fused term (oscbench.oscillation.dampen._DampenTerm) against plain autograd."""
+    spec, built = build_config(["method=lsq_dampen", "bits=2"])
+    policy = built.policies[0]
+    policy.on_step_start(80, 100)
+    layers = [m for _, m in quantized_layers(built.model)]
+    with torch.no_grad():  # some weights beyond the grid, where the gradient must be 0
+        layers[1].weight[0].mul_(50)
+    for layer in layers:
+        layer.quantized_weight()
+    built.model.zero_grad()
+    policy.extra_loss(built.model).backward()
+    fused = [m.weight.grad.clone() for m in layers]
+    built.model.zero_grad()
+    reference = 0
+    for layer in layers:
+        q, w = layer.weight_quantizer, layer.weight
+        reference += ((layer.last_quantized_weight - clip_to_grid(q, w)) ** 2).sum(0).mean()
+    (policy.lam * reference).backward()
+    beyond = layers[1].weight[0].abs() > layers[1].weight_quantizer.s * 2
+    assert beyond.any() and (fused[1][0][beyond] == 0).all()
+    for got, layer in zip(fused, layers, strict=True):
+        assert torch.equal(got, layer.weight.grad)
+
+
 # --- Freezing ----------------------------------------------------------------------
 
 

@@ -68,6 +68,47 @@ def test_aoq_gradients_identity_for_w_coefficient_for_level_step_none_for_thresh
     assert [n for n, _ in q.named_parameters()] == ["s_le"]  # s_th is a buffer
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
+    """_AOQLevels and the stage-3 _DistanceNorm against the plain autograd expressions."""
+    from oscbench.oscillation.aoq_schedule import _DistanceNorm
+
+    torch.manual_seed(bits)
+    w0 = torch.randn(32, 8, 3, 3) * 0.2
+    q = AOQQuantizer(bits, grad_scale=True)
+    q.init_from(w0)
+    q.s_th.mul_(0.7)  # thresholds and levels apart, as in stage 2
+    go = torch.randn_like(w0)
+
+    def reference(w):
+        coef = (q.index(w) - q.centre).detach()
+        s_le = q.s_le * q.g + (q.s_le * (1 - q.g)).detach()
+        return coef * s_le + (w - w.detach())
+
+    results = []
+    for fn in (q, reference):
+        w = w0.clone().requires_grad_()
+        q.s_le.grad = None
+        out = fn(w)
+        (out * go).sum().backward()
+        results.append((out.detach(), w.grad, q.s_le.grad.clone()))
+    (out_a, gw_a, gs_a), (out_b, gw_b, gs_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(gw_a, gw_b)
+    torch.testing.assert_close(gs_a, gs_b, rtol=1e-5, atol=1e-7)
+
+    q(w0)  # sets last_coef
+    for fused in (True, False):
+        w = w0.clone().requires_grad_()
+        if fused:
+            norm = _DistanceNorm.apply(w, q.last_coef * q.s_th)
+        else:
+            norm = torch.linalg.vector_norm(w - q.bin_centre(w).detach())
+        (0.01 * norm).backward()
+        results.append((norm.detach(), w.grad))
+    torch.testing.assert_close(results[2][0], results[3][0])
+    torch.testing.assert_close(results[2][1], results[3][1], rtol=1e-5, atol=1e-9)
+
+
 def test_rtn_is_symmetric_max_scaled_with_straight_through_gradient():
     w = torch.tensor([-1.0, -0.4, 0.1, 0.26, 0.9], requires_grad=True)
     q = RTNQuantizer(2, per_channel=False)  # 2 bits: ternary {-1, 0, 1} * max|w|

@@ -15,6 +15,23 @@ from oscbench.quant.modules import quantized_layers
 from oscbench.registry import ConfigError, check
 
 
+class _DistanceNorm(torch.autograd.Function):
+    """||w - c||_2 for a detached target c, whose buffer it reuses for w - c; the gradient
+    (w - c) grad / ||w - c|| (0 where w = c everywhere) in one pass over the weights."""
+
+    @staticmethod
+    def forward(ctx, w, c):  # noqa: ANN001, ANN205
+        d = torch.sub(w, c, out=c)
+        norm = torch.linalg.vector_norm(d)
+        ctx.save_for_backward(d, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        d, norm = ctx.saved_tensors
+        return d * torch.where(norm > 0, grad / norm, 0.0), None
+
+
 @dataclass
 class AOQScheduleConfig:
     stage1_end: float  # AOQ: epoch 50 of 250 = 0.2
@@ -88,8 +105,8 @@ class AOQSchedule(Policy):
         if self.stage < 3 or self.cfg.dampen_lambda == 0:
             return None
         total = sum(
-            torch.linalg.vector_norm(m.weight - m.weight_quantizer.bin_centre(m.weight).detach())
-            for m in self.layers
+            _DistanceNorm.apply(m.weight, m.weight_quantizer.last_coef * m.weight_quantizer.s_th)
+            for m in self.layers  # last_coef * s_th: this step's bin centres c(w)
         )
         loss = self.cfg.dampen_lambda * total
         self.loss.add(loss)

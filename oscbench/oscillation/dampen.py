@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, delayed_cosine
-from oscbench.quant.base import clip_to_grid
+from oscbench.quant.base import grid_bounds
 from oscbench.quant.modules import quantized_layers
 from oscbench.registry import check
 
@@ -33,10 +33,31 @@ class DampenConfig:
         )
 
 
-def _aggregate(x: torch.Tensor, how: str) -> torch.Tensor:
+class _DampenTerm(torch.autograd.Function):
+    """sum((w_q - clip(w))^2) / divisor with w_q and the bounds detached, in two passes
+    instead of autograd's dozen: every aggregation is the plain sum times a constant.
+    Outside the grid w_q is the end level, so the difference and with it the gradient
+    (-2 (w_q - clip(w)) / divisor, as autograd computes it) is zero there."""
+
+    @staticmethod
+    def forward(ctx, w, wq, lo, hi, divisor: int):  # noqa: ANN001, ANN205
+        d = torch.clamp(w, lo, hi)
+        torch.sub(wq, d, out=d)
+        ctx.save_for_backward(d)
+        ctx.divisor = divisor
+        return torch.dot(d.reshape(-1), d.reshape(-1)) / divisor
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (d,) = ctx.saved_tensors
+        return d * (grad / ctx.divisor * -2), None, None, None, None
+
+
+def _divisor(w: torch.Tensor, how: str) -> int:
+    """kernel_mean: sum over dim 0 (output channels), then the mean over the rest."""
     if how == "kernel_mean":
-        return x.sum(0).mean()
-    return x.sum() if how == "sum" else x.mean()
+        return w.numel() // w.shape[0]
+    return 1 if how == "sum" else w.numel()
 
 
 class Dampen(Policy):
@@ -61,9 +82,10 @@ class Dampen(Policy):
             return None
         total = 0.0
         for layer in self.layers:
-            w, q = layer.weight, layer.weight_quantizer
-            diff = layer.last_quantized_weight - clip_to_grid(q, w)  # this step's w_q
-            total = total + _aggregate(diff * diff, self.cfg.aggregation)
+            w = layer.weight
+            lo, hi = grid_bounds(layer.weight_quantizer, w)
+            wq = layer.last_quantized_weight  # this step's w_q
+            total = total + _DampenTerm.apply(w, wq, lo, hi, _divisor(w, self.cfg.aggregation))
         loss = self.lam * total
         self.loss.add(loss)
         return loss

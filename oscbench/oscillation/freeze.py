@@ -84,12 +84,12 @@ class Freeze(Policy):
         for layer in self.layers:
             st, tr = layer.freeze_state, layer.tracker
             if self.f_th > 0:
-                new = (tr.freq > self.f_th) & ~st.frozen
-                st.code.copy_(torch.where(new, torch.round(st.ema_code).to(torch.int8), st.code))
-                st.frozen |= new
-            st.ema_code.mul_(1 - tr.momentum).add_(tr.code.float(), alpha=tr.momentum)
+                new = torch.gt(tr.freq, self.f_th).gt_(st.frozen)  # above f_th, not yet frozen
+                st.code = torch.where(new, st.ema_code.round().to(torch.int8), st.code)
+                st.frozen.logical_or_(new)
+            st.ema_code.mul_(1 - tr.momentum).add_(tr.code, alpha=tr.momentum)
             q, w = layer.weight_quantizer, layer.weight
-            w.copy_(torch.where(st.frozen, q.code_centre(st.code.float(), w), w))
+            torch.where(st.frozen, q.code_centre(st.code.float(), w), w, out=w)
 
     def metrics(self) -> dict[str, float]:
         frozen = sum(int(layer.freeze_state.frozen.sum()) for layer in self.layers)

@@ -84,11 +84,14 @@ class OscillationTracker(nn.Module):
             direction = torch.sub(new.to(torch.int16), self.code).sign_().to(torch.int8)
         else:
             direction = torch.sub(new, self.code).sign_()
-        osc = (direction * self.direction).eq_(-1)  # int8 0/1: reverses the previous switch
+        # Branch-free int8 arithmetic (a `where` on a random mask is ~10x slower on CPUs).
+        # Directions are -1 (0xFF), 0 or 1: a reversal is exactly direction ^ last == -2.
+        osc = torch.bitwise_xor(direction, self.direction).eq_(-2)  # int8 0/1
         self.freq.mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
         self.count.add_(osc)
-        self.direction.copy_(torch.where(direction != 0, direction, self.direction))
-        self.code.copy_(new)
+        # last switch direction: kept where direction == 0 (mask |d| - 1 = 0xFF), else d
+        self.direction.bitwise_and_(direction.abs().sub_(1)).bitwise_or_(direction)
+        self.code = new
         self.epoch_switches.add_(direction.count_nonzero())
         self.epoch_oscillations.add_(osc.count_nonzero())
 

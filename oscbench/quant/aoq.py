@@ -30,6 +30,26 @@ class AOQConfig:
     grad_scale: bool  # scale s_le's gradient by 1/sqrt(numel * 2^(b-1)) as LSQ does (our choice)
 
 
+class _AOQLevels(torch.autograd.Function):
+    """(w, coef, s_le) -> coef * s_le: the identity gradient to w, g * sum(grad * coef) to
+    s_le. The level step is evaluated as s_le g + s_le (1 - g), the value autograd sees
+    when the gradient is scaled by g through `s_le g + (s_le (1 - g)).detach()`."""
+
+    @staticmethod
+    def forward(ctx, w, coef, s_le, g: float):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(coef)
+        ctx.g = g
+        return coef * (s_le * g + s_le * (1 - g))
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (coef,) = ctx.saved_tensors
+        grad_s = None
+        if ctx.needs_input_grad[2]:
+            grad_s = torch.dot(grad.reshape(-1), coef.reshape(-1)) * ctx.g
+        return grad, None, grad_s, None
+
+
 class AOQQuantizer(Quantizer):
     signed = True
     per_channel = False
@@ -62,17 +82,20 @@ class AOQQuantizer(Quantizer):
 
     def index(self, w: torch.Tensor) -> torch.Tensor:
         """Bin index i in 0..2^b-1 (as float): the number of thresholds <= w."""
-        return torch.clamp(torch.floor(w.detach() / self.s_th) + self.half, 0, 2**self.bits - 1)
+        return self.to_int(w).add_(self.half)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        """Also keeps the detached level coefficients as `last_coef` for the schedule's
+        stage-3 term in the same step (w's bin centre is last_coef * s_th)."""
         self._check_ready()
-        coef = self.index(w) - self.centre
-        s_le = self.s_le * self.g + (self.s_le * (1 - self.g)).detach()  # value s_le, grad x g
-        return coef * s_le + (w - w.detach())  # exact levels; identity gradient to w
+        coef = self.to_int(w).add_(0.5)  # index - (2^b - 1)/2
+        self.last_coef = coef
+        return _AOQLevels.apply(w, coef, self.s_le, self.g)
 
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
-        return self.index(w) - self.half  # shifted to the signed range, so it fits int8
+        """index - 2^(b-1): shifted to the signed range, so it fits int8."""
+        return torch.floor(w.detach() / self.s_th).clamp_(-self.half, self.half - 1)
 
     def bin_centre(self, w: torch.Tensor) -> torch.Tensor:
         """c(w): the level of w's bin on the uniform grid of the thresholds, (i - (2^b-1)/2)

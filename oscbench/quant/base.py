@@ -94,13 +94,16 @@ def uniform_threshold_distance(
     return (t - torch.clamp(torch.round(t), kmin, kmax)).abs() * step
 
 
-def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
-    """w clamped to [lowest, highest level] of q's grid (detached bounds)."""
+def grid_bounds(q: Quantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lowest and highest level of q's grid for w (detached), broadcastable against w."""
     lv = q.levels(w).detach()
     per_channel = lv.dim() == 2
-    lo = channel_view(lv[..., 0], w, per_channel)
-    hi = channel_view(lv[..., -1], w, per_channel)
-    return torch.clamp(w, lo, hi)
+    return channel_view(lv[..., 0], w, per_channel), channel_view(lv[..., -1], w, per_channel)
+
+
+def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
+    """w clamped to [lowest, highest level] of q's grid (detached bounds)."""
+    return torch.clamp(w, *grid_bounds(q, w))
 
 
 def straight_through(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

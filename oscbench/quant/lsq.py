@@ -40,6 +40,8 @@ class _LSQRound(torch.autograd.Function):
     x * (1 / s); the straight-through mask keeps elements whose *rounded* code lies in
     [n, p]; the step gradient is (q - x/s) inside and n or p outside, times g. The forward
     keeps that mask and coefficient, so the backward is one product and one dot product.
+    On the CPU the mask is kept as 0/1 floats: a product with a bool tensor (or `where`)
+    is several times slower there than a float product; elsewhere it is a bool.
     """
 
     @staticmethod
@@ -47,10 +49,10 @@ class _LSQRound(torch.autograd.Function):
         xs = x * s.reciprocal()
         r = torch.round(xs)
         q = r.clamp(n, p)
-        out = q * s
-        inside = torch.eq(r, q)
-        ds = q.sub_(xs.mul_(inside))  # q - x/s inside the range, n or p outside
+        inside = torch.eq(r, q, out=r) if x.device.type == "cpu" else torch.eq(r, q)
+        ds = torch.sub(q, xs.mul_(inside), out=xs)  # q - x/s inside the range, n or p outside
         ctx.save_for_backward(inside, ds)
+        out = q.mul_(s)  # three buffers in all: x/s (then ds), round (then the mask), q
         ctx.g, ctx.s_shape = g, s.shape
         return out
 
