@@ -6,7 +6,10 @@ method preset at 4 and 2 bits, as a ratio to FP, on cnn_small (a digits batch of
 resnet18 with the CIFAR stem (batch 32, 32x32); the tracker's share of a step and its state
 in bytes per tracked weight; oscbench's LSQ forward+backward against PyTorch's fused
 `_fake_quantize_learnable_per_tensor_affine`; the peak memory of a step, FP vs QAT (fresh
-processes, resident set size). Writes bench/results.md and bench/results.json.
+processes, resident set size). Each method's step is timed against a fresh FP twin,
+alternating for `--rounds` rounds, and its ratio is the median method time over the median
+FP time of those rounds, so that drift of the machine during the run does not enter it.
+Writes bench/results.md and bench/results.json.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -81,26 +86,37 @@ def setup(model: str, method: str, bits: int):  # noqa: ANN201
 
 def median_time(fn, min_run_time: float) -> float:  # noqa: ANN001
     fn()  # warm-up
-    return (
-        benchmark.Timer("fn()", globals={"fn": fn})
-        .blocked_autorange(min_run_time=min_run_time)
-        .median
-    )
+    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def step_times(min_run_time: float) -> dict:
+def step_times(min_run_time: float, rounds: int) -> dict:
+    """Each method against its own FP twin, alternating for `rounds` rounds; only those two
+    models exist at a time, as in a real run, so that one configuration's memory does not
+    slow another's."""
     out = {}
     for model in MODELS:
-        _, fp_step = setup(model, "fp", 4)
-        fp = median_time(fp_step, min_run_time)
-        rows = {"fp": {"seconds": fp, "ratio": 1.0}}
+        rows: dict[str, dict] = {}
+        fp_all: list[float] = []
         for bits in (4, 2):
             for method in METHODS:
-                _, step = setup(model, method, bits)
-                t = median_time(step, min_run_time)
-                rows[f"{method}@{bits}"] = {"seconds": t, "ratio": t / fp}
-        out[model] = rows
-        print(model, {k: round(v["ratio"], 2) for k, v in rows.items()}, flush=True)
+                pair = {"fp": setup(model, "fp", 4)[1], "method": setup(model, method, bits)[1]}
+                times: dict[str, list[float]] = {"fp": [], "method": []}
+                for _ in range(rounds):
+                    for key, step in pair.items():
+                        times[key].append(median_time(step, min_run_time))
+                fp, t = statistics.median(times["fp"]), statistics.median(times["method"])
+                fp_all += times["fp"]
+                rows[f"{method}@{bits}"] = {
+                    "seconds": t,
+                    "ratio": t / fp,
+                    "round_ratios": [
+                        m / f for m, f in zip(times["method"], times["fp"], strict=True)
+                    ],
+                }
+                del pair
+        out[model] = {"fp": {"seconds": statistics.median(fp_all), "ratio": 1.0}, **rows}
+        print(model, {k: round(v["ratio"], 2) for k, v in out[model].items()}, flush=True)
     return out
 
 
@@ -144,14 +160,15 @@ def lsq_vs_fused(min_run_time: float) -> dict:
     return out
 
 
-def peak_memory() -> dict:
+def peak_memory(threads: int | None) -> dict:
     """Peak resident memory of a training step above the memory held between steps, in a
     fresh process per configuration (Linux: the peak is reset through /proc/self/clear_refs)."""
     out = {}
     for model in MODELS:
         for method in ("fp", "lsq"):
             proc = subprocess.run(
-                [sys.executable, __file__, "--memory", model, method],
+                [sys.executable, __file__, "--memory", model, method]
+                + (["--threads", str(threads)] if threads else []),
                 capture_output=True,
                 text=True,
                 check=True,
@@ -177,15 +194,54 @@ def _memory_child(model: str, method: str) -> None:
     print(json.dumps({"held_mb": held, "step_peak_mb": _status_mb("VmHWM") - held}))
 
 
+def _cell(row: dict) -> str:
+    lo, hi = min(row["round_ratios"]), max(row["round_ratios"])
+    return f"{row['seconds'] * 1e3:.1f} ms ({row['ratio']:.2f}x; rounds {lo:.2f}-{hi:.2f})"
+
+
+def goal_lines(results: dict) -> list[str]:
+    """Each goal of issue 7 with the measured value and whether it holds."""
+    r18, small = results["step"]["resnet18_cifar"], results["step"]["cnn_small"]
+    others = {k: v["ratio"] for k, v in r18.items() if k not in ("fp", "lsq@4")}
+    worst_other = max(others, key=others.get)
+    worst_small = max((k for k in small if k != "fp"), key=lambda k: small[k]["ratio"])
+    lsq = max(r["ratio"] for r in results["lsq"].values())
+    t = results["tracker"]
+    goals = [
+        ("resnet18-CIFAR LSQ W4A4 <= 1.25x FP", r18["lsq@4"]["ratio"], 1.25, "x"),
+        (
+            f"resnet18-CIFAR every other method <= 1.4x (worst: {worst_other})",
+            others[worst_other],
+            1.4,
+            "x",
+        ),
+        (
+            f"cnn_small every method <= 2x (worst: {worst_small})",
+            small[worst_small]["ratio"],
+            2.0,
+            "x",
+        ),
+        ("tracker <= 5 % of a resnet18 QAT step", 100 * t["share"], 5.0, " %"),
+        ("tracker state <= 8 bytes per weight", t["bytes_per_weight"], 8.0, " B"),
+        ("LSQ within 1.1x of the fused op (worst tensor)", lsq, 1.1, "x"),
+    ]
+    return [
+        f"- {name}: {value:.2f}{unit} ({'met' if value <= limit else 'NOT met'})"
+        for name, value, limit, unit in goals
+    ]
+
+
 def write(results: dict, path_md: Path) -> None:
     lines = [
         "# oscbench benchmarks",
         "",
-        f"Command: `make bench` (`python bench/bench.py`). Machine: {results['machine']}.",
-        "Ratios are to the full-precision step of the same model in the same process;",
-        "medians of `torch.utils.benchmark` blocks. A step is the real training step",
-        "(forward, backward, optimizer, policies, tracker), late in training so that every",
-        "policy's schedule is active.",
+        f"Command: `{results['command']}` (`make bench`). Machine: {results['machine']}.",
+        "",
+        "Ratios are to the full-precision step of the same model in the same process:",
+        "each method is timed against its own FP twin in alternating rounds (medians of",
+        "`torch.utils.benchmark` blocks; the fp row is the median over all twins).",
+        "A step is the real training step (forward, backward, optimizer, policies, tracker),",
+        "late in training (70 %) so that every policy's schedule is active.",
         "",
     ]
     for model, rows in results["step"].items():
@@ -197,12 +253,10 @@ def write(results: dict, path_md: Path) -> None:
             f"| fp | {rows['fp']['seconds'] * 1e3:.1f} ms (1.00x) | |",
         ]
         for m in METHODS:
-            cells = [
-                f"{rows[f'{m}@{b}']['seconds'] * 1e3:.1f} ms ({rows[f'{m}@{b}']['ratio']:.2f}x)"
-                for b in (4, 2)
-            ]
+            cells = [_cell(rows[f"{m}@{b}"]) for b in (4, 2)]
             lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
         lines.append("")
+    lines += ["## Goals (issue 7)", "", *goal_lines(results), ""]
     t = results["tracker"]
     lines += [
         "## Oscillation tracker (resnet18-CIFAR, LSQ W4A4)",
@@ -237,24 +291,31 @@ def write(results: dict, path_md: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
-    parser.add_argument("--min-run-time", type=float, default=3.0)
+    parser.add_argument("--min-run-time", type=float, default=1.5, help="seconds per block")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved FP/method rounds")
+    parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
+    parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json go")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory:
         return _memory_child(*args.memory)
     torch.manual_seed(0)
     start = time.time()
     results = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}",
-        "step": step_times(args.min_run_time),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "command": " ".join(["python bench/bench.py", *sys.argv[1:]]),
+        "step": step_times(args.min_run_time, args.rounds),
         "tracker": tracker_cost(args.min_run_time),
         "lsq": lsq_vs_fused(args.min_run_time),
-        "memory": peak_memory(),
+        "memory": peak_memory(args.threads),
     }
     results["seconds"] = time.time() - start
-    (HERE / "results.json").write_text(json.dumps(results, indent=1))
-    write(results, HERE / "results.md")
-    print((HERE / "results.md").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write(results, args.out / "results.md")
+    print((args.out / "results.md").read_text())
 
 
 if __name__ == "__main__":

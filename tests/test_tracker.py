@@ -116,3 +116,27 @@ def test_short_runs_raise_the_momentum_floor():
     assert cfg.effective_momentum(700) == 1 / 70  # EMA window = 10% of the run
     cfg.window_fraction = None
     assert cfg.effective_momentum(700) == 0.001
+
+
+def test_matches_a_plain_reference_on_random_walks():
+    """The in-place int8 update against Nagel et al.'s definition written plainly."""
+    torch.manual_seed(0)
+    steps, n, m = 200, 5000, 0.05
+    codes = torch.randint(-8, 8, (1, n)) + torch.randint(-1, 2, (steps, n)).cumsum(0)
+    codes = codes.clamp(-8, 7).to(torch.int8)
+    tr = OscillationTracker(codes[0], momentum=m)
+    last, last_dir = codes[0].long(), torch.zeros(n, dtype=torch.long)
+    freq, count, switches, oscillations = torch.zeros(n), torch.zeros(n, dtype=torch.long), 0, 0
+    for c in codes[1:]:
+        tr.update(c)
+        d = torch.sign(c.long() - last)
+        osc = (d != 0) & (last_dir != 0) & (d != last_dir)
+        freq = freq * (1 - m) + osc.float() * m
+        count += osc
+        switches, oscillations = switches + int((d != 0).sum()), oscillations + int(osc.sum())
+        last_dir = torch.where(d != 0, d, last_dir)
+        last = c.long()
+    assert oscillations > 1000  # the walks do oscillate
+    assert torch.equal(tr.count.long(), count) and torch.equal(tr.direction.long(), last_dir)
+    assert torch.equal(tr.freq, freq) and torch.equal(tr.code, codes[-1])
+    assert (tr.epoch_switches.item(), tr.epoch_oscillations.item()) == (switches, oscillations)
