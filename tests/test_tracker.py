@@ -46,6 +46,10 @@ def test_counts_on_known_sequences():
     torch.testing.assert_close(tr.freq, expected)
     assert tr.direction.tolist() == [-1, 0, -1, -1]
     assert torch.equal(SEQ[0], start)  # the caller's tensor is not the tracker's state
+    last = SEQ[-1].clone()
+    tr.update(last)
+    last.fill_(5)
+    assert torch.equal(tr.code, SEQ[-1])  # nor is the last update's
 
 
 def test_epoch_stats_and_reset():

@@ -79,7 +79,7 @@ class OscillationTracker(nn.Module):
         if self._steps % SATURATE_EVERY == 0:
             self.count.clamp_(max=COUNT_MAX - SATURATE_EVERY)
         self._steps += 1
-        new = codes.to(torch.int8)
+        new = codes.to(torch.int8, copy=True)  # becomes the state: never the caller's tensor
         if self.wide:
             direction = torch.sub(new.to(torch.int16), self.code).sign_().to(torch.int8)
         else:
