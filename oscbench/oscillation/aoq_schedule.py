@@ -17,7 +17,8 @@ from oscbench.registry import ConfigError, check
 
 class _DistanceNorm(torch.autograd.Function):
     """||w - c||_2 for a detached target c, whose buffer it reuses for w - c; the gradient
-    (w - c) grad / ||w - c|| (0 where w = c everywhere) in one pass over the weights."""
+    grad ((w - c) / ||w - c||) (0 where w = c everywhere), as autograd computes it, in
+    two passes over the weights."""
 
     @staticmethod
     def forward(ctx, w, c):  # noqa: ANN001, ANN205
@@ -29,7 +30,7 @@ class _DistanceNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         d, norm = ctx.saved_tensors
-        return d * torch.where(norm > 0, grad / norm, 0.0), None
+        return (d / torch.where(norm > 0, norm, 1.0)).mul_(grad), None  # d = 0 if norm = 0
 
 
 @dataclass

@@ -33,7 +33,9 @@ class AOQConfig:
 class _AOQLevels(torch.autograd.Function):
     """(w, coef, s_le) -> coef * s_le: the identity gradient to w, g * sum(grad * coef) to
     s_le. The level step is evaluated as s_le g + s_le (1 - g), the value autograd sees
-    when the gradient is scaled by g through `s_le g + (s_le (1 - g)).detach()`."""
+    when the gradient is scaled by g through `s_le g + (s_le (1 - g)).detach()`; the sum
+    is taken as autograd takes it (a product, then `sum`), so results equal the plain
+    autograd expression bit for bit."""
 
     @staticmethod
     def forward(ctx, w, coef, s_le, g: float):  # noqa: ANN001, ANN205
@@ -46,7 +48,7 @@ class _AOQLevels(torch.autograd.Function):
         (coef,) = ctx.saved_tensors
         grad_s = None
         if ctx.needs_input_grad[2]:
-            grad_s = torch.dot(grad.reshape(-1), coef.reshape(-1)) * ctx.g
+            grad_s = (grad * coef).sum() * ctx.g
         return grad, None, grad_s, None
 
 
