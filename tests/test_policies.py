@@ -192,6 +192,32 @@ def test_frozen_weights_keep_their_code_and_do_not_drift():
     assert history[-1]["freeze/threshold"] == pytest.approx(0.011, rel=0.05)  # 3-bit end value
 
 
+def test_freezing_takes_the_rounded_ema_code_and_keeps_earlier_codes():
+    """Nagel et al.: a weight whose frequency passes f_th is frozen to round(EMA code),
+    the EMA before this step's codes enter it; frozen weights keep their code."""
+    spec, built = build_config(["method=lsq_freeze", "bits=3"])
+    policy = built.policies[0]
+    policy.setup(built.model, 100, 10)
+    policy.on_step_start(99, 100)  # late: f_th near its end value
+    layer = policy.layers[0]
+    st, tr = layer.freeze_state, layer.tracker
+    flat = slice(0, 6)
+    with torch.no_grad():
+        st.ema_code.view(-1)[flat] = torch.tensor([1.4, 1.6, -2.5, -0.4, 3.0, 2.2])
+        tr.freq.view(-1)[flat] = torch.tensor([0.5, 0.5, 0.5, 0.5, 0.0, 0.5])
+        st.frozen.view(-1)[5] = True  # frozen earlier, to code -3
+        st.code.view(-1)[5] = -3
+        untouched = st.code.view(-1)[6:].clone()
+    policy.on_step_end(built.model)
+    assert st.code.view(-1)[flat].tolist()[:4] == [1, 2, -2, 0]  # round half to even
+    assert st.frozen.view(-1)[flat].tolist() == [True, True, True, True, False, True]
+    assert st.code.view(-1)[5] == -3
+    fresh = ~st.frozen.view(-1)[6:]
+    assert torch.equal(st.code.view(-1)[6:][fresh], untouched[fresh])
+    codes = layer.weight_quantizer.to_int(layer.weight).view(-1)
+    assert codes[flat][:4].tolist() == [1, 2, -2, 0] and codes[5] == -3  # pinned to them
+
+
 def test_freeze_state_survives_save_and_load():
     spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.epochs=4"])
     fit(spec, built)

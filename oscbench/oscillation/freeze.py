@@ -85,7 +85,10 @@ class Freeze(Policy):
             st, tr = layer.freeze_state, layer.tracker
             if self.f_th > 0:
                 new = torch.gt(tr.freq, self.f_th).gt_(st.frozen)  # above f_th, not yet frozen
-                st.code = torch.where(new, st.ema_code.round().to(torch.int8), st.code)
+                # code = where(new, round(EMA), code), branch-free (see the tracker):
+                # code ^= (code ^ round(EMA)) & -new
+                flip = st.ema_code.round().to(torch.int8).bitwise_xor_(st.code)
+                st.code.bitwise_xor_(flip.bitwise_and_(new.view(torch.int8).neg()))
                 st.frozen.logical_or_(new)
             st.ema_code.mul_(1 - tr.momentum).add_(tr.code, alpha=tr.momentum)
             q, w = layer.weight_quantizer, layer.weight
