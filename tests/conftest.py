@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -39,6 +40,14 @@ def build_config(overrides: list[str]):
 
     spec = validate(compose_config(["device=cpu", "logger=none", *overrides]))
     return spec, build(spec)
+
+
+def aoq_coef(q, w):  # noqa: ANN001, ANN201
+    """AOQ's level coefficient of each weight, i - (2^b - 1)/2 with the bin index
+    i = clamp(floor(w / s_th) + 2^(b-1), 0, 2^b - 1), written out as in the paper, as the
+    reference the fused implementation is tested against; w's bin centre is it * s_th."""
+    i = torch.clamp(torch.floor(w.detach() / q.s_th) + 2 ** (q.bits - 1), 0, 2**q.bits - 1)
+    return i - (2**q.bits - 1) / 2
 
 
 def fit(spec, built, extra_policies=()) -> list[dict]:

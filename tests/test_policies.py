@@ -14,7 +14,7 @@ from oscbench.oscillation.policy import Policy
 from oscbench.quant import quantized_layers
 from oscbench.quant.base import clip_to_grid
 from oscbench.quant.rtn import RTNQuantizer
-from tests.conftest import build_config, fit, run_config
+from tests.conftest import aoq_coef, build_config, fit, run_config
 
 
 class Observer(Policy):
@@ -81,7 +81,9 @@ def test_aoq_stage_two_learns_level_step_not_thresholds_stage_three_dampens():
     torch.testing.assert_close(q.s_le.detach(), 0.30 * q.s0)  # no jump at the stage boundary
     policy, extra = _backward(spec, built, step=70)  # stage 3
     expected = 0.01 * sum(
-        torch.linalg.vector_norm(m.weight - m.weight_quantizer.bin_centre(m.weight))
+        torch.linalg.vector_norm(
+            m.weight - aoq_coef(m.weight_quantizer, m.weight) * m.weight_quantizer.s_th
+        )
         for m in policy.layers
     )
     torch.testing.assert_close(extra.detach(), expected.detach())

@@ -6,6 +6,7 @@ import torch
 from oscbench.quant.aoq import AOQQuantizer
 from oscbench.quant.rtn import RTNQuantizer
 from oscbench.quant.statsq import StatsQQuantizer
+from tests.conftest import aoq_coef
 
 
 def test_statsq_2bit_levels_are_half_steps_of_mean_abs_per_row():
@@ -82,7 +83,7 @@ def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
     go = torch.randn_like(w0)
 
     def reference(w):
-        coef = (q.index(w) - q.centre).detach()
+        coef = aoq_coef(q, w)
         s_le = q.s_le * q.g + (q.s_le * (1 - q.g)).detach()
         return coef * s_le + (w - w.detach())
 
@@ -102,7 +103,7 @@ def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
         if fused:
             norm = _DistanceNorm.apply(w, q.last_coef * q.s_th)
         else:
-            norm = torch.linalg.vector_norm(w - q.bin_centre(w).detach())
+            norm = torch.linalg.vector_norm(w - aoq_coef(q, w) * q.s_th)
         (0.01 * norm).backward()
         results.append((norm.detach(), w.grad))
     assert torch.equal(results[2][0], results[3][0]) and torch.equal(results[2][1], results[3][1])

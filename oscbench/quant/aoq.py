@@ -82,27 +82,21 @@ class AOQQuantizer(Quantizer):
         super().set_extra_state(state)
         self.g = state["g"]
 
-    def index(self, w: torch.Tensor) -> torch.Tensor:
-        """Bin index i in 0..2^b-1 (as float): the number of thresholds <= w."""
-        return self.to_int(w).add_(self.half)
-
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Also keeps the detached level coefficients as `last_coef` for the schedule's
-        stage-3 term in the same step (w's bin centre is last_coef * s_th)."""
+        stage-3 term in the same step: c(w), the level of w's bin on the uniform grid of
+        the thresholds (also for the two outer bins; AOQ's dampening target), is
+        last_coef * s_th."""
         self._check_ready()
-        coef = self.to_int(w).add_(0.5)  # index - (2^b - 1)/2
+        coef = self.to_int(w).add_(0.5)  # bin index i - (2^b - 1)/2
         self.last_coef = coef
         return _AOQLevels.apply(w, coef, self.s_le, self.g)
 
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
-        """index - 2^(b-1): shifted to the signed range, so it fits int8."""
+        """Bin index i (the number of thresholds <= w, 0..2^b-1) minus 2^(b-1): shifted to
+        the signed range, so it fits int8."""
         return torch.floor(w.detach() / self.s_th).clamp_(-self.half, self.half - 1)
-
-    def bin_centre(self, w: torch.Tensor) -> torch.Tensor:
-        """c(w): the level of w's bin on the uniform grid of the thresholds, (i - (2^b-1)/2)
-        s_th, also for the two outer bins (AOQ's code, its dampening target)."""
-        return (self.index(w) - self.centre) * self.s_th
 
     def levels(self, w: torch.Tensor) -> torch.Tensor:
         i = torch.arange(2**self.bits, device=self.s_le.device, dtype=self.s_le.dtype)
