@@ -136,8 +136,10 @@ def train_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
-    losses -> backward -> after_backward -> optimizer step -> tracker update -> policies'
-    on_step_end. Returns the detached task loss, extra loss (or None) and the outputs."""
+    losses -> backward -> after_backward -> optimizer step -> policies' on_step_end ->
+    tracker update (so the trackers see weights as the policies leave them, frozen ones at
+    their frozen codes, as in Nagel et al.'s code). Returns the detached task loss, extra
+    loss (or None) and the outputs."""
     for p in policies:
         p.on_step_start(step, total)
     with accel.autocast(x.device):
@@ -150,9 +152,9 @@ def train_step(
     for p in policies:
         p.after_backward(model)
     opt.step()
-    update_trackers(model)
     for p in policies:
         p.on_step_end(model)
+    update_trackers(model)
     return loss.detach(), None if extra is None else extra.detach(), logits.detach()
 
 

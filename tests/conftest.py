@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 from oscbench.config import resolved, validate
+from oscbench.oscillation.policy import Policy
 from oscbench.run import CONF_DIR, execute
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -48,6 +49,26 @@ def aoq_coef(q, w):  # noqa: ANN001, ANN201
     reference the fused implementation is tested against; w's bin centre is it * s_th."""
     i = torch.clamp(torch.floor(w.detach() / q.s_th) + 2 ** (q.bits - 1), 0, 2**q.bits - 1)
     return i - (2**q.bits - 1) / 2
+
+
+class Observer(Policy):
+    """A policy that runs after the run's own policies and calls what a test gives it:
+    on_step_start(step, total), after_backward(model), on_step_end(model)."""
+
+    def __init__(self, on_step_start=None, after_backward=None, on_step_end=None):
+        self._start, self._ab, self._end = on_step_start, after_backward, on_step_end
+
+    def on_step_start(self, step, total):
+        if self._start:
+            self._start(step, total)
+
+    def after_backward(self, model):
+        if self._ab:
+            self._ab(model)
+
+    def on_step_end(self, model):
+        if self._end:
+            self._end(model)
 
 
 def fit(spec, built, extra_policies=()) -> list[dict]:

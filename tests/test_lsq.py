@@ -7,6 +7,7 @@ import torch
 
 from oscbench.quant.base import int_range
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer, lsq_quantize
+from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 
 
 def _grads(fn, x, s, go):
@@ -17,6 +18,20 @@ def _grads(fn, x, s, go):
     return y.detach(), x.grad, s.grad
 
 
+def _step_grad_terms(x, s, n, p, go, g):
+    """The step gradient's summands g * go * (q - x/s) (n or p where clipped), as positive
+    terms: `go` takes the sign of (q - x/s), so the sum is well conditioned and its error
+    bound is a small fraction of it. Returns (terms, per-term rounding allowance): the
+    summands themselves may be rounded differently (x/s as a product with 1/s or as a
+    quotient): a few roundings of |go| (|q| + |x/s|) g each."""
+    xs = x * s.reciprocal()
+    q = torch.round(xs).clamp(n, p)
+    ds = torch.where(torch.round(xs) == q, q - xs, q)
+    go = go.abs() * torch.where(ds < 0, -1.0, 1.0)
+    terms = go * ds * g
+    return go, terms, 4 * unit_roundoff() * (go.abs() * (q.abs() + xs.abs()) * g)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("signed", [True, False])
 def test_per_tensor_matches_fused_op(bits, signed):
@@ -25,7 +40,7 @@ def test_per_tensor_matches_fused_op(bits, signed):
     x = torch.randn(32, 16, 3, 3)
     s = torch.tensor([1.0 / p])  # grid spans about +-1: clips at both ends at every bit-width
     g = 1 / math.sqrt(x.numel() * p)
-    go = torch.randn_like(x)
+    go, terms, rounding = _step_grad_terms(x, s, n, p, torch.randn_like(x), g)
     ref = _grads(
         lambda x, s: torch._fake_quantize_learnable_per_tensor_affine(
             x, s, torch.zeros(1), n, p, g
@@ -37,7 +52,9 @@ def test_per_tensor_matches_fused_op(bits, signed):
     ours = _grads(lambda x, s: lsq_quantize(x, s.reshape(()), n, p, g), x, s, go)
     assert torch.equal(ours[0], ref[0])
     assert torch.equal(ours[1], ref[1])
-    torch.testing.assert_close(ours[2].reshape(1), ref[2], rtol=1e-5, atol=1e-7)
+    # the step gradient is a sum over every element, added up in another order by the fused
+    # op (and by each CPU's vector width): equal within the bound of that reordering
+    assert_within(ours[2].reshape(1), ref[2], sum_difference_bound(terms) + rounding.sum())
     # the test is not vacuous: values are clipped at both ends and the step gradient is live
     codes = torch.round(x / s)
     assert (codes < n).any() and (codes > p).any() and ref[2].abs().item() > 1e-4
@@ -50,7 +67,7 @@ def test_per_channel_matches_fused_op(bits):
     x = torch.randn(24, 8, 3, 3)
     s = torch.rand(24) * 0.5 + 0.05
     g = 1 / math.sqrt(x[0].numel() * p)
-    go = torch.randn_like(x)
+    go, terms, rounding = _step_grad_terms(x, s.view(-1, 1, 1, 1), n, p, torch.randn_like(x), g)
     ref = _grads(
         lambda x, s: torch._fake_quantize_learnable_per_channel_affine(
             x, s, torch.zeros(24), 0, n, p, g
@@ -62,7 +79,8 @@ def test_per_channel_matches_fused_op(bits):
     ours = _grads(lambda x, s: lsq_quantize(x, s.view(-1, 1, 1, 1), n, p, g), x, s, go)
     assert torch.equal(ours[0], ref[0])
     assert torch.equal(ours[1], ref[1])
-    torch.testing.assert_close(ours[2], ref[2], rtol=1e-5, atol=1e-7)
+    bound = sum_difference_bound(terms.flatten(1), dim=1) + rounding.flatten(1).sum(1)
+    assert_within(ours[2], ref[2], bound)  # one sum per output channel
 
 
 def _cfg(**kw):

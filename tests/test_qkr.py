@@ -7,6 +7,7 @@ import torch
 from oscbench.quant import QLinear
 from oscbench.quant.qkr import QKRAttention
 from oscbench.registry import ConfigError
+from tests.bounds import assert_within, gamma, unit_roundoff
 from tests.conftest import build_config, fit
 
 DEIT = [
@@ -28,13 +29,50 @@ def _attention():
 
 
 def test_reparameterisation_is_exact_in_full_precision():
-    attn = _attention()
-    x = torch.randn(2, 65, 192)
+    """In full precision QKR computes timm's attention, up to rounding: in float64 (random
+    weights make attention ill-conditioned, and float32's bound would say nothing) the
+    difference stays within the error bound of the two orders of evaluation."""
+    attn = _attention().double()
+    attn.fused_attn = False  # the plain formula, whose rounding the bound below follows
+    with torch.no_grad():
+        attn.qkv.bias[:384] = 0  # OFQ drops the query and key biases
+    x = torch.randn(2, 65, 192, dtype=torch.float64)
     qkr = QKRAttention(attn, bits=8, act_bits=8, act_q=lambda *a: None)
     qkr.qk_quantizer.forward = lambda w: w  # full precision W_qk
     with torch.no_grad():
-        attn.qkv.bias[:384] = 0  # OFQ drops the query and key biases
-    torch.testing.assert_close(qkr(x), attn(x), rtol=1e-5, atol=1e-6)
+        ours, ref = qkr(x), attn(x)
+        assert_within(ours, ref, _attention_bound(attn, x))
+
+
+def _attention_bound(attn, x):
+    """How far two float64 evaluations of attention(x) can differ when one computes the
+    logits as x (W_qk x^T) and the other as (x W_q^T)(x W_k^T)^T, and each rounds the rest
+    its own way: running bounds from the magnitudes (Higham, Ch. 3: |fl(AB) - AB| <=
+    gamma_n |A||B|, compounding over a chain of products)."""
+    h, d, n = attn.num_heads, attn.head_dim, x.shape[1]
+    c = x.shape[-1]
+    u, g = unit_roundoff(torch.float64), lambda k: gamma(k, torch.float64)
+    x, w = x.double(), attn.qkv.weight.double()
+    bias = attn.qkv.bias.double()
+    wq, wk, wv = w.view(3, h, d, c).unbind(0)
+    ax = x.abs().unsqueeze(1)  # B, 1, N, C
+    logit_mag = ax @ (wq.abs().transpose(1, 2) @ wk.abs()) @ ax.transpose(-2, -1) * attn.scale
+    q, k = x.unsqueeze(1) @ wq.transpose(1, 2), x.unsqueeze(1) @ wk.transpose(1, 2)
+    logits = q @ k.transpose(-2, -1) * attn.scale
+    err_logits = 2 * g(2 * c + d + 2) * logit_mag  # both sides, + the scale products
+    delta = err_logits.amax(-1, keepdim=True)
+    spread = logits.amax(-1, keepdim=True) - logits.amin(-1, keepdim=True)
+    probs = logits.softmax(-1)
+    # softmax of logits perturbed by <= delta moves each p by <= p (e^(2 delta) - 1); each
+    # side's own rounding: exp (2u), the max subtracted (u per unit of spread), sum, divide
+    err_probs = probs * (torch.expm1(2 * delta) + 2 * (g(n) + 4 * u + u * spread))
+    v = x.unsqueeze(1) @ wv.transpose(1, 2) + bias.view(3, h, 1, d)[2]
+    err_v = 2 * g(c + 1) * (ax @ wv.abs().transpose(1, 2) + bias.view(3, h, 1, d)[2].abs())
+    pv = probs @ v
+    err_pv = err_probs @ (v.abs() + err_v) + probs @ err_v + 2 * g(n) * (probs @ v.abs())
+    merge = lambda t: t.transpose(1, 2).reshape(x.shape[0], n, c)  # noqa: E731
+    wp, bp = attn.proj.weight.double(), attn.proj.bias.double()
+    return merge(err_pv) @ wp.abs().T + 2 * g(c + 1) * (merge(pv).abs() @ wp.abs().T + bp.abs())
 
 
 def test_w_qk_is_quantized_per_row_with_statsq_and_trains_w_q_and_w_k():

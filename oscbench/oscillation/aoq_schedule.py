@@ -1,5 +1,6 @@
-"""AOQ's staged schedule (Allowing Oscillation Quantization, ICCV 2025; code:
-github.com/muzenc/AOQ, CIFAR script of 250 epochs, here in shares of training)."""
+"""AOQ's staged schedule (Allowing Oscillation Quantization, ICCV 2025; code: muzenc/AOQ,
+`AO_QAT/quan/quantizer.py`: `AOQ.forward`, and the training scripts' loss, e.g.
+`AO_QAT/resnet_imagenet/train.py`; CIFAR run of 250 epochs, here in shares of training)."""
 
 from __future__ import annotations
 
@@ -56,15 +57,21 @@ class AOQScheduleConfig:
 
 
 class AOQSchedule(Policy):
-    """Stage 1 (t < stage1_end T): s_th and s_le are frozen and both scaled by
-    alpha(t) = (1 + a)/2 + (1 - a)/2 cos(pi t / T1),
-    from 1.0 to a = alpha_end (AOQ: 0.65 + 0.35 cos), which shrinks the grid and makes more
-    weights cross thresholds. AOQ's code updates alpha every 5 epochs; here every step.
-    Stage 2: thresholds stay at a s_th0; s_le is learned from a s_le0 (no jump). AOQ's code
-    learns a step that it multiplies by a, i.e. an effective learning rate a^2 times ours.
-    Stage 3 (t >= stage2_end T): adds lambda sum_layers ||w - c(w).detach()||_2 (unsquared),
-    c = the centre of w's threshold bin. Applies to the AOQ layers at the run's bit-width
-    (not the 8-bit first and last layers)."""
+    """Three stages over the (0-based) step t of T, T1 = stage1_end T, T2 = stage2_end T,
+    boundaries inclusive as in AOQ's code (`epoch <= 50`, `epoch <= 150` of 250):
+
+    - stage 1 (t <= T1): s_th and s_le are frozen and both scaled by
+      alpha(t) = a + (1 - a)/2 (1 + cos(pi t / T1)), from 1.0 to a = alpha_end, reached
+      at t = T1 (AOQ: 0.65 + 0.35 cos(2 pi epoch / 100), a = 0.30 at epoch 50), which
+      shrinks the grid and makes more weights cross thresholds. AOQ's code updates alpha
+      every 5 epochs; here every step.
+    - stage 2 (T1 < t <= T2): thresholds stay at a s_th0; s_le is learned from a s_le0 (no
+      jump). AOQ's code learns a step that it multiplies by a, i.e. an effective learning
+      rate a^2 times ours.
+    - stage 3 (t > T2): adds lambda sum_layers ||w - c(w).detach()||_2 (unsquared),
+      c = the centre of w's threshold bin.
+
+    Applies to the AOQ layers at the run's bit-width (not the 8-bit first and last)."""
 
     def __init__(self, cfg: AOQScheduleConfig, model: nn.Module) -> None:
         self.cfg = cfg
@@ -81,11 +88,11 @@ class AOQSchedule(Policy):
     def on_step_start(self, step: int, total: int) -> None:
         t1, t2, a = self.cfg.stage1_end * total, self.cfg.stage2_end * total, self.cfg.alpha_end
         previous = self.stage
-        if step < t1:
+        if step <= t1:
             self.stage = 1
-            self.alpha = (1 + a) / 2 + (1 - a) / 2 * math.cos(math.pi * step / t1)
+            self.alpha = a + (1 - a) / 2 * (1 + math.cos(math.pi * step / t1))  # a at t = T1
         else:
-            self.stage = 2 if step < t2 else 3
+            self.stage = 2 if step <= t2 else 3
             self.alpha = a
         # s_le follows alpha in stage 1 and is learned from a * s0 once stage 1 ends (checked
         # against the previous step's stage, so a resumed run keeps its learned s_le)

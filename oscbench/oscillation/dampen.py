@@ -16,14 +16,16 @@ from oscbench.registry import check
 
 @dataclass
 class DampenConfig:
-    lambda_start: float  # Nagel et al.: 0
+    lambda_start: float  # Nagel et al.: 0 (--oscillations-dampen-weight)
     lambda_end: float  # Nagel et al.: 0.1 (their ImageNet runs)
-    start: float  # off before this share of training (Nagel et al.: 0.25), then cosine
+    start: float  # lambda_start before this share of training (Nagel et al.: 0.25), then cosine
     aggregation: (
         str  # kernel_mean (Nagel's default): sum over output channels, then mean; sum; mean
     )
 
     def __post_init__(self) -> None:
+        check(self.lambda_start >= 0, "policy.dampen.lambda_start", self.lambda_start, ">= 0")
+        check(self.lambda_end >= 0, "policy.dampen.lambda_end", self.lambda_end, ">= 0")
         check(0 <= self.start < 1, "policy.dampen.start", self.start, "0 <= x < 1")
         check(
             self.aggregation in ("kernel_mean", "sum", "mean"),
@@ -62,9 +64,11 @@ def _divisor(w: torch.Tensor, how: str) -> int:
 
 class Dampen(Policy):
     """L += lambda(t) sum_layers agg((w_q.detach() - clip(w, s n, s p))^2) over every
-    quantized layer. w_q and the clipping range are detached, so the step size takes no
-    gradient from this term; it only pulls latent weights towards their grid point.
-    lambda = 0 before `start` T, then a cosine from lambda_start to lambda_end at T."""
+    quantized layer (Qualcomm-AI-research/oscillations-qat, `utils/qat_utils.py`:
+    `DampeningLoss`, `dampening_loss`). w_q and the clipping range are detached, so the step
+    size takes no gradient from this term; it only pulls latent weights towards their grid
+    point. lambda(t), on Nagel's iteration counter t = step + 1: lambda_start before
+    `start` T, then a cosine from lambda_start to lambda_end, reached at the last step."""
 
     def __init__(self, cfg: DampenConfig, model: nn.Module) -> None:
         self.cfg = cfg
@@ -73,8 +77,9 @@ class Dampen(Policy):
         self.loss = EpochMean()
 
     def on_step_start(self, step: int, total: int) -> None:
+        cfg = self.cfg
         self.lam = delayed_cosine(
-            step, total, self.cfg.start, self.cfg.lambda_start, self.cfg.lambda_end
+            step + 1, total, cfg.start, cfg.lambda_start, cfg.lambda_end, before=cfg.lambda_start
         )
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:

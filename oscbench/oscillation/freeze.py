@@ -1,5 +1,8 @@
 """Iterative weight freezing (Nagel et al., ICML 2022, "Overcoming Oscillations in
-Quantization-Aware Training", arXiv:2203.11086, Sec. 4.2)."""
+Quantization-Aware Training", arXiv:2203.11086, Sec. 4.2; code:
+Qualcomm-AI-research/oscillations-qat, `utils/oscillation_tracking_utils.py`:
+`TrackOscillation.__call__` and `check_init`, schedule in `utils/qat_utils.py`:
+`UpdateFreezingThreshold`)."""
 
 from __future__ import annotations
 
@@ -39,19 +42,30 @@ class FreezeState(nn.Module):
         super().__init__()
         self.register_buffer("frozen", torch.zeros_like(codes, dtype=torch.bool))
         self.register_buffer("code", torch.zeros_like(codes, dtype=torch.int8))
-        self.register_buffer("ema_code", codes.float())
+        self.register_buffer("ema_code", torch.zeros_like(codes, dtype=torch.float32))
 
 
 class Freeze(Policy):
-    """A weight whose oscillation frequency f (the tracker's EMA, same momentum) exceeds
-    f_th(t) is frozen for good to round(EMA of its integer code), the EMA taken before this
-    step's codes enter it. f_th = 0 (off) before `start` T, then a cosine from
-    threshold_start to threshold_end at T.
+    """Freezes, for good, each weight whose oscillation frequency f (the tracker's EMA, same
+    momentum m) exceeds the threshold f_th(t), to round(EMA of its integer code).
 
-    Nagel et al. only override the frozen integer code in the forward pass, so momentum
-    and weight decay keep moving the latent weight. Here a frozen weight's gradient is
-    zeroed after backward and, after every optimizer step, its latent value is put back at
-    the centre of its frozen code's bin: the code never changes and nothing drifts. Masks,
+    As in Nagel et al.'s code, step by step (t = step + 1, their iteration counter):
+    f_th(t) = 0 while t < `start` T, then a cosine from threshold_start to threshold_end,
+    reached at the last step. Before the forward of iteration t, with the frequencies the
+    trackers hold after the previous step: at the first t with f_th > 0 the code EMA is
+    created from the current codes (`check_init`); while f_th > 0, weights with f > f_th
+    that are not yet frozen take round(EMA) as their frozen code (the EMA before this
+    update), then the EMA takes this step's codes. A weight frozen at iteration t still gets
+    its gradient in iteration t and is frozen from the next forward on; the trackers see
+    frozen weights at their frozen codes, never switching.
+
+    One deliberate difference: Nagel et al. substitute the frozen code in the forward pass
+    and let momentum and weight decay keep moving the latent weight. Here a frozen weight's
+    gradient is zeroed after backward and, after every optimizer step, its latent value is
+    put back at the centre of its frozen code's bin, so that the forward pass needs no
+    substitution: the code never changes and nothing drifts. A consequence for LSQ: a
+    frozen weight adds (code - w/s) = 0 to the step size's gradient, where Nagel's
+    substituted constant code adds the code itself, as a clipped weight does. Masks,
     codes and EMAs are buffers (saved in checkpoints; Nagel's were not).
     """
 
@@ -59,19 +73,37 @@ class Freeze(Policy):
         self.cfg = cfg
         self.threshold_end = cfg.threshold_end or (0.011 if bits == 3 else 0.01)
         self.f_th = 0.0
+        self.started = False  # the code EMAs exist from the first step with f_th > 0
         self.layers = [m for _, m in quantized_layers(model) if m.tracker is not None]
         if not self.layers:
             raise ConfigError("policy=freeze found no tracked layer: it needs a quantized model")
+        self.new: list[torch.Tensor | None] = [None] * len(self.layers)  # frozen at this step
 
     def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
         for layer in self.layers:
             if not hasattr(layer, "freeze_state"):
                 layer.freeze_state = FreezeState(layer.tracker.code)
 
+    @torch.no_grad()
     def on_step_start(self, step: int, total: int) -> None:
+        cfg = self.cfg
         self.f_th = delayed_cosine(
-            step, total, self.cfg.start, self.cfg.threshold_start, self.threshold_end
+            step + 1, total, cfg.start, cfg.threshold_start, self.threshold_end, before=0.0
         )
+        if self.f_th == 0:
+            return
+        for i, layer in enumerate(self.layers):
+            st, tr = layer.freeze_state, layer.tracker
+            if not self.started:
+                st.ema_code.copy_(tr.code)
+            new = torch.gt(tr.freq, self.f_th).gt_(st.frozen)  # above f_th, not yet frozen
+            # code = where(new, round(EMA), code), branch-free (see the tracker):
+            # code ^= (code ^ round(EMA)) & -new
+            flip = st.ema_code.round().to(torch.int8).bitwise_xor_(st.code)
+            st.code.bitwise_xor_(flip.bitwise_and_(new.view(torch.int8).neg()))
+            st.ema_code.mul_(1 - tr.momentum).add_(tr.code, alpha=tr.momentum)
+            self.new[i] = new
+        self.started = True
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
@@ -81,18 +113,18 @@ class Freeze(Policy):
 
     @torch.no_grad()
     def on_step_end(self, model: nn.Module) -> None:
-        for layer in self.layers:
-            st, tr = layer.freeze_state, layer.tracker
-            if self.f_th > 0:
-                new = torch.gt(tr.freq, self.f_th).gt_(st.frozen)  # above f_th, not yet frozen
-                # code = where(new, round(EMA), code), branch-free (see the tracker):
-                # code ^= (code ^ round(EMA)) & -new
-                flip = st.ema_code.round().to(torch.int8).bitwise_xor_(st.code)
-                st.code.bitwise_xor_(flip.bitwise_and_(new.view(torch.int8).neg()))
-                st.frozen.logical_or_(new)
-            st.ema_code.mul_(1 - tr.momentum).add_(tr.code, alpha=tr.momentum)
-            q, w = layer.weight_quantizer, layer.weight
+        for i, layer in enumerate(self.layers):
+            st, q, w = layer.freeze_state, layer.weight_quantizer, layer.weight
+            if self.new[i] is not None:
+                st.frozen.logical_or_(self.new[i])
+                self.new[i] = None
             torch.where(st.frozen, q.code_centre(st.code.float(), w), w, out=w)
+
+    def state_dict(self) -> dict:
+        return {"started": self.started}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.started = state["started"]
 
     def metrics(self) -> dict[str, float]:
         frozen = sum(int(layer.freeze_state.frozen.sum()) for layer in self.layers)

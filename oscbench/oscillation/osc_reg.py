@@ -1,5 +1,6 @@
 """The oscillation regulariser (Wenshoj, Pepin, Selvan, TMLR 2025, "Oscillations make
-neural networks robust to quantization")."""
+neural networks robust to quantization"; code: saintslab/osc_reg, `osciquant/quantizers.py`
+and the `OsciQuantLoss` of its README)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from oscbench.registry import check
 class OscRegConfig:
     lam: float  # Wenshoj et al.: 1
     bits: int | None  # grid of the regulariser; null = the run's `bits`
+    detach_scale: bool  # false: s = max|w|/p takes gradient, as in their code; true: detached
 
     def __post_init__(self) -> None:
         check(self.lam >= 0, "policy.osc_reg.lam", self.lam, ">= 0")
@@ -30,14 +32,16 @@ class OscRegConfig:
 
 class OscReg(Policy):
     """Full-precision training with L = L_task + lam sum_layers mean(q(w)^2 - w^2), where q
-    rounds to nearest on a symmetric per-tensor grid s = max|w| / (2^(b-1) - 1) (detached)
-    and is NOT detached: through the straight-through round the extra gradient is
+    rounds to nearest on a symmetric per-tensor grid s = max|w| / (2^(b-1) - 1) and is NOT
+    detached: through the straight-through round the extra gradient is
     lam 2 (q(w) - w) / numel per layer, pushing weights towards thresholds as QAT does.
-    Conv and linear weights only: norm layers are excluded."""
+    As in their code, s takes gradient as well, which reaches each tensor's
+    largest-magnitude weight (`detach_scale: true` detaches it). Conv and linear weights
+    only: norm layers are excluded."""
 
     def __init__(self, cfg: OscRegConfig, model: nn.Module, bits: int) -> None:
         self.lam = cfg.lam
-        self.q = RTNQuantizer(cfg.bits or bits, per_channel=False)
+        self.q = RTNQuantizer(cfg.bits or bits, per_channel=False, scale_grad=not cfg.detach_scale)
         self.weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.loss = EpochMean()
 

@@ -26,7 +26,8 @@ class Policy:
         `total_steps` includes every policy's extra epochs."""
 
     def on_step_start(self, step: int, total: int) -> None:
-        """Before the forward pass of optimizer step `step` (0-based) of `total`."""
+        """Before the forward pass of optimizer step `step` (0-based) of `total`; the
+        trackers hold the codes this forward will use."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss, or None."""
@@ -36,7 +37,8 @@ class Policy:
         """After backward, before the optimizer step (e.g. gradient masking)."""
 
     def on_step_end(self, model: nn.Module) -> None:
-        """After the optimizer step and the trackers' update (e.g. restoring frozen weights)."""
+        """After the optimizer step, before the trackers read the new codes (e.g. putting
+        back weights the step must not move, so that the trackers never count them)."""
 
     def metrics(self) -> dict[str, float]:
         """Schedule values and loss terms for the epoch record (called once per epoch)."""
@@ -58,13 +60,17 @@ def build_policies(components, model: nn.Module, bits: int) -> list[Policy]:  # 
     return [POLICIES.get(c.name).build(c.options, model=model, bits=bits) for c in components]
 
 
-def delayed_cosine(step: int, total: int, begin: float, start: float, end: float) -> float:
-    """0 before `begin` * total steps (off), then a cosine from `start` to `end` at `total`
-    (Nagel et al.'s schedule for the dampening weight and the freezing threshold)."""
+def delayed_cosine(
+    t: int, total: int, begin: float, start: float, end: float, before: float
+) -> float:
+    """Nagel et al.'s schedule of the dampening weight and the freezing threshold
+    (oscillations-qat, `utils.CosineTempDecay` with the handlers in `utils/qat_utils.py`),
+    on their iteration counter t = 1..total (ignite's, which starts at 1): `before` while
+    t < begin * total, then a cosine from `start` to `end`, which it reaches at t = total."""
     first = begin * total
-    if step < first:
-        return 0.0
-    progress = min((step - first) / max(total - first, 1), 1.0)
+    if t < first:
+        return before
+    progress = min((t - first) / max(total - first, 1), 1.0)
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
 

@@ -21,26 +21,35 @@ class RTNConfig:
 
 
 class RTNQuantizer(Quantizer):
-    """Symmetric: s = max|w| / (2^(b-1) - 1) from the tensor itself (detached), codes in
+    """Symmetric: s = max|w| / (2^(b-1) - 1) from the tensor itself, codes in
     [-(2^(b-1)-1), 2^(b-1)-1] (2 bits is ternary), round to nearest; the straight-through
-    estimator is the identity. Weights only."""
+    estimator is the identity. Weights only.
+
+    `scale_grad`: the scale takes gradient too (through each tensor's largest-magnitude
+    weight), as in Wenshoj et al.'s code (saintslab/osc_reg, `osciquant/quantizers.py`:
+    `UniformQuantizer`, RoundSTE(w / s) * s with s not detached); off, s is detached."""
 
     signed = True
 
-    def __init__(self, bits: int, per_channel: bool) -> None:
+    def __init__(self, bits: int, per_channel: bool, scale_grad: bool = False) -> None:
         super().__init__(bits)
         self.per_channel = per_channel
+        self.scale_grad = scale_grad
         self.p = 2 ** (bits - 1) - 1
 
     def init_from(self, x: torch.Tensor) -> None:
         self.ready = True  # the scale is recomputed from the tensor on every call
 
-    def scale(self, w: torch.Tensor) -> torch.Tensor:
-        w = w.detach().abs()
-        m = w.flatten(1).amax(dim=1) if self.per_channel else w.amax()
+    def scale(self, w: torch.Tensor, detach: bool = True) -> torch.Tensor:
+        a = (w.detach() if detach else w).abs()
+        m = a.flatten(1).amax(dim=1) if self.per_channel else a.amax()
         return channel_view(m.clamp_min(1e-12) / self.p, w, self.per_channel)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.scale_grad:
+            s = self.scale(w, detach=False)
+            t = w / s
+            return straight_through(torch.round(t), t) * s
         s = self.scale(w)
         return straight_through(torch.clamp(torch.round(w.detach() / s), -self.p, self.p) * s, w)
 
