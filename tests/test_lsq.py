@@ -9,6 +9,8 @@ from oscbench.quant.base import int_range
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer, lsq_quantize
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
+
 
 def _grads(fn, x, s, go):
     x = x.clone().requires_grad_()

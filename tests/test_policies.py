@@ -16,6 +16,8 @@ from oscbench.quant.rtn import RTNQuantizer
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, aoq_coef, build_config, fit, run_config
 
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
+
 # --- AOQ schedule ------------------------------------------------------------------
 
 

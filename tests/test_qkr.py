@@ -10,6 +10,8 @@ from oscbench.registry import ConfigError
 from tests.bounds import assert_within, gamma, unit_roundoff
 from tests.conftest import build_config, fit
 
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
+
 DEIT = [
     "model=deit_tiny",
     "model.img_size=16",

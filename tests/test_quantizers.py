@@ -8,6 +8,8 @@ from oscbench.quant.rtn import RTNQuantizer
 from oscbench.quant.statsq import StatsQQuantizer
 from tests.conftest import aoq_coef
 
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
+
 
 def test_statsq_2bit_levels_are_half_steps_of_mean_abs_per_row():
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Where the papers' public code is clear, oscbench does what it does: one test per point
 found by comparing the two line by line (each names the reference file)."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -11,6 +12,8 @@ from oscbench.train import Accel, build_optimizer, train_step
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, build_config, fit
 from tests.test_qkr import DEIT
+
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
 
 def test_qkr_quantizes_w_qk_x_with_its_own_activation_quantizer():

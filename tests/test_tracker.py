@@ -1,8 +1,11 @@
 """The oscillation tracker on hand-written integer sequences with known counts."""
 
+import pytest
 import torch
 
 from oscbench.oscillation.tracker import OscillationTracker, TrackerConfig
+
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
 # one column per weight; rows are the codes after each optimizer step (row 0 = start)
 SEQ = torch.tensor(

@@ -15,6 +15,8 @@ from oscbench.train import build_optimizer, cosine_with_warmup, reestimate_bn, t
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import compose_config
 
+pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
+
 
 def _setup(overrides):
     spec = validate(compose_config(["device=cpu", "logger=none", *overrides]))
