@@ -7,32 +7,25 @@ fingerprint of the configuration so that a run directory never resumes a differe
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from oscbench.files import DamagedFile, write_atomic
 from oscbench.registry import ConfigError
 from oscbench.runs import fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model_final.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "policies", "rng", "epoch", "step", "history")
 
 
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temp file in the same directory, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict:
@@ -55,11 +48,23 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_for_resume(run_dir: Path, config: dict) -> dict | None:
-    """The run directory's checkpoint, if any; refuses one of another configuration."""
+    """The run directory's checkpoint, if any; refuses one of another configuration, and
+    one that is damaged (saying which file and what to do)."""
     path = run_dir / CHECKPOINT
     if not path.exists():
         return None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    fix = (
+        "remove it to train this run from the start, or start over with "
+        "trainer.resume=never (which replaces it)"
+    )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, corrupt or foreign: torch raises many kinds
+        raise DamagedFile(f"{path} is damaged ({type(e).__name__}: {e}); {fix}") from None
+    needed = (*CHECKPOINT_KEYS, "fingerprint", "elapsed_s")
+    missing = [k for k in needed if k not in ckpt] if isinstance(ckpt, dict) else list(needed)
+    if missing:
+        raise DamagedFile(f"{path} is not an oscbench checkpoint (no {', '.join(missing)}); {fix}")
     mine, theirs = fingerprint(config), ckpt["fingerprint"]
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:

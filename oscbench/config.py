@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from oscbench.data import DATASETS
 from oscbench.models import MODELS
@@ -77,23 +77,38 @@ class TrainerConfig:
         )
 
 
+# logger.mode, and W&B's older names for two of them (WANDB_MODE=dryrun, run)
+WANDB_MODES = {
+    "offline": "offline",
+    "online": "online",
+    "disabled": "disabled",
+    "dryrun": "offline",
+    "run": "online",
+}
+
+
 @dataclass
 class LoggerConfig:
     name: str  # wandb | none
-    mode: str  # offline (no account needed) | online | disabled
+    mode: str  # offline (no account needed) | online | disabled; default: $WANDB_MODE, else offline
     project: str
     entity: str | None = None
     group: str | None = None
     tags: list[str] = field(default_factory=list)
+    connect_timeout: float = 5.0  # online: seconds to reach the server before logging offline
+    init_timeout: float = 30.0  # seconds W&B's client may take to start a run
 
     def __post_init__(self) -> None:
         check(self.name in ("wandb", "none"), "logger", self.name, "wandb, none")
         check(
-            self.mode in ("offline", "online", "disabled"),
+            self.mode in WANDB_MODES,
             "logger.mode",
             self.mode,
-            "offline, online, disabled",
+            "offline, online, disabled (or W&B's dryrun, run; also read from $WANDB_MODE)",
         )
+        self.mode = WANDB_MODES[self.mode]
+        check(self.connect_timeout > 0, "logger.connect_timeout", self.connect_timeout, "> 0")
+        check(self.init_timeout > 0, "logger.init_timeout", self.init_timeout, "> 0")
 
 
 @dataclass
@@ -108,7 +123,8 @@ class Component:
 class RunSpec:
     """Everything a run needs, typed and checked."""
 
-    method: str
+    method: str  # what ran: the preset's name, or its components when they differ from it
+    preset: str  # the `method=` preset the configuration started from
     bits: int
     act_bits: int
     first_last_bits: int
@@ -123,13 +139,40 @@ class RunSpec:
     oscillation: TrackerConfig
     logger: LoggerConfig
     cross_bits: list[int]
+    ptq: bool  # full-precision training, then weights rounded to nearest at `bits`: the result
     data_dir: str
     init_from: str | None
+    init_strict: bool  # init_from must fill every tensor but a classifier of another shape
     qkr: str  # never | auto (for attention models) | always (refused without attention)
 
     @property
     def quantized(self) -> bool:
         return self.quantizer.name != "none"
+
+    @property
+    def bits_label(self) -> str:
+        """w<bits>a<act_bits>; a32 for full-precision activations; fp32 for a run whose
+        weights stay in full precision throughout."""
+        q, aq = self.quantizer.name, self.act_quantizer.name
+        return bits_label(self.bits, self.act_bits, q, aq, self.ptq)
+
+
+def bits_label(bits: int, act_bits: int, quantizer: str, act_quantizer: str, ptq: bool) -> str:
+    """The bit-widths a run actually used (also the run directory's name; see conf/)."""
+    if quantizer == "none":
+        return f"w{bits}a32" if ptq else "fp32"
+    return f"w{bits}a{act_bits if act_quantizer != 'none' else 32}"
+
+
+def method_label(method: DictConfig, quantizer: str, policies: list[str], ptq: bool) -> str:
+    """The preset's name when the run has the components the preset declares (its
+    quantizer, policies and ptq), else the components themselves: `lsq+dampen+freeze`,
+    `fp+osc_reg`, `ptq` (so `method=lsq policy=[dampen]` is never filed as plain lsq)."""
+    declared = (method.quantizer, sorted(method.policies), method.ptq)
+    if (quantizer, sorted(policies), ptq) == declared:
+        return str(method.name)
+    base = quantizer if quantizer != "none" else ("ptq" if ptq else "fp")
+    return "+".join([base, *policies])
 
 
 def _component(registry: Registry, node: Any, path: str) -> Component:
@@ -166,8 +209,18 @@ def validate(cfg: DictConfig) -> RunSpec:
         "auto, cpu, cuda, cuda:N",
     )
     policy_node = cfg.policy or {}
+    for key in ("ptq", "init_strict"):
+        check(isinstance(cfg[key], bool), key, cfg[key], "true, false")
+    method = cfg.method
+    for key in ("name", "quantizer", "policies", "ptq"):
+        if key not in method:
+            raise ConfigError(
+                f"method.{key} is missing: a preset in conf/method/ declares its name, "
+                "quantizer, policies and ptq (see conf/method/lsq.yaml)"
+            )
     spec = RunSpec(
-        method=str(cfg.method.name),
+        method=method_label(method, cfg.quantizer.name, list(policy_node), cfg.ptq),
+        preset=str(method.name),
         bits=_bits(cfg, "bits"),
         act_bits=_bits(cfg, "act_bits"),
         first_last_bits=_bits(cfg, "first_last_bits"),
@@ -184,18 +237,32 @@ def validate(cfg: DictConfig) -> RunSpec:
         trainer=parse(TrainerConfig, cfg.trainer, "trainer"),
         oscillation=parse(TrackerConfig, cfg.oscillation, "oscillation"),
         logger=parse(LoggerConfig, cfg.logger, "logger"),
-        cross_bits=list(cfg.cross_bits or []),
+        cross_bits=_cross_bits(cfg.cross_bits),
+        ptq=cfg.ptq,
         data_dir=str(cfg.data_dir),
         init_from=None if cfg.init_from is None else str(cfg.init_from),
+        init_strict=cfg.init_strict,
         qkr=str(cfg.qkr),
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
-    for b in spec.cross_bits:
+    check_combination(spec)
+    return spec
+
+
+def _cross_bits(value: Any) -> list[int]:
+    """A list of bit-widths; a single one (`cross_bits=3`) is taken as [3]."""
+    values = [value] if isinstance(value, int) else value
+    check(
+        value is None or isinstance(values, (list, ListConfig)),
+        "cross_bits",
+        value,
+        "a list of integers 2..8, e.g. cross_bits=[2,3,4,8]",
+    )
+    for b in values or []:
         check(
             isinstance(b, int) and b in BITS_RANGE, "cross_bits", b, "integers 2..8, e.g. [2,3,4,8]"
         )
-    check_combination(spec)
-    return spec
+    return list(values or [])
 
 
 NEEDS_QUANTIZER = ("dampen", "freeze", "cga", "aoq_schedule")
@@ -208,6 +275,11 @@ def check_combination(spec: RunSpec) -> None:
     q, names = spec.quantizer.name, [p.name for p in spec.policies]
     if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
         raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
+    if spec.ptq and q != "none":
+        raise ConfigError(
+            f"ptq=true rounds a full-precision model after training, but quantizer={q} trains "
+            "a quantized one; use ptq=false (cross_bits=[...] also evaluates it at other widths)"
+        )
     for name in names:
         if name in NEEDS_QUANTIZER and q == "none":
             raise ConfigError(
@@ -226,6 +298,13 @@ def check_combination(spec: RunSpec) -> None:
         raise ConfigError(
             "policy=osc_reg trains in full precision and quantizes after training, but "
             f"quantizer={q}; use quantizer=none (method=osc_reg)"
+        )
+    if q == "none" and spec.act_quantizer.name != "none":
+        raise ConfigError(
+            f"act_quantizer={spec.act_quantizer.name} quantizes the inputs of quantized layers, "
+            "but quantizer=none quantizes no layer, so the run would silently stay in full "
+            "precision; use act_quantizer=none (as method=fp does), or a weight quantizer "
+            "(quantizer=lsq)"
         )
     if spec.qkr == "always" and q == "none":
         raise ConfigError(

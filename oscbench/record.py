@@ -1,39 +1,27 @@
 """Run records: `results.json` written atomically in the run directory, mirrored to W&B.
 
 The local record is the source of truth (W&B is a mirror): it says whether a run
-completed, failed (with the error) or is still running, whatever a scheduler says.
+completed, failed (with the error) or is still running, whatever a scheduler says. A W&B
+failure is reported once and never stops, stalls or changes the record: an online run
+that cannot reach its server logs offline instead (upload later with `wandb sync`).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import platform
+import socket
 import sys
-import tempfile
 import time
 import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from oscbench.config import LoggerConfig
+from oscbench.console import warn
+from oscbench.files import DamagedFile, read_json, set_aside, write_json_atomic
 from oscbench.runs import RESULTS, run_key
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync, then rename over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def versions() -> dict[str, str]:
@@ -46,10 +34,26 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_tags(config: dict) -> list[str]:
+def machine(device: str) -> dict[str, Any]:
+    """Where the run's numbers came from: their last digits depend on the CPU's vector
+    width and the thread count (the order in which sums are added up), and the GPU."""
+    import torch
+
+    out = {
+        "device": device,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
+def run_tags(config: dict, bits: str) -> list[str]:
     """W&B tags that make runs easy to filter: bit-widths, model, dataset, seed."""
     return [
-        f"w{config.get('bits')}a{config.get('act_bits')}",
+        bits,
         str(config["model"]["name"]),
         str(config["dataset"]["name"]),
         f"seed{config.get('seed')}",
@@ -76,6 +80,113 @@ def flatten_epoch(record: dict) -> dict[str, float]:
     return flat
 
 
+class WandbMirror:
+    """One W&B run through W&B's own client. Every call is guarded: the first failure is
+    reported (once) and ends the mirroring; the run goes on with its local record."""
+
+    def __init__(self, logger: LoggerConfig, run_dir: Path) -> None:
+        self.logger = logger
+        self.run_dir = run_dir
+        self.run = None
+        self.info: dict[str, Any] = {}
+
+    def start(self, config: dict, name: str, job_type: str, tags: list[str], resume_id: str | None):
+        """Start (or, with `resume_id`, continue) the W&B run; returns what the record keeps
+        of it, or None if W&B could not start at all."""
+        mode = self.logger.mode
+        fallback = None
+        if mode == "online":
+            fallback = self._unreachable()
+        if fallback is None:
+            try:
+                self.run = self._init(config, name, job_type, tags, resume_id, mode)
+            except Exception as e:  # W&B raises many kinds: none of them may stop the run
+                if mode != "online":
+                    warn(
+                        f"W&B could not start ({type(e).__name__}: {e}); training goes on, "
+                        "results.json holds everything"
+                    )
+                    return None
+                fallback = f"{type(e).__name__}: {e}".strip()
+        if fallback is not None:
+            try:
+                self.run = self._init(config, name, job_type, tags, resume_id, "offline")
+            except Exception as e:
+                warn(
+                    f"W&B could not start online ({fallback}) nor offline "
+                    f"({type(e).__name__}: {e}); training goes on without it"
+                )
+                return None
+            mode = "offline"
+        self.info = {"mode": mode, "id": self.run.id, "dir": str(Path(self.run.dir).parent)}
+        if fallback is not None:
+            self.info["online_failed"] = fallback
+            warn(
+                f"W&B online is unavailable ({fallback}); logging offline instead: upload "
+                f"later with `wandb sync {self.info['dir']}`"
+            )
+        return self.info
+
+    def _unreachable(self) -> str | None:
+        """Why the W&B server cannot be reached right now (a TCP connect with a short
+        timeout, so a machine without network does not wait for W&B's own retries), or None."""
+        import wandb
+
+        url = urlparse(wandb.setup().settings.base_url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname, port), self.logger.connect_timeout).close()
+        except OSError as e:
+            return f"cannot connect to {url.scheme}://{url.netloc}: {e}"
+        return None
+
+    def _init(self, config, name, job_type, tags, resume_id, mode):  # noqa: ANN001, ANN202
+        import wandb
+
+        return wandb.init(
+            project=self.logger.project,
+            entity=self.logger.entity,
+            group=self.logger.group,
+            job_type=job_type,
+            tags=[*self.logger.tags, *tags],
+            name=name,
+            config=config,
+            dir=str(self.run_dir),
+            mode=mode,
+            reinit="finish_previous",
+            id=resume_id,
+            resume="allow" if resume_id else None,
+            settings=wandb.Settings(
+                silent=True, console="off", init_timeout=self.logger.init_timeout
+            ),
+        )
+
+    def _guard(self, what: str, fn) -> None:  # noqa: ANN001
+        if self.run is None:
+            return
+        try:
+            fn(self.run)
+        except Exception as e:
+            warn(
+                f"W&B failed to {what} ({type(e).__name__}: {e}); mirroring stops here, "
+                "results.json goes on"
+            )
+            self.run = None
+
+    def log(self, metrics: dict, step: int | None = None) -> None:
+        self._guard("log", lambda run: run.log(metrics, step=step))
+
+    def summarise(self, final: dict) -> None:
+        scalars = {k: v for k, v in final.items() if not isinstance(v, (list, dict))}
+        self._guard("write the summary", lambda run: run.summary.update(scalars))
+        if "osc_count_hist" in final:
+            self.log({"osc/count_per_weight": count_histogram(final["osc_count_hist"])})
+
+    def finish(self, ok: bool) -> None:
+        self._guard("finish", lambda run: run.finish(exit_code=0 if ok else 1))
+        self.run = None
+
+
 class Recorder:
     """Context manager around one run: keeps `results.json` current after every epoch,
     mirrors to W&B when `logger.name == "wandb"`, and always finishes the W&B run (so a
@@ -86,73 +197,75 @@ class Recorder:
         run_dir: Path,
         config: dict,
         logger: LoggerConfig,
+        labels: dict[str, str],
         name: str,
-        history: list[dict] | None = None,
+        machine_info: dict,
+        resume: dict | None = None,
     ) -> None:
-        """`history`: epochs restored from a checkpoint (a resumed run); the W&B run of
-        the earlier attempt, if recorded, is continued."""
+        """`labels`: what ran (`method`, `bits`: e.g. lsq+dampen, w2a32); `name`: the run's
+        name in W&B. `resume`: the checkpoint a resumed run continues from; its epochs, its
+        wall time so far and the W&B run of the earlier attempt carry on."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RESULTS
         self.logger = logger
-        self.name = name
-        self.start = time.time()
-        previous = json.loads(self.path.read_text()) if history and self.path.exists() else {}
-        self.wandb_id = previous.get("wandb", {}).get("id")
+        self.labels = labels
+        self.start = time.time() - (resume["elapsed_s"] if resume else 0.0)
+        previous = self._previous()
+        history = list(resume["history"]) if resume else []
         self.data: dict[str, Any] = {
             "status": "running",
+            **labels,
             "name": name,
             "key": run_key(config),
             "run_dir": str(self.run_dir.resolve()),
             "command": " ".join(sys.argv),
             "config": config,
-            "history": list(history or []),
-            "resumed_at_epoch": len(history) if history else None,
+            "history": history,
+            "resumed_at_epoch": len(history) if resume else None,
+            "attempts": previous.get("attempts", 1) + 1 if resume else 1,
             "final": {},
             "versions": versions(),
+            "machine": machine_info,
             "wall_time_s": 0.0,
         }
-        self.wandb_run = None
+        self.wandb_id = previous.get("wandb", {}).get("id") if resume else None
+        self.mirror = WandbMirror(logger, self.run_dir) if logger.name == "wandb" else None
+
+    def _previous(self) -> dict:
+        """The record already in the run directory; a damaged one is set aside and said so."""
+        if not self.path.exists():
+            return {}
+        try:
+            return read_json(self.path)
+        except (DamagedFile, OSError) as e:
+            aside = set_aside(self.path)
+            warn(f"{e}; kept as {aside} and replaced by this run's record")
+            return {}
 
     def __enter__(self) -> Recorder:
         self._save()
-        if self.logger.name == "wandb":
-            self._init_wandb()
+        if self.mirror is not None:
+            cfg = self.data["config"]
+            info = self.mirror.start(
+                cfg,
+                self.data["name"],
+                self.labels["method"],
+                run_tags(cfg, self.labels["bits"]),
+                self.wandb_id,
+            )
+            if info is not None:
+                self.data["wandb"] = info
+                self._save()
         return self
-
-    def _init_wandb(self) -> None:
-        import wandb
-
-        cfg = self.data["config"]
-        self.wandb_run = wandb.init(
-            project=self.logger.project,
-            entity=self.logger.entity,
-            group=self.logger.group,
-            job_type=cfg.get("method", {}).get("name"),
-            tags=[*self.logger.tags, *run_tags(cfg)],
-            name=self.name,
-            config=cfg,
-            dir=str(self.run_dir),
-            mode=self.logger.mode,
-            reinit="finish_previous",
-            id=self.wandb_id,
-            resume="allow" if self.wandb_id else None,
-            settings=wandb.Settings(silent=True, console="off"),
-        )
-        self.data["wandb"] = {
-            "mode": self.logger.mode,
-            "id": self.wandb_run.id,
-            "dir": str(Path(self.wandb_run.dir).parent),
-        }
-        self._save()
 
     def log_epoch(self, record: dict) -> None:
         self.data["history"].append(record)
         self._save()
-        if self.wandb_run is not None:
+        if self.mirror is not None:
             metrics = flatten_epoch(record)
             if record.get("osc"):
                 metrics["osc/count_hist"] = count_histogram(record["osc"]["count_hist"])
-            self.wandb_run.log(metrics, step=record["epoch"])
+            self.mirror.log(metrics, step=record["epoch"])
 
     def finish(self, final: dict) -> None:
         """Record the final metrics (W&B: in the summary, plus the per-weight oscillation
@@ -160,27 +273,26 @@ class Recorder:
         self.data["final"] = final
         self.data["status"] = "completed"
         self._save()
-        if self.wandb_run is not None:
-            self.wandb_run.summary.update(
-                {k: v for k, v in final.items() if not isinstance(v, (list, dict))}
-            )
-            if "osc_count_hist" in final:
-                hist = count_histogram(final["osc_count_hist"])
-                self.wandb_run.log({"osc/count_per_weight": hist})
+        if self.mirror is not None:
+            self.mirror.summarise(final)
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
         if exc is not None:
             self.data["status"] = "failed"
             self.data["error"] = "".join(traceback.format_exception(exc_type, exc, tb))
             self._save()
-        if self.wandb_run is not None:
-            self.wandb_run.finish(exit_code=0 if exc is None else 1)
-            self.wandb_run = None
+        if self.mirror is not None:
+            self.mirror.finish(ok=exc is None)
+
+    @property
+    def elapsed(self) -> float:
+        """Wall time of the run so far, every attempt up to the checkpoint it resumed from."""
+        return time.time() - self.start
 
     def _save(self) -> None:
-        self.data["wall_time_s"] = time.time() - self.start
+        self.data["wall_time_s"] = self.elapsed
         write_json_atomic(self.path, self.data)
 
 
 def load_results(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / RESULTS).read_text())
+    return read_json(Path(run_dir) / RESULTS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
-from oscbench.config import Component, RunSpec, resolved, validate
+from oscbench.config import Component, RunSpec, bits_label, resolved, validate
+from oscbench.console import epoch_line, print_summary, say
 from oscbench.data import Data, build_data
 from oscbench.models import build_model
 from oscbench.models.init import load_weights
 from oscbench.oscillation import attach_trackers, oscillation_counts
 from oscbench.oscillation.policy import Policy, build_policies
+from oscbench.preflight import reject, remove_if_unused
 from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
 from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention
-from oscbench.record import Recorder, load_results
+from oscbench.record import Recorder, load_results, machine
 from oscbench.registry import ConfigError
 from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
 from oscbench.train import deterministic_cpu, evaluate, reestimate_bn, train
@@ -37,6 +38,7 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 OmegaConf.register_new_resolver(
     "oscbench_suffix", lambda s: f"-{s.replace('/', '_')}" if s else "", replace=True
 )
+OmegaConf.register_new_resolver("oscbench_bits", bits_label, replace=True)
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,8 +52,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def run_name(spec: RunSpec) -> str:
-    bits = f"w{spec.bits}a{spec.act_bits}" if spec.quantized else "fp32"
-    return f"{spec.method}-{bits}-{spec.model.name}-{spec.dataset.name}-s{spec.seed}"
+    return f"{spec.method}-{spec.bits_label}-{spec.model.name}-{spec.dataset.name}-s{spec.seed}"
 
 
 @dataclass
@@ -72,10 +73,11 @@ def build(spec: RunSpec) -> Built:
     if device.type == "cpu":
         deterministic_cpu()
     data = build_data(spec.dataset, seed=spec.seed, device=device)
-    model = build_model(spec.model, data.num_classes, data.in_channels).to(device)
+    model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
+    model = model.to(device)
     init = None
     if spec.init_from:
-        init = load_weights(model, Path(spec.init_from))
+        init = load_weights(model, Path(spec.init_from), strict=spec.init_strict)
         init["acc"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
     if spec.quantized:
         plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
@@ -102,7 +104,7 @@ def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
     final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
     reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
     final["acc_bn"] = evaluate(model, data, cfg.eval_batch_size)["acc"]
-    ptq_bits = [spec.bits] if spec.cross_bits and not spec.quantized else []
+    ptq_bits = [spec.bits] if spec.ptq else []
     final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.first_last_bits, cfg)
     final["threshold_distance"] = threshold_distance_histogram(
         model, spec.bits, spec.first_last_bits
@@ -129,20 +131,25 @@ def fp_counterpart(spec: RunSpec, config: dict) -> tuple[RunSpec, dict]:
     model, data, seed and trainer, without quantizers or policies."""
     fp_config = copy.deepcopy(config)
     fp_config |= {
-        "method": {"name": "fp"},
+        "method": {"name": "fp", "quantizer": "none", "policies": [], "ptq": False},
         "quantizer": {"name": "none"},
+        "act_quantizer": {"name": "none"},
         "policy": {},
         "init_from": None,
         "cross_bits": [],
+        "ptq": False,
         "qkr": "never",
     }
     fp_spec = dataclasses.replace(
         spec,
         method="fp",
+        preset="fp",
         quantizer=Component("none", None),
+        act_quantizer=Component("none", None),
         policies=[],
         init_from=None,
         cross_bits=[],
+        ptq=False,
         qkr="never",
     )
     return fp_spec, fp_config
@@ -156,7 +163,7 @@ def ensure_fp(spec: RunSpec, config: dict, root: Path) -> Path:
     found = find_completed(root, key)
     if found is None:
         fp_dir = root / "fp" / f"{spec.model.name}-{spec.dataset.name}-s{spec.seed}-{key[:8]}"
-        print(f"oscbench: init_from=fp: no completed fp run yet; training one in {fp_dir}")
+        say(f"oscbench: init_from=fp: no completed fp run yet; training one in {fp_dir}")
         execute(fp_spec, fp_config, fp_dir, search_root=root, fp_root=root)
         found = find_completed(root, key)  # here, or where a parallel job finished it first
     return found
@@ -182,7 +189,7 @@ def execute(
         if spec.trainer.resume == "auto":
             done = find_completed(search_root, key)
             if done is not None:
-                print(
+                say(
                     f"oscbench: {done} already holds this completed run "
                     "(trainer.resume=never trains it again)"
                 )
@@ -202,77 +209,46 @@ def execute(
 
 def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict | None) -> dict:
     built = build(spec)
+    epochs = spec.trainer.epochs + sum(p.extra_epochs for p in built.policies)
+    labels = {"method": spec.method, "bits": spec.bits_label}
+    where = machine(str(built.data.device))
+    rec = Recorder(run_dir, config, spec.logger, labels, run_name(spec), where, resume)
+    if resume is not None:
+        say(f"oscbench: resuming {run_dir} after epoch {resume['epoch']} of {epochs}")
     save = None
     if spec.trainer.checkpoint:
         stamp = fingerprint(config)
-        save = lambda state: save_atomic({**state, "fingerprint": stamp}, run_dir / CHECKPOINT)  # noqa: E731
-    history = resume["history"] if resume else []
-    with Recorder(run_dir, config, spec.logger, run_name(spec), history) as rec:
+
+        def save(state: dict) -> None:
+            state |= {"fingerprint": stamp, "elapsed_s": rec.elapsed}
+            save_atomic(state, run_dir / CHECKPOINT)
+
+    last = [0.0]
+
+    def on_epoch(record: dict) -> None:
+        rec.log_epoch(record)
+        now = time.time()
+        say(epoch_line(record, epochs, now - last[0]))
+        last[0] = now
+
+    with rec:
+        last[0] = time.time()
         history = train(
             built.model,
             built.data,
             spec.trainer,
             built.policies,
             spec.oscillation.threshold,
-            rec.log_epoch,
+            on_epoch,
             resume=resume,
             save=save,
         )
         final = final_metrics(spec, built, history)
         save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
-        final["wall_time_s"] = time.time() - rec.start
+        final["wall_time_s"] = rec.elapsed
         rec.finish(final)
-        print_summary(spec, rec.data, rec.path)
+    print_summary(spec, rec.data, rec.path)  # the record is complete: printing cannot change it
     return final
-
-
-def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
-    final = results["final"]
-    what = f"W{spec.bits}A{spec.act_bits}" if spec.quantized else "full precision"
-    rows = [
-        (
-            "test accuracy",
-            f"{final['acc']:.2f} %  (after BN re-estimation: {final['acc_bn']:.2f} %)",
-        )
-    ]
-    if "osc_share" in final:
-        rows += [
-            (
-                "oscillating weights",
-                f"{100 * final['osc_share']:.2f} %  (frequency > "
-                f"{spec.oscillation.threshold}, {final['tracked_weights']:,} tracked weights)",
-            ),
-            (
-                "crossings",
-                f"{final['crossings_last_epoch']:,} in the last epoch, "
-                f"{final['crossings_total']:,} in all",
-            ),
-        ]
-    else:
-        rows.append(("oscillation", "not tracked (no quantized weights)"))
-    ptq = [f"{k[4:-3]} bit {v:.2f} %" for k, v in final.items() if k.startswith("acc@")]
-    if ptq:
-        rows.append(("rounded weights", ", ".join(ptq)))
-    for key, value in final.items():
-        if key.endswith("frozen_share"):
-            rows.append((f"frozen ({key.split('/')[0]})", f"{100 * value:.2f} % of weights"))
-    if "init" in final:
-        rows.append(
-            (
-                "started from",
-                f"{final['init']['from']} ({final['init']['acc']:.2f} % before quantization)",
-            )
-        )
-    rows.append(("record", str(path)))
-    if "wandb" in results:
-        w = results["wandb"]
-        hint = f"  (upload: wandb sync {w['dir']})" if w["mode"] == "offline" else ""
-        rows.append((f"W&B ({w['mode']})", w["dir"] + hint))
-    head = (
-        f"oscbench: {spec.method} {what}, {spec.model.name} on {spec.dataset.name}, "
-        f"{spec.trainer.epochs} epochs in {final['wall_time_s']:.1f} s"
-    )
-    print("\n".join([head] + [f"  {k:<20} {v}" for k, v in rows]), flush=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -287,10 +263,10 @@ def main(cfg: DictConfig) -> float:
             spec.logger.group = spec.logger.group or root.name
             return execute(spec, config, run_dir, search_root=root, fp_root=root)["acc_bn"]
         return execute(spec, config, run_dir)["acc_bn"]
-    except ConfigError as e:  # bad input, or data not on disk: found before any training
+    except ConfigError as e:  # data not on disk, a damaged file: found before any training
         if hc.mode == RunMode.RUN:
-            print(f"oscbench: {e}", file=sys.stderr)
-            sys.exit(2)
+            remove_if_unused(run_dir, stop=Path.cwd())
+            reject(str(e))
         raise
 
 

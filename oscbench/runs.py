@@ -16,8 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from oscbench.console import warn
+from oscbench.files import DamagedFile, read_json
+
 RESULTS = "results.json"
-NOT_RESULTS = ("logger", "trainer.resume", "device", "data_dir")  # do not change results
+# labels and settings that do not change a run's results (`method` names the components,
+# which are in the config themselves: quantizer, policy, ptq)
+NOT_RESULTS = ("logger", "trainer.resume", "device", "data_dir", "method", "init_strict")
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
 BITS = ("bits", "act_bits", "first_last_bits")
 
@@ -44,9 +49,19 @@ def fingerprint(config: dict) -> dict[str, Any]:
         flat = _drop(flat, FP_UNUSED)
         if config.get("init_from") in (None, "fp"):  # init_from=fp applies to quantized runs
             flat.pop("init_from", None)
-        if not config.get("policy") and not config.get("cross_bits"):
+        if bits_free(config):
             flat = _drop(flat, BITS)
+    elif config.get("act_quantizer", {}).get("name") == "none":
+        flat.pop("act_bits", None)  # activations stay in full precision
     return flat
+
+
+def bits_free(config: dict) -> bool:
+    """A full-precision run without policies or rounding (`fp`) does not depend on the
+    bit-widths: one run serves every bit-width of a sweep."""
+    return (
+        config["quantizer"]["name"] == "none" and not config.get("policy") and not config.get("ptq")
+    )
 
 
 def run_key(config: dict) -> str:
@@ -56,11 +71,13 @@ def run_key(config: dict) -> str:
 
 
 def find_completed(root: Path, key: str) -> Path | None:
-    """The directory of a completed run with this key anywhere below `root`."""
+    """The directory of a completed run with this key anywhere below `root` (a record that
+    cannot be read is reported and passed over)."""
     for path in sorted(Path(root).rglob(RESULTS)):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            record = read_json(path)
+        except (OSError, DamagedFile) as e:
+            warn(f"passed over {path}: {e}")
             continue
         if record.get("status") == "completed" and record.get("key") == key:
             return path.parent

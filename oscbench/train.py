@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from oscbench.checkpoint import rng_state, set_rng_state
 from oscbench.config import TrainerConfig
@@ -197,8 +196,7 @@ def train(
         set_rng_state(resume["rng"])
         history, step, start = list(resume["history"]), resume["step"], resume["epoch"]
     epochs = cfg.epochs + extra_epochs
-    bar = tqdm(range(start, epochs), desc="epochs", unit="ep", disable=None, leave=False)
-    for epoch in bar:
+    for epoch in range(start, epochs):
         model.train()
         loss_sum = torch.zeros((), device=device)
         extra_sum = torch.zeros((), device=device)
@@ -258,6 +256,4 @@ def train(
                 }
             )
         on_epoch(record)
-        bar.set_postfix(val_acc=f"{val['acc']:.2f}", osc=f"{osc['osc_share']:.4f}" if osc else "-")
-    bar.close()
     return history

@@ -58,7 +58,7 @@ def test_a_timm_weights_file_loads_and_skips_a_different_classifier(tmp_path):
 
 def test_weights_of_another_model_are_refused(tmp_path):
     torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "r18.pth")
-    with pytest.raises(ConfigError, match="none of its weights fits this model"):
+    with pytest.raises(ConfigError, match="fills only 0 of the model's 20 tensors"):
         build_config([f"init_from={tmp_path / 'r18.pth'}"])
     with pytest.raises(ConfigError, match="no such file"):
         build_config([f"init_from={tmp_path / 'nothing'}"])

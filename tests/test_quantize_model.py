@@ -21,7 +21,7 @@ from tests.conftest import compose_config
 def _quantized(overrides=()):
     spec = validate(compose_config(["device=cpu", *overrides]))
     torch.manual_seed(0)
-    model = build_model(spec.model, num_classes=10, in_channels=1)
+    model = build_model(spec.model, num_classes=10, in_channels=1, image_size=8)
     fp_params = {n: p for n, p in model.named_parameters()}
     plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
     quantize_model(

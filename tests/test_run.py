@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from oscbench.config import LoggerConfig
-from oscbench.record import Recorder, load_results, write_json_atomic
+from oscbench.files import write_json_atomic
+from oscbench.record import Recorder, load_results, machine
 from tests.conftest import run_config
 
 
@@ -105,7 +106,9 @@ def test_sequential_wandb_runs_in_one_process_stay_separate(tmp_path):
 
 def test_failed_run_is_recorded_as_failed(tmp_path):
     logger = LoggerConfig(name="none", mode="disabled", project="x")
-    with pytest.raises(RuntimeError), Recorder(tmp_path, {"a": 1}, logger, "r") as rec:
+    labels = {"method": "lsq", "bits": "w4a4"}
+    rec = Recorder(tmp_path, {"a": 1}, logger, labels, "r", machine("cpu"))
+    with pytest.raises(RuntimeError), rec:
         rec.log_epoch({"epoch": 1, "val_acc": 50.0})
         raise RuntimeError("diverged")
     res = load_results(tmp_path)

@@ -22,7 +22,7 @@ def _setup(overrides):
     spec = validate(compose_config(["device=cpu", "logger=none", *overrides]))
     torch.manual_seed(spec.seed)
     data = build_data(spec.dataset, seed=spec.seed, device=torch.device("cpu"))
-    model = build_model(spec.model, data.num_classes, data.in_channels)
+    model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
     plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
     quantize_model(
         model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan

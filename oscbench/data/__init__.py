@@ -79,6 +79,10 @@ class TensorData:
         return self.x_train.shape[1]
 
     @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
+
+    @property
     def device(self) -> torch.device:
         return self.x_train.device
 
@@ -135,6 +139,7 @@ class LoaderData:
     seed: int
     device: torch.device
     workers: int
+    image_size: int
     in_channels: int = 3
 
     def steps_per_epoch(self, batch_size: int) -> int:

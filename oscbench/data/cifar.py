@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets
 
 from oscbench.data import DATASETS, TensorData, require
 
@@ -45,7 +44,9 @@ def _reader(cls: type, verify: bool) -> type:
     return Unverified
 
 
-def _load(name: str, cls: type, cfg: CifarConfig, seed: int, device: torch.device) -> TensorData:
+def _load(name: str, cfg: CifarConfig, seed: int, device: torch.device) -> TensorData:
+    from torchvision import datasets  # imported here: it takes seconds, and only CIFAR needs it
+
     root = Path(cfg.root)
     if not cfg.download:
         require(
@@ -55,7 +56,7 @@ def _load(name: str, cls: type, cfg: CifarConfig, seed: int, device: torch.devic
             f"get it with dataset.download=true (needs the internet) or unpack "
             f"https://www.cs.toronto.edu/~kriz/{ARCHIVE[name]} into {root}",
         )
-    reader = _reader(cls, cfg.verify)
+    reader = _reader(getattr(datasets, name.upper()), cfg.verify)
     train = reader(str(root), train=True, download=cfg.download)
     test = reader(str(root), train=False, download=cfg.download)
 
@@ -80,9 +81,9 @@ def _load(name: str, cls: type, cfg: CifarConfig, seed: int, device: torch.devic
 
 @DATASETS.register("cifar10", CifarConfig)
 def cifar10(cfg: CifarConfig, seed: int, device: torch.device) -> TensorData:
-    return _load("cifar10", datasets.CIFAR10, cfg, seed, device)
+    return _load("cifar10", cfg, seed, device)
 
 
 @DATASETS.register("cifar100", CifarConfig)
 def cifar100(cfg: CifarConfig, seed: int, device: torch.device) -> TensorData:
-    return _load("cifar100", datasets.CIFAR100, cfg, seed, device)
+    return _load("cifar100", cfg, seed, device)

@@ -8,8 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from oscbench.data import DATASETS, TensorData
 from oscbench.registry import check
@@ -26,6 +24,9 @@ class DigitsConfig:
 
 @DATASETS.register("digits", DigitsConfig)
 def digits(cfg: DigitsConfig, seed: int, device: torch.device) -> TensorData:
+    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
+    from sklearn.model_selection import train_test_split
+
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torchvision import datasets, transforms
 
 from oscbench.data import DATASETS, LoaderData, require
 from oscbench.registry import check
@@ -25,7 +24,11 @@ class FolderConfig:
         check(self.workers >= 0, "dataset.workers", self.workers, ">= 0")
 
 
-def _transforms(size: int, resize_test: bool) -> tuple[transforms.Compose, transforms.Compose]:
+def _transforms(size: int, resize_test: bool) -> tuple:
+    """torchvision's training and test transforms (imported here: torchvision takes seconds
+    to import, and a run that reads no image folder should not wait for it)."""
+    from torchvision import transforms
+
     norm = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = transforms.Compose(
         [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *norm]
@@ -41,15 +44,17 @@ def _transforms(size: int, resize_test: bool) -> tuple[transforms.Compose, trans
 class FileList(torch.utils.data.Dataset):
     """(path, label) pairs read with torchvision's image loader."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: transforms.Compose) -> None:
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[tuple[str, int]], transform) -> None:  # noqa: ANN001
+        from torchvision.datasets.folder import default_loader
+
+        self.samples, self.transform, self.load = samples, transform, default_loader
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        return self.transform(datasets.folder.default_loader(path)), label
+        return self.transform(self.load(path)), label
 
 
 @DATASETS.register("tinyimagenet", FolderConfig)
@@ -64,14 +69,17 @@ def tinyimagenet(cfg: FolderConfig, seed: int, device: torch.device) -> LoaderDa
     how = "unpack http://cs231n.stanford.edu/tiny-imagenet-200.zip there"
     for part in ("train", "val/images", "val/val_annotations.txt"):
         require(root / part, "tinyimagenet", layout, how)
+    from torchvision.datasets import ImageFolder
+
     train_tf, test_tf = _transforms(cfg.image_size, resize_test=False)
-    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
+    train = ImageFolder(str(root / "train"), transform=train_tf)
     val = []
     for line in (root / "val" / "val_annotations.txt").read_text().splitlines():
         if line.strip():
             name, wnid = line.split("\t")[:2]
             val.append((str(root / "val" / "images" / name), train.class_to_idx[wnid]))
-    return LoaderData(train, FileList(val, test_tf), len(train.classes), seed, device, cfg.workers)
+    test = FileList(val, test_tf)
+    return LoaderData(train, test, len(train.classes), seed, device, cfg.workers, cfg.image_size)
 
 
 @DATASETS.register("imagenet", FolderConfig)
@@ -86,9 +94,11 @@ def imagenet(cfg: FolderConfig, seed: int, device: torch.device) -> LoaderData:
             "download ILSVRC2012 from image-net.org and sort val/ into class folders "
             "(e.g. with the PyTorch examples' valprep.sh)",
         )
+    from torchvision.datasets import ImageFolder
+
     train_tf, test_tf = _transforms(cfg.image_size, resize_test=True)
-    train = datasets.ImageFolder(str(root / "train"), transform=train_tf)
-    val = datasets.ImageFolder(str(root / "val"), transform=test_tf)
+    train = ImageFolder(str(root / "train"), transform=train_tf)
+    val = ImageFolder(str(root / "val"), transform=test_tf)
     if val.classes != train.classes:
         raise ValueError(f"imagenet: val/ and train/ under {root} have different class folders")
-    return LoaderData(train, val, len(train.classes), seed, device, cfg.workers)
+    return LoaderData(train, val, len(train.classes), seed, device, cfg.workers, cfg.image_size)

@@ -23,7 +23,9 @@ def _block(cin: int, cout: int) -> list[nn.Module]:
 
 
 @MODELS.register("cnn_small", CnnSmallConfig)
-def cnn_small(cfg: CnnSmallConfig, num_classes: int, in_channels: int) -> nn.Module:
+def cnn_small(
+    cfg: CnnSmallConfig, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
     w = cfg.width
     return nn.Sequential(
         *_block(in_channels, w),

@@ -2,8 +2,10 @@
 
 Accepts an oscbench run directory (its `model_final.pt`, else its `checkpoint.pt`), an
 oscbench checkpoint file, or a plain state dict such as a timm weights file (`.pth`, `.pt`,
-`.bin`, `.safetensors`). Tensors are matched by name and shape; the rest (a classifier
-with another number of classes, quantizer or tracker state) is reported and skipped.
+`.bin`, `.safetensors`). Tensors are matched by name and shape. With `init_strict` (the
+default) every tensor of the model must be filled, except the classifier's when its shape
+differs (another number of classes: it keeps its fresh initialisation); without it,
+whatever matches is loaded. Either way the run says what was loaded and what was not.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 from torch import nn
 
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL
+from oscbench.console import say
+from oscbench.files import DamagedFile
 from oscbench.registry import ConfigError
 
 
@@ -25,31 +29,62 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             if (path / name).exists():
                 return read_state_dict(path / name)
         raise ConfigError(f"init_from={path}: a directory without {FINAL_MODEL} or {CHECKPOINT}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=path.name != CHECKPOINT)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=path.name != CHECKPOINT)
+    except Exception as e:  # truncated, corrupt, or not a weights file at all
+        raise DamagedFile(
+            f"init_from={path} cannot be read as PyTorch or safetensors weights "
+            f"({type(e).__name__}: {e}); is it complete, and a weights file?"
+        ) from None
     for key in ("model", "state_dict", "model_state_dict"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DamagedFile(
+            f"init_from={path} holds a {type(state).__name__}, not a state dict of tensors; "
+            "give a model's state_dict (or an oscbench run directory)"
+        )
     return state
 
 
-def load_weights(model: nn.Module, path: Path) -> dict:
-    """Copy matching tensors into `model`; returns what was loaded, skipped and missing."""
+def _classifier(model: nn.Module) -> str | None:
+    """The last Conv2d or Linear in module order (the layer a new number of classes changes)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return names[-1] if names else None
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def load_weights(model: nn.Module, path: Path, strict: bool) -> dict:
+    """Copy matching tensors into `model` and say what was loaded; returns what was loaded,
+    skipped (shape differs) and missing (not in the file)."""
     source = read_state_dict(path)
     target = model.state_dict()
     matched = {k: v for k, v in source.items() if k in target and target[k].shape == v.shape}
-    if not any(k.endswith("weight") for k in matched):
+    skipped = sorted(k for k in source if k not in matched and k in target)
+    missing = sorted(k for k in target if k not in matched and k not in skipped)
+    head = _classifier(model)
+    fresh_head = [k for k in skipped if head and k.rsplit(".", 1)[0] == head]
+    unfilled = [k for k in [*skipped, *missing] if k not in fresh_head]
+    if not any(k.endswith("weight") for k in matched) or (strict and unfilled):
+        hint = "; init_strict=false loads what matches" if matched else ""
         raise ConfigError(
-            f"init_from={path}: none of its weights fits this model (names or shapes differ); "
-            "is it a checkpoint of the same model?"
+            f"init_from={path} fills only {len(matched)} of the model's {len(target)} tensors "
+            f"(not filled: {_listed(unfilled)}): is it a checkpoint of the same model?{hint}"
         )
     model.load_state_dict(matched, strict=False)
-    return {
-        "from": str(path),
-        "loaded": len(matched),
-        "skipped": sorted(k for k in source if k not in matched and k in target),
-        "missing": sorted(k for k in target if k not in matched),
-    }
+    note = f"oscbench: init_from={path}: loaded {len(matched)} of {len(target)} tensors"
+    if fresh_head:
+        note += f"; kept fresh, shape differs: {_listed(fresh_head)} (the classifier)"
+    if unfilled:
+        note += f"; not filled: {_listed(unfilled)}"
+    say(note)
+    return {"from": str(path), "loaded": len(matched), "skipped": skipped, "missing": missing}

@@ -50,7 +50,9 @@ class Block(nn.Module):
 
 
 @MODELS.register("resnet20", ResNetCifarConfig)
-def resnet20(cfg: ResNetCifarConfig, num_classes: int, in_channels: int) -> nn.Module:
+def resnet20(
+    cfg: ResNetCifarConfig, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
     n, w = (cfg.depth - 2) // 6, cfg.width
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import timm
 from torch import nn
 
 from oscbench.models import MODELS
-from oscbench.registry import check
+from oscbench.registry import ConfigError, check
 
 
 @dataclass
@@ -36,7 +35,9 @@ class ViTConfig:
 
 
 @MODELS.register("resnet18", ConvNetConfig)
-def resnet18(cfg: ConvNetConfig, num_classes: int, in_channels: int) -> nn.Module:
+def resnet18(cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    import timm
+
     model = timm.create_model("resnet18", num_classes=num_classes, in_chans=in_channels)
     if cfg.stem == "cifar":
         model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
@@ -45,14 +46,28 @@ def resnet18(cfg: ConvNetConfig, num_classes: int, in_channels: int) -> nn.Modul
 
 
 @MODELS.register("mobilenetv2", ConvNetConfig)
-def mobilenetv2(cfg: ConvNetConfig, num_classes: int, in_channels: int) -> nn.Module:
+def mobilenetv2(
+    cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    import timm
+
     model = timm.create_model("mobilenetv2_100", num_classes=num_classes, in_chans=in_channels)
     if cfg.stem == "cifar":
         model.conv_stem.stride = (1, 1)
     return model
 
 
-def _deit(arch: str, cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.Module:
+def _deit(
+    arch: str, cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    import timm
+
+    if cfg.img_size != image_size:
+        raise ConfigError(
+            f"model.img_size={cfg.img_size}, but the dataset's images are {image_size}x"
+            f"{image_size}; set model.img_size={image_size} and a model.patch_size that "
+            f"divides it (e.g. model.patch_size={_patch_for(image_size)})"
+        )
     return timm.create_model(
         arch,
         num_classes=num_classes,
@@ -63,10 +78,17 @@ def _deit(arch: str, cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.M
 
 
 @MODELS.register("deit_tiny", ViTConfig)
-def deit_tiny(cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.Module:
-    return _deit("deit_tiny_patch16_224", cfg, num_classes, in_channels)
+def deit_tiny(cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return _deit("deit_tiny_patch16_224", cfg, num_classes, in_channels, image_size)
 
 
 @MODELS.register("deit_small", ViTConfig)
-def deit_small(cfg: ViTConfig, num_classes: int, in_channels: int) -> nn.Module:
-    return _deit("deit_small_patch16_224", cfg, num_classes, in_channels)
+def deit_small(cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return _deit("deit_small_patch16_224", cfg, num_classes, in_channels, image_size)
+
+
+def _patch_for(image_size: int) -> int:
+    """A patch size that divides the image into at least 4 x 4 patches."""
+    return max(
+        (p for p in (16, 8, 4, 2, 1) if image_size % p == 0 and image_size // p >= 4), default=1
+    )

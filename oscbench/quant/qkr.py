@@ -21,7 +21,6 @@ differs between methods.
 from __future__ import annotations
 
 import torch
-from timm.models.vision_transformer import Attention
 from torch import nn
 
 from oscbench.quant.base import Quantizer
@@ -30,7 +29,8 @@ from oscbench.registry import ConfigError
 
 
 class QKRAttention(nn.Module):
-    def __init__(self, attn: Attention, bits: int, act_bits: int, act_q) -> None:  # noqa: ANN001
+    def __init__(self, attn: nn.Module, bits: int, act_bits: int, act_q) -> None:  # noqa: ANN001
+        """`attn`: a timm `Attention` block."""
         super().__init__()
         if not isinstance(attn.q_norm, nn.Identity) or not isinstance(attn.k_norm, nn.Identity):
             raise ConfigError("qkr: attention with q/k normalisation cannot be reparameterised")
@@ -93,9 +93,15 @@ class QKRAttention(nn.Module):
         return self.proj(self.norm(out))
 
 
+def _attention_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from timm.layers import Attention  # timm is slow to import: only attention models need it
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+
+
 def apply_qkr(model: nn.Module, bits: int, act_bits: int, act_q) -> int:  # noqa: ANN001
     """Replace every timm attention block by its QKR form; returns how many."""
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention)]
+    found = _attention_blocks(model)
     for name, attn in found:
         parent, _, child = name.rpartition(".")
         qkr = QKRAttention(attn, bits, act_bits, act_q)
@@ -104,4 +110,4 @@ def apply_qkr(model: nn.Module, bits: int, act_bits: int, act_q) -> int:  # noqa
 
 
 def has_attention(model: nn.Module) -> bool:
-    return any(isinstance(m, Attention) for m in model.modules())
+    return bool(_attention_blocks(model))

@@ -1,0 +1,70 @@
+"""Checks before Hydra creates a run's directory: bad input is rejected with a one-line
+message (no traceback, nothing left on disk), and so is a run directory that cannot be
+written. A Hydra callback (`hydra.callbacks.preflight` in conf/config.yaml)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+HYDRA_FILES = (".hydra", "run.log", ".locks")  # what Hydra (and the run lock) put in a run dir
+
+
+def reject(message: str) -> None:
+    """Bad input: say what and how to fix it on stderr, exit 2 (Hydra lets SystemExit by)."""
+    print(f"oscbench: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_writable(directory: Path, key: str) -> None:
+    probe = directory / ".oscbench-write-test"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        reject(
+            f"cannot write the run directory {directory} ({e.strerror or e}); "
+            f"choose another with {key}=PATH, or make it writable"
+        )
+
+
+def remove_if_unused(run_dir: Path, stop: Path) -> None:
+    """Remove a run directory that holds nothing but what Hydra wrote into it (a run that
+    was rejected before it began), and its parents up to `stop` while they are empty."""
+    if not run_dir.is_dir() or any(p.name not in HYDRA_FILES for p in run_dir.iterdir()):
+        return
+    for name in HYDRA_FILES:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+    directory = run_dir
+    while directory != stop and stop in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent
+
+
+class Preflight(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from oscbench.config import validate
+        from oscbench.registry import ConfigError
+
+        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        try:
+            validate(task)
+        except ConfigError as e:
+            reject(str(e))
+        check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
