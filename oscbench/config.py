@@ -208,7 +208,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         device,
         "auto, cpu, cuda, cuda:N",
     )
-    policy_node = cfg.policy or {}
+    policy_node = cfg.get("policy") or {}  # policy=[] leaves no node at all
     for key in ("ptq", "init_strict"):
         check(isinstance(cfg[key], bool), key, cfg[key], "true, false")
     method = cfg.method

@@ -13,6 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 HYDRA_FILES = (".hydra", "run.log", ".locks")  # what Hydra (and the run lock) put in a run dir
+CREATED: list[Path] = []  # the directories this process created for its run, deepest first
 
 
 def reject(message: str) -> None:
@@ -23,6 +24,7 @@ def reject(message: str) -> None:
 
 def check_writable(directory: Path, key: str) -> None:
     probe = directory / ".oscbench-write-test"
+    CREATED[:] = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
@@ -34,9 +36,9 @@ def check_writable(directory: Path, key: str) -> None:
         )
 
 
-def remove_if_unused(run_dir: Path, stop: Path) -> None:
-    """Remove a run directory that holds nothing but what Hydra wrote into it (a run that
-    was rejected before it began), and its parents up to `stop` while they are empty."""
+def remove_if_unused(run_dir: Path) -> None:
+    """Undo what a run rejected before it began left on disk: Hydra's files in its run
+    directory, and the directories created for it, when nothing else is in them."""
     if not run_dir.is_dir() or any(p.name not in HYDRA_FILES for p in run_dir.iterdir()):
         return
     for name in HYDRA_FILES:
@@ -45,13 +47,11 @@ def remove_if_unused(run_dir: Path, stop: Path) -> None:
             shutil.rmtree(target, ignore_errors=True)
         else:
             target.unlink(missing_ok=True)
-    directory = run_dir
-    while directory != stop and stop in directory.parents:
+    for directory in CREATED:
         try:
             directory.rmdir()
         except OSError:
             return
-        directory = directory.parent
 
 
 class Preflight(Callback):

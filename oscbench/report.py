@@ -3,9 +3,13 @@
     python -m oscbench.report multirun/compare_methods-cnn_small-digits [--out DIR]
     python -m oscbench.report --wandb ENTITY/PROJECT --out DIR   # runs logged online
 
-Accuracy is after BN re-estimation. Runs trained in full precision without policies (`fp`)
-do not depend on the bit-width and fill every bit column; `ptq` and `osc_reg` report the
-accuracy of their weights rounded to that bit-width (`acc@Nbit`).
+A cell of a table averages runs that differ only in their seed: runs are grouped by their
+whole results-relevant configuration (the fingerprint that identifies a run, less the
+seed). Where runs of one method and bit-width differ in anything else (epochs, activation
+bits, a policy's option...), those settings become columns beside the method, one row per
+value. Accuracy is after BN re-estimation. Runs trained in full precision without policies
+(`fp`) do not depend on the bit-width and fill every bit column; runs with `ptq=true`
+(`ptq`, `osc_reg`) report the accuracy of their weights rounded to that bit-width.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -21,7 +26,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from oscbench.runs import RESULTS  # noqa: E402
+from oscbench.console import warn  # noqa: E402
+from oscbench.files import DamagedFile, read_json  # noqa: E402
+from oscbench.runs import RESULTS, bits_free, fingerprint, run_key  # noqa: E402
 
 ORDER = ["fp", "ptq", "lsq", "lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg"]
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
@@ -34,47 +41,59 @@ METRICS = {  # column in the runs frame -> (title, scale, decimals)
 
 
 def load_records(root: Path) -> list[dict]:
-    """Every results.json below `root`, with its directory."""
+    """Every results.json below `root`, with its directory; a file that cannot be read is
+    reported (not skipped silently)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SystemExit(f"oscbench.report: {root} is not a directory (give a sweep or runs dir)")
     records = []
-    for path in sorted(Path(root).rglob(RESULTS)):
+    for path in sorted(root.rglob(RESULTS)):
         try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            record = read_json(path)
+        except (OSError, DamagedFile) as e:
+            warn(f"report: cannot read {path} ({e}); it is left out")
             continue
         record["run_dir"] = str(path.parent)
         records.append(record)
     return records
 
 
-def _bits_free(config: dict) -> bool:
-    return (
-        config["quantizer"]["name"] == "none"
-        and not config.get("policy")
-        and not config.get("cross_bits")
-    )
+def _method(record: dict) -> str:
+    """The label of what ran (records before labels existed: the preset's name)."""
+    return record.get("method") or record["config"]["method"]["name"]
 
 
 def _accuracy(config: dict, final: dict) -> float | None:
-    if config["quantizer"]["name"] == "none" and config.get("cross_bits"):
+    if config.get("ptq"):
         return final.get(f"acc@{config['bits']}bit")
     return final.get("acc_bn")
 
 
+def _settings(config: dict) -> dict:
+    """The run's identity less its seed: two runs average into one cell iff these agree."""
+    flat = fingerprint(config)
+    flat.pop("seed", None)
+    return {
+        k: json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+        for k, v in flat.items()
+    }
+
+
 def runs_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per run: identity, status, the final metrics the tables use."""
+    """One row per run: label, bits, seed, status, the final metrics the tables use, and its
+    settings (`settings`: the configuration less the seed; `group`: its hash)."""
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         c, f = r["config"], r.get("final", {})
         frozen = next((v for k, v in f.items() if k.endswith("frozen_share")), None)
+        settings = _settings(c)
         rows.append(
             {
-                "method": c["method"]["name"],
+                "method": _method(r),
                 "bits": c["bits"],
-                "act_bits": c["act_bits"],
+                "bits_label": r.get("bits", f"w{c['bits']}a{c['act_bits']}"),
                 "seed": c["seed"],
-                "model": c["model"]["name"],
-                "dataset": c["dataset"]["name"],
-                "bits_free": _bits_free(c),
+                "bits_free": bits_free(c),
                 "status": r.get("status"),
                 "acc": _accuracy(c, f),
                 "acc_before_bn": f.get("acc"),
@@ -83,14 +102,28 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                 "frozen_share": frozen,
                 "wall_time_s": f.get("wall_time_s", r.get("wall_time_s")),
                 **{k: v for k, v in f.items() if k.startswith("acc@")},
-                "error": (r.get("error") or "").strip().splitlines()[-1:] or None,
+                "error": ((r.get("error") or "").strip().splitlines() or [""])[-1],
                 "run_dir": r.get("run_dir"),
+                "run_key": r.get("key") or run_key(c),
+                "group": run_key({"settings": settings}),
+                "settings": settings,
+                "record": i,
             }
         )
-    df = pd.DataFrame(rows)
-    if not df.empty:
-        df["error"] = df["error"].map(lambda e: e[0] if e else "")
-    return df
+    return _dedupe(pd.DataFrame(rows))
+
+
+def _dedupe(df: pd.DataFrame) -> pd.DataFrame:
+    """The same run (same configuration and seed) found twice counts once: the completed
+    copy, else the first."""
+    if df.empty:
+        return df
+    df = df.sort_values("status", key=lambda s: s != "completed", kind="stable")
+    twice = df[df.duplicated("run_key")]
+    for _, r in twice.iterrows():
+        first = df[df["run_key"] == r["run_key"]].iloc[0]["run_dir"]
+        warn(f"report: {r['run_dir']} repeats the run in {first}; counted once")
+    return df.drop_duplicates("run_key").sort_values("record").reset_index(drop=True)
 
 
 def _expand_bits_free(df: pd.DataFrame) -> pd.DataFrame:
@@ -101,20 +134,55 @@ def _expand_bits_free(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df[~df["bits_free"]], *copies], ignore_index=True)
 
 
+def varying_settings(df: pd.DataFrame) -> list[str]:
+    """Settings that differ between runs of the same method and bit-width (other than the
+    seed): the table shows them as columns, and never averages across them."""
+    varying: set[str] = set()
+    for _, g in _expand_bits_free(df).groupby(["method", "bits"]):
+        keys = set().union(*g["settings"])
+        for k in keys:
+            if len({json.dumps(s.get(k, "-"), default=str) for s in g["settings"]}) > 1:
+                varying.add(k)
+    return sorted(varying - {"bits"})
+
+
+def _with_setting_columns(df: pd.DataFrame, varying: list[str]) -> pd.DataFrame:
+    df = df.copy()
+    for k in varying:
+        df[k] = [s.get(k, "-") for s in df["settings"]]
+    return df
+
+
+def _label(row: pd.Series, varying: list[str]) -> str:
+    shown = [f"{k}={row[k]}" for k in varying if row[k] != "-"]
+    return row["method"] + (f" [{', '.join(shown)}]" if shown else "")
+
+
+def _method_order(methods) -> list[str]:  # noqa: ANN001
+    methods = set(methods)
+    return [m for m in ORDER if m in methods] + sorted(methods - set(ORDER))
+
+
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean, std and count over seeds of each metric, per method and bit-width (completed
-    runs), with the number of failed runs."""
-    done = _expand_bits_free(df[df["status"] == "completed"])
-    stats = done.groupby(["method", "bits"])[list(METRICS)].agg(["mean", "std", "count"])
+    """Mean, std and count over seeds of each metric (completed runs), per method, varying
+    setting and bit-width, with the number of runs that did not complete. Each cell holds
+    runs of one configuration (asserted), differing only in the seed."""
+    varying = varying_settings(df)
+    keys = ["method", *varying, "bits"]
+    exp = _with_setting_columns(_expand_bits_free(df), varying)
+    for _, g in exp.groupby(keys):
+        assert g["group"].nunique() == 1, "a cell would average different configurations"
+    done = exp[exp["status"] == "completed"]
+    stats = done.groupby(keys)[list(METRICS)].agg(["mean", "std", "count"])
     stats.columns = [f"{m}_{s}" for m, s in stats.columns]
-    failed = _expand_bits_free(df[df["status"] != "completed"]).groupby(["method", "bits"]).size()
+    failed = exp[exp["status"] != "completed"].groupby(keys).size()
     stats["not_completed"] = failed.reindex(stats.index, fill_value=0)
     extra = failed.index.difference(stats.index)
     if len(extra):
         stats = pd.concat([stats, pd.DataFrame({"not_completed": failed[extra]})])
-    order = {m: i for i, m in enumerate(ORDER)}
+    order = {m: i for i, m in enumerate(_method_order(exp["method"]))}
     return stats.sort_index(
-        key=lambda idx: idx.map(lambda v: order.get(v, len(order))) if idx.name == "method" else idx
+        key=lambda idx: idx.map(order.get) if idx.name == "method" else idx.map(str)
     )
 
 
@@ -128,37 +196,47 @@ def _cell(mean: float, std: float, n: int, scale: float, decimals: int) -> str:
 
 
 def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
-    """One table per metric: a row per method, a column per bit-width."""
+    """One table per metric: a row per method (and varying setting), a column per bit-width."""
     out = []
+    names = list(stats.index.names)
+    row_keys = names[:-1]  # method and the varying settings
     bits = sorted(stats.index.get_level_values("bits").unique())
-    methods = list(dict.fromkeys(stats.index.get_level_values("method")))
+    rows = list(dict.fromkeys(idx[:-1] for idx in stats.index))
     seeds = sorted(df["seed"].unique())
     out.append(
         f"Runs: {len(df)} ({(df['status'] == 'completed').sum()} completed), seeds "
-        f"{', '.join(map(str, seeds))}; mean ± std over seeds.\n"
+        f"{', '.join(map(str, seeds))}; mean ± std over seeds: each cell averages runs whose "
+        "configurations differ only in the seed.\n"
     )
+    if len(row_keys) > 1:
+        out.append(
+            "Settings that differ between runs of a method, one row per value: "
+            f"{', '.join(row_keys[1:])}.\n"
+        )
     for metric, (title, scale, decimals) in METRICS.items():
         out.append(f"### {title}\n")
-        out.append("| method | " + " | ".join(f"{b}-bit" for b in bits) + " |")
-        out.append("|---|" + "---|" * len(bits))
-        for m in methods:
+        out.append(
+            "| " + " | ".join(row_keys) + " | " + " | ".join(f"{b}-bit" for b in bits) + " |"
+        )
+        out.append("|---" * (len(row_keys) + len(bits)) + "|")
+        for row in rows:
             cells = []
             for b in bits:
-                if (m, b) not in stats.index:
+                if (*row, b) not in stats.index:
                     cells.append("")
                     continue
-                row = stats.loc[(m, b)]
+                r = stats.loc[(*row, b)].fillna(0)  # a cell of failed runs only has no stats
                 cell = _cell(
-                    row.get(f"{metric}_mean"),
-                    row.get(f"{metric}_std"),
-                    int(row.get(f"{metric}_count", 0) or 0),
+                    r.get(f"{metric}_mean"),
+                    r.get(f"{metric}_std"),
+                    int(r.get(f"{metric}_count", 0)),
                     scale,
                     decimals,
                 )
-                if metric == "acc" and row.get("not_completed", 0):
-                    cell += f" ({int(row['not_completed'])} failed)"
+                if metric == "acc" and r.get("not_completed", 0):
+                    cell += f" ({int(r['not_completed'])} failed)"
                 cells.append(cell)
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
+            out.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(cells) + " |")
         out.append("")
     bad = df[df["status"] != "completed"]
     if len(bad):
@@ -183,69 +261,75 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
     """Accuracy vs bits, oscillating share over training, per-weight oscillation counts,
-    distance to the nearest threshold, and cross-bit accuracy of PTQ / osc_reg."""
-    done = [r for r in records if r.get("status") == "completed"]
-    ok = df[df["status"] == "completed"]
+    distance to the nearest threshold, and cross-bit accuracy of PTQ / osc_reg. Curves
+    are labelled by method and varying settings, like the table's rows."""
+    varying = varying_settings(df)
+    ok = _with_setting_columns(df[df["status"] == "completed"], varying)
+    if ok.empty:
+        return []
+    ok["label"] = [_label(r, varying) for _, r in ok.iterrows()]
+    order = {m: i for i, m in enumerate(_method_order(ok["method"]))}
+    labels = sorted(ok["label"].unique(), key=lambda s: (order[s.split(" [")[0]], s))
     paths = []
-    methods = [m for m in ORDER if m in set(ok["method"])] + sorted(set(ok["method"]) - set(ORDER))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     exp = _expand_bits_free(ok)
-    for m in methods:
-        g = exp[exp["method"] == m].groupby("bits")["acc"]
+    for label in labels:
+        g = exp[exp["label"] == label].groupby("bits")["acc"]
         ax.errorbar(
             g.mean().index,
             g.mean().values,
             yerr=g.std().fillna(0).values,
             marker="o",
             capsize=3,
-            label=m,
+            label=label,
         )
     ax.set(xlabel="weight bits", ylabel="test accuracy (%)", title="Accuracy vs bit-width")
     ax.legend(fontsize=8)
     paths.append(_save(fig, out / "accuracy_vs_bits.png"))
 
-    tracked = [r for r in done if r["history"] and "osc" in r["history"][-1]]
-    bits = sorted({r["config"]["bits"] for r in tracked})
-    if tracked:
+    has_osc = [
+        bool(records[i]["history"]) and "osc" in records[i]["history"][-1] for i in ok["record"]
+    ]
+    tracked = ok[has_osc]
+    if len(tracked):
+        bits = sorted(tracked["bits"].unique())
         fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.6), squeeze=False)
         for ax, b in zip(axes[0], bits, strict=True):
-            for m in methods:
+            for label in labels:
+                runs = tracked[(tracked["label"] == label) & (tracked["bits"] == b)]
                 curves = [
-                    [h["osc"]["osc_share"] * 100 for h in r["history"] if "osc" in h]
-                    for r in tracked
-                    if r["config"]["method"]["name"] == m and r["config"]["bits"] == b
+                    [h["osc"]["osc_share"] * 100 for h in records[i]["history"] if "osc" in h]
+                    for i in runs["record"]
                 ]
                 if curves:
                     mean = pd.DataFrame(curves).mean()
-                    ax.plot(mean.index + 1, mean.values, label=m)
+                    ax.plot(mean.index + 1, mean.values, label=label)
             ax.set(xlabel="epoch", ylabel="oscillating weights (%)", title=f"{b}-bit")
         axes[0][0].legend(fontsize=8)
         paths.append(_save(fig, out / "oscillating_share.png"))
 
         low = min(bits)
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        for m in methods:
-            runs = [
-                r
-                for r in tracked
-                if r["config"]["method"]["name"] == m and r["config"]["bits"] == low
+        for label in labels:
+            finals = [
+                records[i]["final"]
+                for i in tracked[(tracked["label"] == label) & (tracked["bits"] == low)]["record"]
             ]
-            if not runs:
+            finals = [f for f in finals if "osc_count_hist" in f and "threshold_distance" in f]
+            if not finals:
                 continue
-            hists = [r["final"]["osc_count_hist"] for r in runs]
+            hists = [f["osc_count_hist"] for f in finals]
             width = max(map(len, hists))
             counts = pd.DataFrame([h + [0] * (width - len(h)) for h in hists]).sum()
             share = counts / counts.sum()
-            axes[0].plot(share.index, share.values, marker=".", label=m)
-            dist = pd.DataFrame(
-                [r["final"]["threshold_distance"]["counts"][:-1] for r in runs]
-            ).sum()
-            edges = runs[0]["final"]["threshold_distance"]["edges"]
+            axes[0].plot(share.index, share.values, marker=".", label=label)
+            dist = pd.DataFrame([f["threshold_distance"]["counts"][:-1] for f in finals]).sum()
+            edges = finals[0]["threshold_distance"]["edges"]
             axes[1].plot(
                 [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)],
                 (dist / dist.sum()).values,
-                label=m,
+                label=label,
             )
         axes[0].set(
             yscale="log",
@@ -268,8 +352,8 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         cols = sorted(cross.filter(like="acc@").columns, key=lambda c: int(c[4:-3]))
         xs = [int(c[4:-3]) for c in cols]
-        for (m, b), g in cross.groupby(["method", "bits"]):
-            ax.plot(xs, g[cols].mean().values, marker="o", label=f"{m} (trained for {b}-bit)")
+        for (label, b), g in cross.groupby(["label", "bits"]):
+            ax.plot(xs, g[cols].mean().values, marker="o", label=f"{label} (trained for {b}-bit)")
         ax.set(
             xlabel="bits of rounded weights",
             ylabel="test accuracy (%)",
@@ -282,14 +366,16 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
 
 def write_report(records: list[dict], out: Path) -> dict[str, Path]:
     """Write table.md, table.csv, runs.csv and the figures into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
     df = runs_frame(records)
     if df.empty:
         raise SystemExit("oscbench.report: no results.json found")
+    out.mkdir(parents=True, exist_ok=True)
     stats = summary(df)
     (out / "table.md").write_text(markdown(stats, df))
     stats.to_csv(out / "table.csv")
-    df.to_csv(out / "runs.csv", index=False)
+    varying = varying_settings(df)
+    runs = _with_setting_columns(df, varying).drop(columns=["settings"])
+    runs.to_csv(out / "runs.csv", index=False)
     paths = {
         "table.md": out / "table.md",
         "table.csv": out / "table.csv",
@@ -315,6 +401,7 @@ def records_from_wandb(path: str) -> list[dict]:
         records.append(
             {
                 "status": status,
+                "method": run.job_type,
                 "config": dict(run.config),
                 "history": history,
                 "final": dict(run.summary),
@@ -338,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or Path(args.root or ".") / "report")
     paths = write_report(records, out)
     print((out / "table.md").read_text())
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 
 
 if __name__ == "__main__":

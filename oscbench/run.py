@@ -265,7 +265,7 @@ def main(cfg: DictConfig) -> float:
         return execute(spec, config, run_dir)["acc_bn"]
     except ConfigError as e:  # data not on disk, a damaged file: found before any training
         if hc.mode == RunMode.RUN:
-            remove_if_unused(run_dir, stop=Path.cwd())
+            remove_if_unused(run_dir)
             reject(str(e))
         raise
 

@@ -27,6 +27,9 @@ from tests.conftest import compose_config
         ("+model.widht=3", "model: unknown key(s) widht; allowed: width"),
         ("trainer.epochs=abc", "trainer.epochs"),
         ("device=tpu", "allowed: auto, cpu, cuda, cuda:N"),
+        ("cross_bits=abc", "cross_bits='abc' is invalid; allowed: a list of integers 2..8"),
+        ("ptq=maybe", "ptq='maybe' is invalid; allowed: true, false"),
+        ("logger.mode=live", "logger.mode='live' is invalid; allowed: offline, online, disabled"),
     ],
 )
 def test_bad_values_are_rejected_with_the_allowed_ones(override, message):
@@ -58,18 +61,39 @@ def test_unknown_method_lists_the_available_ones():
         (["bits=9"], "oscbench: bits=9 is invalid; allowed: an integer 2..8"),
         (["trainer.lr=-1"], "trainer.lr=-1.0 is invalid"),
         (["method=nosuch"], "Could not find 'method/nosuch'"),
+        (["dataset=cifar10", "data_dir=/nonexistent"], "dataset cifar10: nothing at /nonexistent"),
+        (["model=deit_tiny"], "model.img_size=32, but the dataset's images are 8x8"),
     ],
 )
-def test_command_line_exits_non_zero_before_training(args, needle, tmp_path):
+def test_command_line_exits_non_zero_before_training_and_leaves_nothing(args, needle, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "oscbench.run", *args, f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "oscbench.run", *args, f"hydra.run.dir={tmp_path / 'a' / 'run'}"],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode != 0
-    assert needle in proc.stderr
-    assert not (tmp_path / "results.json").exists()  # nothing trained, nothing recorded
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []  # no run directory left behind
+
+
+def test_an_unwritable_run_directory_is_named_without_a_traceback(tmp_path):
+    (tmp_path / "file").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "oscbench.run", f"hydra.run.dir={tmp_path / 'file' / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"cannot write the run directory {tmp_path / 'file' / 'run'}" in proc.stderr
+    assert "hydra.run.dir=PATH" in proc.stderr
+
+
+def test_small_input_slips_are_caught_or_understood():
+    assert validate(compose_config(["cross_bits=3"])).cross_bits == [3]
+    with pytest.raises(ConfigError, match="policy.dampen.lambda_end=-1.0 is invalid"):
+        validate(compose_config(["method=lsq_dampen", "policy.dampen.lambda_end=-1"]))
 
 
 def test_method_presets_set_the_quantizer_and_can_be_overridden():

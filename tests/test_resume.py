@@ -47,12 +47,23 @@ def test_killed_run_resumes_to_the_same_final_numbers(tmp_path):
     assert load_results(killed)["status"] == "running"
     assert (killed / CHECKPOINT).exists()
 
+    elapsed_at_checkpoint = torch.load(killed / CHECKPOINT, weights_only=False)["elapsed_s"]
     env = {**os.environ, "WANDB_SILENT": "true"}
-    for run_dir in (killed, whole):
-        subprocess.run(_command(run_dir), check=True, capture_output=True, timeout=300, env=env)
+    outputs = [
+        subprocess.run(
+            _command(run_dir), check=True, capture_output=True, text=True, timeout=300, env=env
+        ).stdout
+        for run_dir in (killed, whole)
+    ]
     a, b = load_results(killed), load_results(whole)
     assert a["status"] == b["status"] == "completed"
     assert a["resumed_at_epoch"] >= done_at_kill and b["resumed_at_epoch"] is None
+    assert (a["attempts"], b["attempts"]) == (2, 1)
+    assert f"resuming {killed} after epoch {a['resumed_at_epoch']} of 20" in outputs[0]
+    assert f"resumed              after epoch {a['resumed_at_epoch']}" in outputs[0]
+    assert "resuming" not in outputs[1]
+    # the wall time counts the killed attempt up to its checkpoint, then the second one
+    assert a["final"]["wall_time_s"] > elapsed_at_checkpoint > 0
     assert a["history"] == b["history"]
     assert _comparable(a["final"]) == _comparable(b["final"])
     assert a["final"]["freeze/frozen_share"] > 0  # freeze state went through the checkpoint

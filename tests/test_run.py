@@ -71,6 +71,15 @@ def test_full_precision_run_has_no_tracker(tmp_path, quick, capsys):
     assert "not tracked" in capsys.readouterr().out
 
 
+def test_the_summary_counts_every_epoch_that_ran(tmp_path, capsys):
+    """OFQ's CGA phase runs after the main epochs: the summary says so."""
+    run_config(
+        ["method=ofq", "trainer.epochs=2", "policy.cga.extra_epochs=1", "logger=none"], tmp_path
+    )
+    out = capsys.readouterr().out
+    assert "epoch 3/3" in out and "2 epochs + 1 of cga in" in out
+
+
 def test_two_bit_lsq_oscillates(tmp_path, quick):
     final = run_config(["bits=2", *quick], tmp_path)
     hist = load_results(tmp_path)["history"]

@@ -136,11 +136,10 @@ def test_wandb_runs_are_one_per_job_grouped_by_sweep(tmp_path):
         assert b"w2a2" in data and b"osc/count_hist" in data and b"acc_bn" in data
 
 
-def test_notebook_executes_against_a_sweep(tmp_path):
-    sweep(tmp_path, *TINY)
+def _execute_notebook(sweep_dir):
     nb = nbformat.read(ROOT / "notebooks" / "compare_methods.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stripped in git
-    os.environ["OSCBENCH_SWEEP"] = str(tmp_path)
+    os.environ["OSCBENCH_SWEEP"] = str(sweep_dir)
     try:
         NotebookClient(
             nb,
@@ -155,6 +154,17 @@ def test_notebook_executes_against_a_sweep(tmp_path):
         for c in nb.cells
         for o in c.get("outputs", [])
     )
-    assert "2 runs in" in text and "| lsq |" in text
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    return text, images
+
+
+def test_notebook_executes_against_a_sweep(tmp_path):
+    sweep(tmp_path, *TINY)
+    text, images = _execute_notebook(tmp_path)
+    assert "2 runs in" in text and "| lsq |" in text
     assert len(images) >= 3
+
+
+def test_notebook_without_a_sweep_says_how_to_make_one(tmp_path):
+    text, images = _execute_notebook(tmp_path / "nothing")
+    assert "No runs in" in text and "make sweep" in text and not images

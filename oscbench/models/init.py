@@ -58,7 +58,10 @@ def _classifier(model: nn.Module) -> str | None:
     return names[-1] if names else None
 
 
-def _listed(names: list[str], most: int = 6) -> str:
+def _listed(keys: list[str], target: dict, head: str | None, most: int = 8) -> str:
+    """The modules the tensors `keys` belong to, in model order, the classifier marked."""
+    modules = list(dict.fromkeys(k.rsplit(".", 1)[0] for k in target if k in set(keys)))
+    names = [f"{m} (classifier)" if m == head else m for m in modules]
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -78,13 +81,14 @@ def load_weights(model: nn.Module, path: Path, strict: bool) -> dict:
         hint = "; init_strict=false loads what matches" if matched else ""
         raise ConfigError(
             f"init_from={path} fills only {len(matched)} of the model's {len(target)} tensors "
-            f"(not filled: {_listed(unfilled)}): is it a checkpoint of the same model?{hint}"
+            f"(not filled: {_listed(unfilled, target, head)}): is it a checkpoint of the same "
+            f"model?{hint}"
         )
     model.load_state_dict(matched, strict=False)
     note = f"oscbench: init_from={path}: loaded {len(matched)} of {len(target)} tensors"
     if fresh_head:
-        note += f"; kept fresh, shape differs: {_listed(fresh_head)} (the classifier)"
+        note += f"; kept fresh, shape differs: {_listed(fresh_head, target, head)}"
     if unfilled:
-        note += f"; not filled: {_listed(unfilled)}"
+        note += f"; not filled: {_listed(unfilled, target, head)}"
     say(note)
     return {"from": str(path), "loaded": len(matched), "skipped": skipped, "missing": missing}
