@@ -71,7 +71,7 @@ def build(spec: RunSpec) -> Built:
     device = pick_device(spec.device)
     torch.manual_seed(spec.seed)
     if device.type == "cpu":
-        deterministic_cpu()
+        deterministic_cpu(compiled=spec.trainer.compile)
     data = build_data(spec.dataset, seed=spec.seed, device=device)
     model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
     model = model.to(device)
