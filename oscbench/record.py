@@ -93,36 +93,28 @@ class WandbMirror:
     def start(self, config: dict, name: str, job_type: str, tags: list[str], resume_id: str | None):
         """Start (or, with `resume_id`, continue) the W&B run; returns what the record keeps
         of it, or None if W&B could not start at all."""
+        args = (config, name, job_type, tags, resume_id)
         mode = self.logger.mode
-        fallback = None
-        if mode == "online":
-            fallback = self._unreachable()
-        if fallback is None:
-            try:
-                self.run = self._init(config, name, job_type, tags, resume_id, mode)
-            except Exception as e:  # W&B raises many kinds: none of them may stop the run
-                if mode != "online":
-                    warn(
-                        f"W&B could not start ({type(e).__name__}: {e}); training goes on, "
-                        "results.json holds everything"
-                    )
-                    return None
-                fallback = f"{type(e).__name__}: {e}".strip()
-        if fallback is not None:
-            try:
-                self.run = self._init(config, name, job_type, tags, resume_id, "offline")
-            except Exception as e:
+        problem = self._unreachable() if mode == "online" else None
+        if problem is None:
+            problem = self._init(*args, mode)
+            if problem is not None and mode != "online":
+                warn(f"W&B could not start ({problem}); training goes on, results.json holds all")
+                return None
+        if problem is not None:  # online failed: offline instead
+            offline_problem = self._init(*args, "offline")
+            if offline_problem is not None:
                 warn(
-                    f"W&B could not start online ({fallback}) nor offline "
-                    f"({type(e).__name__}: {e}); training goes on without it"
+                    f"W&B could not start online ({problem}) nor offline ({offline_problem}); "
+                    "training goes on without it"
                 )
                 return None
             mode = "offline"
         self.info = {"mode": mode, "id": self.run.id, "dir": str(Path(self.run.dir).parent)}
-        if fallback is not None:
-            self.info["online_failed"] = fallback
+        if problem is not None:
+            self.info["online_failed"] = problem
             warn(
-                f"W&B online is unavailable ({fallback}); logging offline instead: upload "
+                f"W&B online is unavailable ({problem}); logging offline instead: upload "
                 f"later with `wandb sync {self.info['dir']}`"
             )
         return self.info
@@ -132,34 +124,42 @@ class WandbMirror:
         timeout, so a machine without network does not wait for W&B's own retries), or None."""
         import wandb
 
-        url = urlparse(wandb.setup().settings.base_url)
-        port = url.port or (443 if url.scheme == "https" else 80)
         try:
+            url = urlparse(wandb.setup().settings.base_url)
+            port = url.port or (443 if url.scheme == "https" else 80)
             socket.create_connection((url.hostname, port), self.logger.connect_timeout).close()
         except OSError as e:
             return f"cannot connect to {url.scheme}://{url.netloc}: {e}"
+        except Exception as e:  # W&B's own settings could not be read
+            return f"{type(e).__name__}: {e}"
         return None
 
-    def _init(self, config, name, job_type, tags, resume_id, mode):  # noqa: ANN001, ANN202
+    def _init(self, config, name, job_type, tags, resume_id, mode) -> str | None:  # noqa: ANN001
+        """Start the run in `mode`; None if it started, else what went wrong (W&B raises
+        many kinds of exceptions: none of them may stop the run)."""
         import wandb
 
-        return wandb.init(
-            project=self.logger.project,
-            entity=self.logger.entity,
-            group=self.logger.group,
-            job_type=job_type,
-            tags=[*self.logger.tags, *tags],
-            name=name,
-            config=config,
-            dir=str(self.run_dir),
-            mode=mode,
-            reinit="finish_previous",
-            id=resume_id,
-            resume="allow" if resume_id else None,
-            settings=wandb.Settings(
-                silent=True, console="off", init_timeout=self.logger.init_timeout
-            ),
-        )
+        try:
+            self.run = wandb.init(
+                project=self.logger.project,
+                entity=self.logger.entity,
+                group=self.logger.group,
+                job_type=job_type,
+                tags=[*self.logger.tags, *tags],
+                name=name,
+                config=config,
+                dir=str(self.run_dir),
+                mode=mode,
+                reinit="finish_previous",
+                id=resume_id,
+                resume="allow" if resume_id else None,
+                settings=wandb.Settings(
+                    silent=True, console="off", init_timeout=self.logger.init_timeout
+                ),
+            )
+        except Exception as e:
+            return f"{type(e).__name__}: {e}".strip()
+        return None
 
     def _guard(self, what: str, fn) -> None:  # noqa: ANN001
         if self.run is None:

@@ -32,7 +32,7 @@ from oscbench.runs import RESULTS, bits_free, fingerprint, run_key  # noqa: E402
 
 ORDER = ["fp", "ptq", "lsq", "lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg"]
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
-    "acc": ("Test accuracy (%), after BN re-estimation", 1.0, 2),
+    "acc": ("Test accuracy (%) after BN re-estimation; ptq: rounded to the column's bits", 1.0, 2),
     "osc_share": ("Oscillating weights (%), last epoch", 100.0, 3),
     "crossings_total": ("Threshold crossings over training", 1.0, 0),
     "frozen_share": ("Frozen weights (%), end of training", 100.0, 2),
