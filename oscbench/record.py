@@ -99,9 +99,10 @@ class WandbMirror:
         self.logger = logger
         self.run_dir = run_dir
         self.run = None
-        self.info: dict[str, Any] = {}
 
-    def start(self, config: dict, name: str, job_type: str, tags: list[str], resume_id: str | None):
+    def start(
+        self, config: dict, name: str, job_type: str, tags: list[str], resume_id: str | None
+    ) -> dict | None:
         """Start (or, with `resume_id`, continue) the W&B run; returns what the record keeps
         of it, or None if W&B could not start at all."""
         args = (config, name, job_type, tags, resume_id)
@@ -121,14 +122,14 @@ class WandbMirror:
                 )
                 return None
             mode = "offline"
-        self.info = {"mode": mode, "id": self.run.id, "dir": str(Path(self.run.dir).parent)}
+        info = {"mode": mode, "id": self.run.id, "dir": str(Path(self.run.dir).parent)}
         if problem is not None:
-            self.info["online_failed"] = problem
+            info["online_failed"] = problem
             warn(
                 f"W&B online is unavailable ({problem}); logging offline instead: upload "
-                f"later with `wandb sync {self.info['dir']}`"
+                f"later with `wandb sync {info['dir']}`"
             )
-        return self.info
+        return info
 
     def _unreachable(self) -> str | None:
         """Why the W&B server cannot be reached right now (a TCP connect with a short
@@ -137,12 +138,13 @@ class WandbMirror:
 
         try:
             url = urlparse(wandb.setup().settings.base_url)
-            port = url.port or (443 if url.scheme == "https" else 80)
+        except Exception as e:  # W&B's own settings could not be read
+            return f"{type(e).__name__}: {e}"
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
             socket.create_connection((url.hostname, port), self.logger.connect_timeout).close()
         except OSError as e:
             return f"cannot connect to {url.scheme}://{url.netloc}: {e}"
-        except Exception as e:  # W&B's own settings could not be read
-            return f"{type(e).__name__}: {e}"
         return None
 
     def _init(self, config, name, job_type, tags, resume_id, mode) -> str | None:  # noqa: ANN001
