@@ -26,18 +26,17 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from torch.utils import benchmark
 
+from oscbench.accel import Accel
+from oscbench.compose import compose, presets
 from oscbench.config import validate
-from oscbench.oscillation import update_trackers
-from oscbench.quant import quantized_layers
 from oscbench.quant.lsq import lsq_quantize
-from oscbench.run import CONF_DIR, build
-from oscbench.train import Accel, build_optimizer, train_step
+from oscbench.run import build
+from oscbench.train import build_optimizer, train_step
 
 HERE = Path(__file__).resolve().parent
-METHODS = ["lsq", "lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg", "ptq"]
+METHODS = [p.name for p in presets() if p.name != "fp"]  # each against its FP twin
 MODELS = {
     "cnn_small": ["model=cnn_small", "dataset=digits", "trainer.batch_size=64"],
     "resnet18_cifar": [
@@ -54,31 +53,36 @@ MODELS = {
 
 def setup(model: str, method: str, bits: int):  # noqa: ANN201
     """A built run and a closure that performs one real training step."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "config",
-            overrides=[
-                *MODELS[model],
-                f"method={method}",
-                f"bits={bits}",
-                "logger=none",
-                "device=cpu",
-                "trainer.epochs=100",
-            ],
-        )
+    cfg = compose(
+        [
+            *MODELS[model],
+            f"method={method}",
+            f"bits={bits}",
+            "logger=none",
+            "device=cpu",
+            "trainer.epochs=100",
+        ]
+    )
     spec = validate(cfg)
     built = build(spec)
     opt = build_optimizer(built.model, spec.trainer)
     steps = spec.trainer.epochs * built.data.steps_per_epoch(spec.trainer.batch_size)
-    for p in built.policies:
-        p.setup(built.model, steps, built.data.steps_per_epoch(spec.trainer.batch_size))
     x, y = next(built.data.train_batches(0, spec.trainer.batch_size))
     built.model.train()
     counter = {"step": int(0.7 * steps)}  # late in training: every policy's schedule is on
 
     def step() -> None:
         train_step(
-            built.model, built.model, x, y, opt, built.policies, Accel(), counter["step"], steps
+            built.model,
+            built.model,
+            x,
+            y,
+            opt,
+            built.policies,
+            built.tracker,
+            Accel(),
+            counter["step"],
+            steps,
         )
 
     return built, step
@@ -123,8 +127,8 @@ def step_times(min_run_time: float, rounds: int) -> dict:
 def tracker_cost(min_run_time: float) -> dict:
     built, step = setup("resnet18_cifar", "lsq", 4)
     total = median_time(step, min_run_time)
-    tracker = median_time(lambda: update_trackers(built.model), min_run_time)
-    tracked = [m.tracker for _, m in quantized_layers(built.model) if m.tracker is not None]
+    tracker = median_time(built.tracker.update, min_run_time)
+    tracked = list(built.tracker.states)
     weights = sum(t.freq.numel() for t in tracked)
     state = sum(b.numel() * b.element_size() for t in tracked for b in t.buffers() if b.dim())
     return {

@@ -92,8 +92,7 @@ def main() -> None:
         goal, median = GOALS.get(key), statistics.median(values)
         met = "" if goal is None else f"<= {goal:.0f} s: {'met' if median <= goal else 'NOT met'}"
         lines.append(
-            f"| {names[key]} | {median:.2f} s | "
-            f"{min(values):.2f}-{max(values):.2f} s | {met} |"
+            f"| {names[key]} | {median:.2f} s | {min(values):.2f}-{max(values):.2f} s | {met} |"
         )
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

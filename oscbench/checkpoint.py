@@ -20,7 +20,17 @@ from oscbench.runs import fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model_final.pt"
-CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "policies", "rng", "epoch", "step", "history")
+CHECKPOINT_KEYS = (
+    "model",
+    "optimizer",
+    "scheduler",
+    "policies",
+    "tracker",
+    "rng",
+    "epoch",
+    "step",
+    "history",
+)
 
 
 def save_atomic(obj: Any, path: Path) -> None:

@@ -2,7 +2,9 @@
 
 Hydra composes conf/ (the only place defaults live) and rejects unknown groups and
 options; `validate` rejects unknown keys, wrong types and values out of range, with a
-message that names the bad value and what is allowed, and returns typed objects.
+message that names the bad value and what is allowed, and returns typed objects. Which
+quantizer, policies and bit-widths can run together is read from what each plugin
+declares (`Quantizer.capabilities`, `bit_range`; `Policy.requires`): one check for all.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from oscbench.data import DATASETS
-from oscbench.models import MODELS
+import oscbench.data
+import oscbench.models
+import oscbench.oscillation
+import oscbench.quant  # noqa: F401  (the four packages import, and so register, their plugins)
+from oscbench.compose import presets
+from oscbench.data.base import DATASETS
+from oscbench.models.base import MODELS
+from oscbench.naming import bits_label, method_label
 from oscbench.oscillation.policy import POLICIES
 from oscbench.oscillation.tracker import TrackerConfig
-from oscbench.quant import QUANTIZERS
+from oscbench.quant.base import ACTIVATIONS, CAPABILITIES, QUANTIZERS, capabilities
 from oscbench.registry import ConfigError, Registry, check, parse
 
 BITS_RANGE = range(2, 9)
@@ -32,6 +40,8 @@ class TrainerConfig:
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
     warmup_fraction: float  # linear warm-up over this share of steps, then cosine to 0
+    extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
+    extra_lr: float | None  # their constant learning rate; null: where the schedule ended
     quant_lr: float  # learning rate of quantizer parameters (their own group)
     eval_batch_size: int
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
@@ -42,36 +52,38 @@ class TrainerConfig:
     resume: str  # auto: continue from the run directory's checkpoint, if any; never: start over
 
     def __post_init__(self) -> None:
-        check(self.epochs >= 1, "trainer.epochs", self.epochs, "an integer >= 1")
-        check(self.batch_size >= 1, "trainer.batch_size", self.batch_size, "an integer >= 1")
-        check(self.optimizer in ("sgd", "adamw"), "trainer.optimizer", self.optimizer, "sgd, adamw")
-        check(self.lr > 0, "trainer.lr", self.lr, "a number > 0")
-        check(self.quant_lr >= 0, "trainer.quant_lr", self.quant_lr, "a number >= 0")
-        check(0 <= self.momentum < 1, "trainer.momentum", self.momentum, "0 <= x < 1")
-        check(self.weight_decay >= 0, "trainer.weight_decay", self.weight_decay, "a number >= 0")
+        check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.optimizer in ("sgd", "adamw"), "optimizer", self.optimizer, "sgd, adamw")
+        check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(self.quant_lr >= 0, "quant_lr", self.quant_lr, "a number >= 0")
+        check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check(
             0 <= self.warmup_fraction < 1,
-            "trainer.warmup_fraction",
+            "warmup_fraction",
             self.warmup_fraction,
             "0 <= x < 1 (a share of all steps)",
         )
-        check(self.eval_batch_size >= 1, "trainer.eval_batch_size", self.eval_batch_size, ">= 1")
-        check(self.resume in ("auto", "never"), "trainer.resume", self.resume, "auto, never")
+        check(self.extra_epochs >= 0, "extra_epochs", self.extra_epochs, "an integer >= 0")
+        check(self.extra_lr is None or self.extra_lr > 0, "extra_lr", self.extra_lr, "null or > 0")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
+        check(self.resume in ("auto", "never"), "resume", self.resume, "auto, never")
         check(
             self.precision in ("auto", "fp32", "bf16"),
-            "trainer.precision",
+            "precision",
             self.precision,
             "auto, fp32, bf16",
         )
         check(
             self.channels_last in ("auto", "always", "never"),
-            "trainer.channels_last",
+            "channels_last",
             self.channels_last,
             "auto, always, never",
         )
         check(
             self.bn_reestimate_batches >= 0,
-            "trainer.bn_reestimate_batches",
+            "bn_reestimate_batches",
             self.bn_reestimate_batches,
             "an integer >= 0 (0 = off)",
         )
@@ -99,16 +111,16 @@ class LoggerConfig:
     init_timeout: float = 30.0  # seconds W&B's client may take to start a run
 
     def __post_init__(self) -> None:
-        check(self.name in ("wandb", "none"), "logger", self.name, "wandb, none")
+        check(self.name in ("wandb", "none"), "name", self.name, "wandb, none")
         check(
             self.mode in WANDB_MODES,
-            "logger.mode",
+            "mode",
             self.mode,
             "offline, online, disabled (or W&B's dryrun, run; also read from $WANDB_MODE)",
         )
         self.mode = WANDB_MODES[self.mode]
-        check(self.connect_timeout > 0, "logger.connect_timeout", self.connect_timeout, "> 0")
-        check(self.init_timeout > 0, "logger.init_timeout", self.init_timeout, "> 0")
+        check(self.connect_timeout > 0, "connect_timeout", self.connect_timeout, "> 0")
+        check(self.init_timeout > 0, "init_timeout", self.init_timeout, "> 0")
 
 
 @dataclass
@@ -140,7 +152,6 @@ class RunSpec:
     logger: LoggerConfig
     cross_bits: list[int]
     ptq: bool  # full-precision training, then weights rounded to nearest at `bits`: the result
-    data_dir: str
     init_from: str | None
     init_strict: bool  # init_from must fill every tensor but a classifier of another shape
     qkr: str  # never | auto (for attention models) | always (refused without attention)
@@ -151,28 +162,13 @@ class RunSpec:
 
     @property
     def bits_label(self) -> str:
-        """w<bits>a<act_bits>; a32 for full-precision activations; fp32 for a run whose
-        weights stay in full precision throughout."""
         q, aq = self.quantizer.name, self.act_quantizer.name
         return bits_label(self.bits, self.act_bits, q, aq, self.ptq)
 
 
-def bits_label(bits: int, act_bits: int, quantizer: str, act_quantizer: str, ptq: bool) -> str:
-    """The bit-widths a run actually used (also the run directory's name; see conf/)."""
-    if quantizer == "none":
-        return f"w{bits}a32" if ptq else "fp32"
-    return f"w{bits}a{act_bits if act_quantizer != 'none' else 32}"
-
-
-def method_label(method: DictConfig, quantizer: str, policies: list[str], ptq: bool) -> str:
-    """The preset's name when the run has the components the preset declares (its
-    quantizer, policies and ptq), else the components themselves: `lsq+dampen+freeze`,
-    `fp+osc_reg`, `ptq` (so `method=lsq policy=[dampen]` is never filed as plain lsq)."""
-    declared = (method.quantizer, sorted(method.policies), method.ptq)
-    if (quantizer, sorted(policies), ptq) == declared:
-        return str(method.name)
-    base = quantizer if quantizer != "none" else ("ptq" if ptq else "fp")
-    return "+".join([base, *policies])
+# top-level keys of the composed config that the spec does not hold: where datasets live
+# (their configs interpolate it)
+CONFIG_ONLY = ("data_dir",)
 
 
 def _component(registry: Registry, node: Any, path: str) -> Component:
@@ -194,7 +190,7 @@ def _bits(cfg: DictConfig, key: str) -> int:
 
 def validate(cfg: DictConfig) -> RunSpec:
     """Check a composed config; raise ConfigError naming the bad value and the fix."""
-    top = {f.name for f in fields(RunSpec)} - {"policies"} | {"policy"}
+    top = {f.name for f in fields(RunSpec)} - {"policies", "preset"} | {"policy", *CONFIG_ONLY}
     unknown = sorted(set(cfg.keys()) - top)
     if unknown:
         raise ConfigError(
@@ -216,7 +212,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         if key not in method:
             raise ConfigError(
                 f"method.{key} is missing: a preset in conf/method/ declares its name, "
-                "quantizer, policies and ptq (see conf/method/lsq.yaml)"
+                "quantizer, policies, ptq and order (see conf/method/lsq.yaml)"
             )
     spec = RunSpec(
         method=method_label(method, cfg.quantizer.name, list(policy_node), cfg.ptq),
@@ -239,7 +235,6 @@ def validate(cfg: DictConfig) -> RunSpec:
         logger=parse(LoggerConfig, cfg.logger, "logger"),
         cross_bits=_cross_bits(cfg.cross_bits),
         ptq=cfg.ptq,
-        data_dir=str(cfg.data_dir),
         init_from=None if cfg.init_from is None else str(cfg.init_from),
         init_strict=cfg.init_strict,
         qkr=str(cfg.qkr),
@@ -265,56 +260,55 @@ def _cross_bits(value: Any) -> list[int]:
     return list(values or [])
 
 
-NEEDS_QUANTIZER = ("dampen", "freeze", "cga", "aoq_schedule")
-FREEZABLE = ("lsq", "aoq")  # grids that do not move with the weights they quantize
-AOQ_BITS = range(2, 5)
+def _options(key: str, names: list[str]) -> str:
+    return " or ".join(f"{key}={n}" for n in names)
 
 
 def check_combination(spec: RunSpec) -> None:
-    """Reject quantizer/policy/bit combinations that cannot run, saying what would."""
-    q, names = spec.quantizer.name, [p.name for p in spec.policies]
+    """Reject quantizer/policy/bit combinations that cannot run, saying what was asked, why
+    it cannot run and what would, from the plugins' declarations."""
+    q = spec.quantizer.name
+    caps = capabilities(q)
     if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
         raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
+    for policy in spec.policies:
+        missing = sorted(POLICIES.get(policy.name).declares("requires", frozenset()) - caps)
+        if missing:
+            need, lack = CAPABILITIES[missing[0]]
+            fits = [n for n in QUANTIZERS.names() if set(missing) <= capabilities(n)]
+            with_it = [p.name for p in presets() if policy.name in p.policies]
+            fix = _options("quantizer", fits)
+            if with_it:
+                fix += f", or a preset such as {_options('method', with_it)}"
+            raise ConfigError(f"policy={policy.name} {need}, but quantizer={q} {lack}; use {fix}")
     if spec.ptq and q != "none":
         raise ConfigError(
             f"ptq=true rounds a full-precision model after training, but quantizer={q} trains "
             "a quantized one; use ptq=false (cross_bits=[...] also evaluates it at other widths)"
         )
-    for name in names:
-        if name in NEEDS_QUANTIZER and q == "none":
-            raise ConfigError(
-                f"policy={name} acts on quantized weights, but quantizer=none trains in full "
-                "precision; add a quantizer (quantizer=lsq) or use a preset such as "
-                "method=lsq_dampen, method=lsq_freeze, method=ofq, method=aoq"
-            )
-    if "aoq_schedule" in names and q != "aoq":
-        raise ConfigError(f"policy=aoq_schedule needs quantizer=aoq, not {q}; use method=aoq")
-    if "freeze" in names and q not in FREEZABLE:
+    act = spec.act_quantizer.name
+    if q == "none" and act != "none":
         raise ConfigError(
-            f"policy=freeze pins weights to codes of a fixed grid, but quantizer={q} recomputes "
-            f"its grid from the weights; use quantizer={' or quantizer='.join(FREEZABLE)}"
+            f"act_quantizer={act} quantizes the inputs of quantized layers, but quantizer=none "
+            "quantizes no layer, so the run would silently stay in full precision; use "
+            "act_quantizer=none (as method=fp does), or a weight quantizer (quantizer=lsq)"
         )
-    if "osc_reg" in names and q != "none":
+    if act != "none" and ACTIVATIONS not in capabilities(act):
+        fits = [n for n in QUANTIZERS.names() if ACTIVATIONS in capabilities(n)]
         raise ConfigError(
-            "policy=osc_reg trains in full precision and quantizes after training, but "
-            f"quantizer={q}; use quantizer=none (method=osc_reg)"
-        )
-    if q == "none" and spec.act_quantizer.name != "none":
-        raise ConfigError(
-            f"act_quantizer={spec.act_quantizer.name} quantizes the inputs of quantized layers, "
-            "but quantizer=none quantizes no layer, so the run would silently stay in full "
-            "precision; use act_quantizer=none (as method=fp does), or a weight quantizer "
-            "(quantizer=lsq)"
+            f"act_quantizer={act} quantizes weights only; use {_options('act_quantizer', fits)}"
         )
     if spec.qkr == "always" and q == "none":
         raise ConfigError(
             "qkr=always quantizes attention, but quantizer=none trains in full precision"
         )
-    if q == "aoq" and spec.bits not in AOQ_BITS:
-        raise ConfigError(
-            f"quantizer=aoq with bits={spec.bits}: AOQ is defined here for 2..4-bit weights "
-            "(its public code does 2); use bits=2, 3 or 4"
-        )
+    entry = QUANTIZERS.get(q)
+    bit_range = entry.declares("bit_range", BITS_RANGE)
+    if spec.quantized and spec.bits not in bit_range:
+        span = f"{bit_range.start}..{bit_range.stop - 1}"
+        note = entry.declares("bit_note", "") or f"it is defined for {span} bits"
+        allowed = ", ".join(map(str, bit_range))
+        raise ConfigError(f"quantizer={q} with bits={spec.bits}: {note}; use bits={allowed}")
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -26,11 +26,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from oscbench.compose import presets  # noqa: E402
 from oscbench.console import warn  # noqa: E402
-from oscbench.files import DamagedFile, read_json  # noqa: E402
-from oscbench.runs import RESULTS, bits_free, fingerprint, run_key  # noqa: E402
+from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
 
-ORDER = ["fp", "ptq", "lsq", "lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg"]
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
     "acc": ("Test accuracy (%) after BN re-estimation; ptq: rounded to the column's bits", 1.0, 2),
     "osc_share": ("Oscillating weights (%), last epoch", 100.0, 3),
@@ -46,16 +45,7 @@ def load_records(root: Path) -> list[dict]:
     root = Path(root)
     if not root.is_dir():
         raise SystemExit(f"oscbench.report: {root} is not a directory (give a sweep or runs dir)")
-    records = []
-    for path in sorted(root.rglob(RESULTS)):
-        try:
-            record = read_json(path)
-        except (OSError, DamagedFile) as e:
-            warn(f"report: cannot read {path} ({e}); it is left out")
-            continue
-        record["run_dir"] = str(path.parent)
-        records.append(record)
-    return records
+    return [record | {"run_dir": str(path.parent)} for path, record in scan_records(root)]
 
 
 def _method(record: dict) -> str:
@@ -159,8 +149,9 @@ def _label(row: pd.Series, varying: list[str]) -> str:
 
 
 def _method_order(methods) -> list[str]:  # noqa: ANN001
-    methods = set(methods)
-    return [m for m in ORDER if m in methods] + sorted(methods - set(ORDER))
+    """The presets in their declared `order` (conf/method/), then any other label."""
+    methods, order = set(methods), [p.name for p in presets()]
+    return [m for m in order if m in methods] + sorted(methods - set(order))
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:

@@ -1,8 +1,7 @@
-"""`python -m oscbench.run [overrides]`: compose -> build -> train -> evaluate -> record."""
+"""`python -m oscbench.run [overrides]`: compose -> validate -> build -> execute."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -12,33 +11,28 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
+from oscbench.accel import deterministic_cpu
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
-from oscbench.config import Component, RunSpec, bits_label, resolved, validate
-from oscbench.console import epoch_line, print_summary, say
-from oscbench.data import Data, build_data
-from oscbench.models import build_model
-from oscbench.models.init import load_weights
-from oscbench.oscillation import attach_trackers, oscillation_counts
-from oscbench.oscillation.policy import Policy, build_policies
+from oscbench.compose import CONF_DIR, compose, method_free, presets
+from oscbench.config import RunSpec, resolved, validate
+from oscbench.console import epoch_line, say
+from oscbench.data.base import Data, build_data
+from oscbench.evaluation import evaluate, final_metrics
+from oscbench.models.base import build_model
+from oscbench.models.pretrained import load_weights
+from oscbench.naming import run_dir_name
+from oscbench.oscillation.policy import Policy, RunContext, build_policies
+from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.preflight import reject, remove_if_unused
-from oscbench.ptq import cross_bit_accuracy, threshold_distance_histogram
-from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
+from oscbench.quant.modules import QuantPlan, calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention
-from oscbench.record import Recorder, load_results, machine
+from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
 from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
-from oscbench.train import deterministic_cpu, evaluate, reestimate_bn, train
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-# run directories are named by the configuration, so rerunning a command finds its run;
-# the overrides part is flattened (a path such as init_from=runs/fp/... stays one directory)
-OmegaConf.register_new_resolver(
-    "oscbench_suffix", lambda s: f"-{s.replace('/', '_')}" if s else "", replace=True
-)
-OmegaConf.register_new_resolver("oscbench_bits", bits_label, replace=True)
+from oscbench.train import schedule, train
 
 
 def pick_device(name: str) -> torch.device:
@@ -52,6 +46,7 @@ def pick_device(name: str) -> torch.device:
 
 
 def run_name(spec: RunSpec) -> str:
+    """The run's name in W&B."""
     return f"{spec.method}-{spec.bits_label}-{spec.model.name}-{spec.dataset.name}-s{spec.seed}"
 
 
@@ -61,13 +56,14 @@ class Built:
 
     data: Data
     model: nn.Module
+    tracker: OscillationTracker | None
     policies: list[Policy]
     init: dict | None  # what init_from loaded, and the accuracy before quantization
 
 
 def build(spec: RunSpec) -> Built:
-    """Seed, load data, build the model, quantize and calibrate it, attach trackers and
-    policies: everything before the first optimizer step."""
+    """Seed, load data, build the model, quantize and calibrate it, build the tracker and
+    the policies: everything before the first optimizer step."""
     device = pick_device(spec.device)
     torch.manual_seed(spec.seed)
     if device.type == "cpu":
@@ -79,6 +75,8 @@ def build(spec: RunSpec) -> Built:
     if spec.init_from:
         init = load_weights(model, Path(spec.init_from), strict=spec.init_strict)
         init["acc"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
+    steps = schedule(data, spec.trainer)
+    tracker = None
     if spec.quantized:
         plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
         weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
@@ -92,79 +90,34 @@ def build(spec: RunSpec) -> Built:
                 )
         quantize_model(model, weight_q, act_q, plan)
         calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
-        steps = spec.trainer.epochs * data.steps_per_epoch(spec.trainer.batch_size)
-        attach_trackers(model, spec.oscillation, steps)
-    return Built(data, model, build_policies(spec.policies, model, spec.bits), init)
+        tracker = OscillationTracker(model, spec.oscillation, steps.main)
+    policies = build_policies(spec.policies, RunContext(model, tracker, spec.bits, steps))
+    return Built(data, model, tracker, policies, init)
 
 
-def final_metrics(spec: RunSpec, built: Built, history: list[dict]) -> dict:
-    """Accuracy after BN re-estimation, cross-bit accuracy, oscillation totals and the
-    threshold-distance histogram, from the trained model and its history."""
-    model, data, cfg = built.model, built.data, spec.trainer
-    final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
-    reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
-    final["acc_bn"] = evaluate(model, data, cfg.eval_batch_size)["acc"]
-    ptq_bits = [spec.bits] if spec.ptq else []
-    final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.first_last_bits, cfg)
-    final["threshold_distance"] = threshold_distance_histogram(
-        model, spec.bits, spec.first_last_bits
-    )
-    osc = history[-1].get("osc")
-    if osc:
-        final |= {
-            "osc_share": osc["osc_share"],
-            "mean_freq": osc["mean_freq"],
-            "crossings_last_epoch": osc["crossings"],
-            "crossings_total": sum(h["osc"]["crossings"] for h in history),
-            "oscillations_total": sum(h["osc"]["oscillations"] for h in history),
-            "tracked_weights": osc["tracked_weights"],
-            "osc_count_hist": torch.bincount(oscillation_counts(model)).tolist(),
-        }
-    final |= {k: v for k, v in history[-1].items() if "/" in k}  # the policies' last values
-    if built.init is not None:
-        final["init"] = built.init
-    return final
+def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
+    """The full-precision run a quantized run starts from with `init_from=fp`: Hydra
+    composes the run's overrides that do not concern the method with `method=fp`, and the
+    fp preset's own group choices (which an experiment's defaults may have overridden).
+    Returns its spec, its resolved config and its run directory's name, that of a plain
+    `method=fp` run with the same overrides."""
+    kept = [*method_free(overrides), "method=fp"]
+    (fp,) = [p for p in presets() if p.name == "fp"]
+    cfg = compose([*kept, *fp.choices])
+    name = run_dir_name(compose(kept, hydra_node=True))
+    return validate(cfg), resolved(cfg), name
 
 
-def fp_counterpart(spec: RunSpec, config: dict) -> tuple[RunSpec, dict]:
-    """The full-precision run a quantized run starts from with `init_from=fp`: the same
-    model, data, seed and trainer, without quantizers or policies."""
-    fp_config = copy.deepcopy(config)
-    fp_config |= {
-        "method": {"name": "fp", "quantizer": "none", "policies": [], "ptq": False},
-        "quantizer": {"name": "none"},
-        "act_quantizer": {"name": "none"},
-        "policy": {},
-        "init_from": None,
-        "cross_bits": [],
-        "ptq": False,
-        "qkr": "never",
-    }
-    fp_spec = dataclasses.replace(
-        spec,
-        method="fp",
-        preset="fp",
-        quantizer=Component("none", None),
-        act_quantizer=Component("none", None),
-        policies=[],
-        init_from=None,
-        cross_bits=[],
-        ptq=False,
-        qkr="never",
-    )
-    return fp_spec, fp_config
-
-
-def ensure_fp(spec: RunSpec, config: dict, root: Path) -> Path:
-    """The directory of the completed fp run below `root` that `spec` starts from; trained
-    first (once, whichever job gets there first) if there is none yet."""
-    fp_spec, fp_config = fp_counterpart(spec, config)
+def ensure_fp(overrides: list[str], root: Path) -> Path:
+    """The directory of the completed fp run below `root` that a run with these overrides
+    starts from; trained first (once, whichever job gets there first) if there is none."""
+    fp_spec, fp_config, name = fp_counterpart(overrides)
     key = run_key(fp_config)
     found = find_completed(root, key)
     if found is None:
-        fp_dir = root / "fp" / f"{spec.model.name}-{spec.dataset.name}-s{spec.seed}-{key[:8]}"
+        fp_dir = root / name
         say(f"oscbench: init_from=fp: no completed fp run yet; training one in {fp_dir}")
-        execute(fp_spec, fp_config, fp_dir, search_root=root, fp_root=root)
+        execute(fp_spec, fp_config, fp_dir, overrides, search_root=root, fp_root=root)
         found = find_completed(root, key)  # here, or where a parallel job finished it first
     return found
 
@@ -173,6 +126,7 @@ def execute(
     spec: RunSpec,
     config: dict,
     run_dir: Path,
+    overrides: list[str],
     search_root: Path | None = None,
     fp_root: Path | None = None,
 ) -> dict:
@@ -181,7 +135,8 @@ def execute(
     With `trainer.resume=auto` a completed run of the same configuration anywhere below
     `search_root` (default: the run directory) is not trained again, and a checkpoint in the
     run directory is resumed. A lock per configuration keeps parallel jobs from training the
-    same run twice. `init_from=fp` starts a quantized run from the fp run below `fp_root`."""
+    same run twice. `init_from=fp` starts a quantized run from the fp run below `fp_root`
+    (composed from `overrides`, the run's command-line overrides)."""
     search_root = search_root or run_dir
     key = run_key(config)
     with run_lock(search_root, key):
@@ -198,18 +153,15 @@ def execute(
                 return record["final"]
             resume = load_for_resume(run_dir, config)
         if spec.init_from == "fp":  # applies to quantized runs; FP runs start from scratch
-            fp_dir = (
-                ensure_fp(spec, config, fp_root or run_dir.parent.parent)
-                if spec.quantized
-                else None
-            )
+            root = fp_root or run_dir.parent.parent
+            fp_dir = ensure_fp(overrides, root) if spec.quantized else None
             spec = dataclasses.replace(spec, init_from=fp_dir and str(fp_dir))
         return _train_and_record(spec, config, run_dir, resume)
 
 
 def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict | None) -> dict:
     built = build(spec)
-    epochs = spec.trainer.epochs + sum(p.extra_epochs for p in built.policies)
+    epochs = spec.trainer.epochs + spec.trainer.extra_epochs
     labels = {"method": spec.method, "bits": spec.bits_label}
     where = machine(str(built.data.device))
     rec = Recorder(run_dir, config, spec.logger, labels, run_name(spec), where, resume)
@@ -238,12 +190,15 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
             built.data,
             spec.trainer,
             built.policies,
+            built.tracker,
             spec.oscillation.threshold,
             on_epoch,
             resume=resume,
             save=save,
         )
-        final = final_metrics(spec, built, history)
+        final = final_metrics(spec, built.model, built.data, built.tracker, history)
+        if built.init is not None:
+            final["init"] = built.init
         save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
         final["wall_time_s"] = rec.elapsed
         rec.finish(final)
@@ -255,14 +210,17 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    overrides = list(hc.overrides.task)
     try:
         spec = validate(cfg)
         config = resolved(cfg)
         if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs
             root = Path(hc.sweep.dir)
             spec.logger.group = spec.logger.group or root.name
-            return execute(spec, config, run_dir, search_root=root, fp_root=root)["acc_bn"]
-        return execute(spec, config, run_dir)["acc_bn"]
+            return execute(spec, config, run_dir, overrides, search_root=root, fp_root=root)[
+                "acc_bn"
+            ]
+        return execute(spec, config, run_dir, overrides)["acc_bn"]
     except ConfigError as e:  # data not on disk, a damaged file: found before any training
         if hc.mode == RunMode.RUN:
             remove_if_unused(run_dir)

@@ -70,15 +70,21 @@ def run_key(config: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def find_completed(root: Path, key: str) -> Path | None:
-    """The directory of a completed run with this key anywhere below `root` (a record that
-    cannot be read is reported and passed over)."""
+def scan_records(root: Path) -> Iterator[tuple[Path, dict]]:
+    """Every results.json below `root` with its record; a file that cannot be read is
+    reported (its path and why) and passed over."""
     for path in sorted(Path(root).rglob(RESULTS)):
         try:
-            record = read_json(path)
-        except (OSError, DamagedFile) as e:
-            warn(f"passed over {path}: {e}")
-            continue
+            yield path, read_json(path)
+        except DamagedFile as e:
+            warn(f"{e}; passed over")
+        except OSError as e:
+            warn(f"cannot read {path} ({e.strerror or e}); passed over")
+
+
+def find_completed(root: Path, key: str) -> Path | None:
+    """The directory of a completed run with this key anywhere below `root`."""
+    for path, record in scan_records(root):
         if record.get("status") == "completed" and record.get("key") == key:
             return path.parent
     return None

@@ -21,18 +21,16 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-from oscbench.config import Component  # noqa: E402
-from oscbench.oscillation import (  # noqa: E402
-    OscillationTracker,
-    TrackerConfig,
-    attach_trackers,
-)
-from oscbench.oscillation.policy import POLICIES, build_policies  # noqa: E402
-from oscbench.quant import QUANTIZERS, QuantPlan, quantize_model, quantizer_factory  # noqa: E402
+from oscbench.accel import Accel  # noqa: E402
+from oscbench.compose import CONF_DIR, compose  # noqa: E402
+from oscbench.config import validate  # noqa: E402
+from oscbench.files import write_json_atomic  # noqa: E402
+from oscbench.naming import overrides_suffix  # noqa: E402,F401  (registers the resolver)
+from oscbench.oscillation.policy import RunContext, Schedule, build_policies  # noqa: E402
+from oscbench.oscillation.tracker import LayerTracker, OscillationTracker, TrackerConfig  # noqa: E402
 from oscbench.quant.lsq import lsq_quantize  # noqa: E402
-from oscbench.record import write_json_atomic  # noqa: E402
-from oscbench.run import CONF_DIR  # noqa: E402  (also registers the run-directory resolver)
-from oscbench.train import Accel, train_step  # noqa: E402
+from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory  # noqa: E402
+from oscbench.train import train_step  # noqa: E402
 
 
 def _grid(w: torch.Tensor, step: float, n: int, p: int) -> torch.Tensor:
@@ -97,7 +95,7 @@ def _regression_run(cfg: DictConfig, w_star: float, g: torch.Generator) -> dict:
     s = cfg.grid_step
     w = torch.tensor(cfg.w0, requires_grad=True)
     opt = torch.optim.SGD([w], lr=cfg.lr)
-    tracker = OscillationTracker(torch.round(w.detach() / s).reshape(1), momentum=0.01)
+    tracker = LayerTracker(torch.round(w.detach() / s).reshape(1), momentum=0.01)
     qs = []
     for step in range(cfg.steps):
         q = _grid(w, s, -1000, 1000)
@@ -165,27 +163,6 @@ def plot_regression(res: dict, cfg: DictConfig, out: Path) -> list[Path]:
 # --- linear recovery (AOQ) ----------------------------------------------------------------
 
 
-def load_preset(name: str) -> tuple[Component, list[Component]]:
-    """A method preset's quantizer and policies, read from conf/method/<name>.yaml and the
-    quantizer and policy files its `override` lines name."""
-    conf = Path(CONF_DIR)
-    preset = OmegaConf.load(conf / "method" / f"{name}.yaml")
-    quantizer, policies = None, []
-    for entry in preset.get("defaults", []):
-        ((key, value),) = entry.items()
-        group = key.split("/")[-1]
-        if group == "quantizer":
-            node = OmegaConf.load(conf / "quantizer" / f"{value}.yaml")
-            quantizer = Component(node.name, QUANTIZERS.parse(node))
-        elif group == "policy":
-            for p in [value] if isinstance(value, str) else value:
-                for pname, opts in (OmegaConf.load(conf / "policy" / f"{p}.yaml") or {}).items():
-                    policies.append(Component(pname, POLICIES.parse({"name": pname, **opts})))
-    if quantizer is None or quantizer.name == "none":
-        raise ValueError(f"linear_recovery needs a quantized method; method={name} is not one")
-    return quantizer, policies
-
-
 def linear_recovery(cfg: DictConfig, seed: int) -> dict:
     """10,000 weights with integer values in {-2, -1, 0, 1}, y = X w noise-free, a
     bias-free linear model started from the minimum-norm full-precision solution, then QAT
@@ -201,21 +178,22 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
     total = cfg.epochs * steps_per_epoch
     results = {"w_fp": w_fp, "w_true": w_true, "methods": {}}
     for name in cfg.methods:
-        quantizer, comps = load_preset(name)
+        spec = validate(compose([f"method={name}", f"bits={cfg.bits}", "logger=none"]))
+        if not spec.quantized:
+            raise ValueError(f"linear_recovery needs a quantized method; method={name} is not one")
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(cfg.num_weights, 1, bias=False))
         model[0].weight.data.copy_(w_fp[None])
         quantize_model(
             model,
-            quantizer_factory(quantizer),
+            quantizer_factory(spec.quantizer),
             lambda *a: None,
             QuantPlan(cfg.bits, cfg.bits, None),
         )
         tracker_cfg = TrackerConfig(0.001, 0.1, 0.005, track_first_last=True)
-        attach_trackers(model, tracker_cfg, total)
-        policies = build_policies(comps, model, cfg.bits)
-        for p in policies:
-            p.setup(model, total, steps_per_epoch)
+        tracker = OscillationTracker(model, tracker_cfg, total)
+        steps = Schedule(total=total, main=total, per_epoch=steps_per_epoch)
+        policies = build_policies(spec.policies, RunContext(model, tracker, cfg.bits, steps))
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
         step, start = 0, time.time()
         for _ in range(cfg.epochs):
@@ -229,6 +207,7 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
                     y[idx],
                     opt,
                     policies,
+                    tracker,
                     Accel(),
                     step,
                     total,
@@ -243,7 +222,7 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
             "recovered": int((codes == w_true).sum()),
             "recovered_share": float((codes == w_true).float().mean()),
             "codes": codes,
-            "crossings": int(layer.tracker.epoch_switches),
+            "crossings": int(tracker.states[0].epoch_switches),
             "final_loss": final_loss,
             "seconds": time.time() - start,
         }

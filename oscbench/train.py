@@ -1,35 +1,22 @@
-"""The training loop: optimizer, schedule, policy hooks, tracking, eval, BN re-estimation."""
+"""The training loop: optimizer, schedule, policy hooks, tracking, per-epoch evaluation."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from oscbench.accel import Accel
 from oscbench.checkpoint import rng_state, set_rng_state
 from oscbench.config import TrainerConfig
-from oscbench.data import Data
-from oscbench.oscillation import model_stats, update_trackers
-from oscbench.oscillation.policy import Policy
-from oscbench.quant import quantizer_parameters
-
-
-def deterministic_cpu(compiled: bool) -> None:
-    """Deterministic algorithms, without their debugging aid of filling every new tensor
-    with NaN (an extra memory pass per allocation; results do not depend on it).
-
-    `torch.use_deterministic_algorithms` also sets torch.compile's flag, for which it
-    imports torch._inductor: 0.9 s of start-up on a 2-core CPU. An eager run needs only
-    ATen's flag, which is all that function sets besides (torch 2.14, pinned)."""
-    if compiled:
-        torch.use_deterministic_algorithms(True)
-    else:
-        torch._C._set_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = False
+from oscbench.data.base import Data
+from oscbench.evaluation import evaluate
+from oscbench.oscillation.policy import Policy, Schedule
+from oscbench.oscillation.tracker import OscillationTracker
+from oscbench.quant.modules import quantizer_parameters
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
@@ -64,71 +51,6 @@ def cosine_with_warmup(
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@dataclass
-class Accel:
-    """How the loop runs on its device: bf16 autocast and channels_last inputs."""
-
-    bf16: bool = False
-    channels_last: bool = False
-
-    @classmethod
-    def resolve(cls, cfg: TrainerConfig, device: torch.device) -> Accel:
-        cuda = device.type == "cuda"
-        return cls(
-            bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and cuda),
-            channels_last=cfg.channels_last == "always" or (cfg.channels_last == "auto" and cuda),
-        )
-
-    def autocast(self, device: torch.device) -> torch.autocast:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16)
-
-    def input(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            x.contiguous(memory_format=torch.channels_last)
-            if self.channels_last and x.dim() == 4
-            else x
-        )
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, data: Data, batch_size: int, accel: Accel | None = None
-) -> dict[str, float]:
-    """Test loss and accuracy (%) in eval mode."""
-    accel = accel or Accel()
-    model.eval()
-    loss = torch.zeros((), device=data.device)
-    correct = torch.zeros((), device=data.device, dtype=torch.long)
-    n = 0
-    for x, y in data.test_batches(batch_size):
-        with accel.autocast(data.device):
-            logits = model(accel.input(x))
-        loss += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        n += len(y)
-    return {"loss": loss.item() / n, "acc": 100.0 * correct.item() / n}
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, data: Data, batches: int, batch_size: int) -> None:
-    """Recompute BN running statistics as a plain average over training batches of the
-    final (quantized) model (Nagel et al. 2022, Sec. 5). Trackers are not updated."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or batches == 0:
-        return
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    model.train()
-    for i, (x, _) in enumerate(data.train_batches(epoch=-1, batch_size=batch_size)):
-        if i == batches:
-            break
-        model(x)
-    for bn, mom in zip(bns, saved, strict=True):
-        bn.momentum = mom
-
-
 def train_step(
     model: nn.Module,
     forward: Callable[[torch.Tensor], torch.Tensor],
@@ -136,6 +58,7 @@ def train_step(
     y: torch.Tensor,
     opt: torch.optim.Optimizer,
     policies: list[Policy],
+    tracker: OscillationTracker | None,
     accel: Accel,
     step: int,
     total: int,
@@ -143,7 +66,7 @@ def train_step(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
     losses -> backward -> after_backward -> optimizer step -> policies' on_step_end ->
-    tracker update (so the trackers see weights as the policies leave them, frozen ones at
+    tracker update (so the tracker sees weights as the policies leave them, frozen ones at
     their frozen codes, as in Nagel et al.'s code). Returns the detached task loss, extra
     loss (or None) and the outputs."""
     for p in policies:
@@ -160,8 +83,16 @@ def train_step(
     opt.step()
     for p in policies:
         p.on_step_end(model)
-    update_trackers(model)
+    if tracker is not None:
+        tracker.update()
     return loss.detach(), None if extra is None else extra.detach(), logits.detach()
+
+
+def schedule(data: Data, cfg: TrainerConfig) -> Schedule:
+    """The run's optimizer steps: the main epochs, then `cfg.extra_epochs`."""
+    per_epoch = data.steps_per_epoch(cfg.batch_size)
+    main = cfg.epochs * per_epoch
+    return Schedule(total=main + cfg.extra_epochs * per_epoch, main=main, per_epoch=per_epoch)
 
 
 def train(
@@ -169,29 +100,24 @@ def train(
     data: Data,
     cfg: TrainerConfig,
     policies: list[Policy],
+    tracker: OscillationTracker | None,
     osc_threshold: float,
     on_epoch: Callable[[dict], None],
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Train for `cfg.epochs` plus any policy's extra epochs (run at the policy's constant
-    `phase_lr`); after each epoch `save(state)` a checkpoint, then `on_epoch(record)`.
-    With `resume` (a checkpoint), continue after its epoch. Returns the whole history.
-    Each optimizer step is `train_step`, then the schedule's step."""
-    steps_per_epoch = data.steps_per_epoch(cfg.batch_size)
-    main_steps = cfg.epochs * steps_per_epoch
-    extra_epochs = sum(p.extra_epochs for p in policies)
-    total = main_steps + extra_epochs * steps_per_epoch
-    phase_lr = next((p.phase_lr for p in policies if p.phase_lr is not None), None)
+    """Train for `cfg.epochs`, then `cfg.extra_epochs` at the constant `cfg.extra_lr` (or
+    where the schedule ended); after each epoch `save(state)` a checkpoint, then
+    `on_epoch(record)`. With `resume` (a checkpoint), continue after its epoch. Returns the
+    whole history. Each optimizer step is `train_step`, then the schedule's step."""
+    steps = schedule(data, cfg)
     device = data.device
     accel = Accel.resolve(cfg, device)
     if accel.channels_last:
         model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile else model
     opt = build_optimizer(model, cfg)
-    sched = cosine_with_warmup(opt, main_steps, round(cfg.warmup_fraction * main_steps))
-    for p in policies:
-        p.setup(model, total, steps_per_epoch)
+    sched = cosine_with_warmup(opt, steps.main, round(cfg.warmup_fraction * steps.main))
     history: list[dict] = []
     step = start = 0
     if resume is not None:
@@ -200,24 +126,26 @@ def train(
         sched.load_state_dict(resume["scheduler"])
         for p, state in zip(policies, resume["policies"], strict=True):
             p.load_state_dict(state)
+        if tracker is not None:
+            tracker.load_state_dict(resume["tracker"])
         set_rng_state(resume["rng"])
         history, step, start = list(resume["history"]), resume["step"], resume["epoch"]
-    epochs = cfg.epochs + extra_epochs
+    epochs = cfg.epochs + cfg.extra_epochs
     for epoch in range(start, epochs):
         model.train()
         loss_sum = torch.zeros((), device=device)
         extra_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        if epoch >= cfg.epochs and phase_lr is not None:
+        if epoch >= cfg.epochs and cfg.extra_lr is not None:
             for group in opt.param_groups:
-                group["lr"] = phase_lr
+                group["lr"] = cfg.extra_lr
         lr = opt.param_groups[0]["lr"]
         for x, y in data.train_batches(epoch, cfg.batch_size):
             loss, extra, logits = train_step(
-                model, forward, x, y, opt, policies, accel, step, total
+                model, forward, x, y, opt, policies, tracker, accel, step, steps.total
             )
-            if step + 1 < main_steps:
+            if step + 1 < steps.main:
                 sched.step()
             with torch.no_grad():
                 loss_sum += loss * len(y)
@@ -245,7 +173,7 @@ def train(
             record["extra_loss"] = extra_sum.item() / seen
             for p in policies:
                 record.update(p.metrics())
-        osc = model_stats(model, osc_threshold)
+        osc = tracker.stats(osc_threshold) if tracker is not None else None
         if osc is not None:
             record["osc"] = osc
         history.append(record)
@@ -256,6 +184,7 @@ def train(
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "policies": [p.state_dict() for p in policies],
+                    "tracker": tracker.state_dict() if tracker is not None else None,
                     "rng": rng_state(),
                     "epoch": epoch + 1,
                     "step": step,

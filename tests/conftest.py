@@ -7,26 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from oscbench.compose import compose
 from oscbench.config import resolved, validate
 from oscbench.oscillation.policy import Policy
-from oscbench.run import CONF_DIR, execute
+from oscbench.run import execute
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+    return compose(overrides)
 
 
 def run_config(overrides: list[str], run_dir: Path) -> dict:
     """Compose, validate and execute one run; returns the final metrics."""
     cfg = compose_config(overrides)
-    return execute(validate(cfg), resolved(cfg), run_dir)
+    return execute(validate(cfg), resolved(cfg), run_dir, overrides)
 
 
 @pytest.fixture
@@ -56,6 +55,7 @@ class Observer(Policy):
     on_step_start(step, total), after_backward(model), on_step_end(model)."""
 
     def __init__(self, on_step_start=None, after_backward=None, on_step_end=None):
+        super().__init__()
         self._start, self._ab, self._end = on_step_start, after_backward, on_step_end
 
     def on_step_start(self, step, total):
@@ -81,6 +81,7 @@ def fit(spec, built, extra_policies=()) -> list[dict]:
         built.data,
         spec.trainer,
         policies,
+        built.tracker,
         spec.oscillation.threshold,
         on_epoch=lambda record: None,
     )

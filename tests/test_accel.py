@@ -13,7 +13,7 @@ CFG = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
 
 def test_lsq_codes_under_bf16_autocast_are_the_fp32_codes():
     torch.manual_seed(0)
-    q = LSQQuantizer(8, CFG, channels=None, is_weight=False)
+    q = LSQQuantizer(CFG, 8, None, False)
     q.init_from(torch.rand(4096) * 3)
     x = (torch.rand(4096) * 3).to(torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -28,7 +28,7 @@ def test_lsq_codes_under_bf16_autocast_are_the_fp32_codes():
 
 
 def test_gradients_flow_to_bf16_inputs():
-    q = LSQQuantizer(4, CFG, channels=None, is_weight=False)
+    q = LSQQuantizer(CFG, 4, None, False)
     q.init_from(torch.rand(64))
     x = torch.rand(64, dtype=torch.bfloat16, requires_grad=True)
     q(x).sum().backward()

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from oscbench.config import validate
-from oscbench.data import DataNotFound, build_data, crop_flip
+from oscbench.data.base import DataNotFound, build_data, crop_flip
 from tests.conftest import compose_config
 
 CPU = torch.device("cpu")

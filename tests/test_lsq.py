@@ -92,12 +92,12 @@ def _cfg(**kw):
 
 def test_init_and_grad_scale_follow_esser():
     w = torch.randn(16, 8, 3, 3)
-    q = LSQQuantizer(4, _cfg(), channels=16, is_weight=True)
+    q = LSQQuantizer(_cfg(), 4, 16, True)
     q.init_from(w)
     assert (q.n, q.p) == (-8, 7)
     torch.testing.assert_close(q.s.detach(), 2 * w.abs().mean() / math.sqrt(7))
     assert q.g == pytest.approx(1 / math.sqrt(w.numel() * 7))
-    qc = LSQQuantizer(4, _cfg(per_channel=True), channels=16, is_weight=True)
+    qc = LSQQuantizer(_cfg(per_channel=True), 4, 16, True)
     qc.init_from(w)
     torch.testing.assert_close(qc.s.detach(), 2 * w.abs().flatten(1).mean(1) / math.sqrt(7))
     assert qc.g == pytest.approx(1 / math.sqrt(w[0].numel() * 7))
@@ -105,11 +105,11 @@ def test_init_and_grad_scale_follow_esser():
 
 def test_activation_sign_is_read_from_calibration_data():
     relu_out = torch.rand(8, 4, 5, 5)
-    aq = LSQQuantizer(4, _cfg(), channels=None, is_weight=False)
+    aq = LSQQuantizer(_cfg(), 4, None, False)
     aq.init_from(relu_out)
     assert (aq.signed, aq.n, aq.p) == (False, 0, 15)
     assert aq.g == pytest.approx(1 / math.sqrt(4 * 5 * 5 * 15))  # features per sample
-    aq2 = LSQQuantizer(4, _cfg(), channels=None, is_weight=False)
+    aq2 = LSQQuantizer(_cfg(), 4, None, False)
     aq2.init_from(relu_out - 0.5)
     assert (aq2.signed, aq2.n, aq2.p) == (True, -8, 7)
 
@@ -119,14 +119,14 @@ def test_mse_init_beats_lsq_init_on_mse():
     w = torch.randn(4096)
     errs = {}
     for init in ("lsq", "mse"):
-        q = LSQQuantizer(3, _cfg(init=init), channels=None, is_weight=True)
+        q = LSQQuantizer(_cfg(init=init), 3, None, True)
         q.init_from(w)
         errs[init] = ((q(w) - w) ** 2).mean().item()
     assert errs["mse"] < errs["lsq"]
 
 
 def test_levels_thresholds_and_codes_agree():
-    q = LSQQuantizer(2, _cfg(), channels=None, is_weight=True)
+    q = LSQQuantizer(_cfg(), 2, None, True)
     q.init_from(torch.randn(100))
     s = q.s.item()
     x = torch.linspace(-3 * s, 3 * s, 101)
@@ -139,9 +139,9 @@ def test_levels_thresholds_and_codes_agree():
 
 
 def test_state_dict_restores_data_dependent_state():
-    a = LSQQuantizer(3, _cfg(), channels=None, is_weight=False)
+    a = LSQQuantizer(_cfg(), 3, None, False)
     a.init_from(torch.rand(4, 10))
-    b = LSQQuantizer(3, _cfg(), channels=None, is_weight=False)
+    b = LSQQuantizer(_cfg(), 3, None, False)
     assert not b.ready
     b.load_state_dict(a.state_dict())
     assert b.ready and (b.signed, b.g, b.n, b.p) == (a.signed, a.g, a.n, a.p)
@@ -149,6 +149,6 @@ def test_state_dict_restores_data_dependent_state():
 
 
 def test_uninitialised_quantizer_refuses_to_run():
-    q = LSQQuantizer(4, _cfg(), channels=None, is_weight=True)
+    q = LSQQuantizer(_cfg(), 4, None, True)
     with pytest.raises(RuntimeError, match="calibrate"):
         q(torch.randn(3))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from oscbench.quant import QConv2d, QLinear, quantized_layers
+from oscbench.quant.modules import QConv2d, QLinear, quantized_layers
 from tests.conftest import build_config, fit
 
 CASES = {

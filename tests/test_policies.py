@@ -10,9 +10,10 @@ from torch import nn
 
 from oscbench.oscillation.freeze import Freeze
 from oscbench.oscillation.osc_reg import OscReg, OscRegConfig
-from oscbench.quant import quantized_layers
+from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.base import clip_to_grid
-from oscbench.quant.rtn import RTNQuantizer
+from oscbench.quant.modules import quantized_layers
+from oscbench.quant.rtn import RTNConfig, RTNQuantizer
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, aoq_coef, build_config, fit, run_config
 
@@ -162,13 +163,12 @@ def test_frozen_weights_keep_their_code_and_do_not_drift():
     spec, built = build_config(
         ["method=lsq_freeze", "bits=3", "trainer.epochs=6", "trainer.quant_lr=0"]
     )
+    freeze = built.policies[0]
     seen: dict = {}
     violations = []
 
     def check(model):
-        tracked = [m for _, m in quantized_layers(model) if m.tracker is not None]
-        for i, layer in enumerate(tracked):
-            st = layer.freeze_state
+        for i, (layer, st) in enumerate(zip(freeze.layers, freeze.states, strict=True)):
             codes = layer.weight_quantizer.to_int(layer.weight)
             w = layer.weight.detach()
             if i in seen:
@@ -194,10 +194,9 @@ def test_freezing_takes_the_rounded_ema_code_and_keeps_earlier_codes():
     from the next forward on; frozen weights keep their code."""
     spec, built = build_config(["method=lsq_freeze", "bits=3"])
     policy = built.policies[0]
-    policy.setup(built.model, 100, 10)
     policy.started = True  # the code EMAs exist: set them by hand
     layer = policy.layers[0]
-    st, tr = layer.freeze_state, layer.tracker
+    st, tr = policy.states[0], built.tracker.states[0]
     flat = slice(0, 6)
     with torch.no_grad():
         st.ema_code.view(-1)[flat] = torch.tensor([1.4, 1.6, -2.5, -0.4, 3.0, 2.2])
@@ -220,19 +219,20 @@ def test_freezing_takes_the_rounded_ema_code_and_keeps_earlier_codes():
     assert codes[flat][:4].tolist() == [1, 2, -2, 0] and codes[5] == -3  # pinned to them
 
 
-def test_freeze_state_survives_save_and_load():
+def test_freeze_state_is_the_policys_and_survives_save_and_load():
     spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.epochs=4"])
     fit(spec, built)
-    state = copy.deepcopy(built.model.state_dict())
-    assert any(k.endswith("freeze_state.frozen") and v.any() for k, v in state.items())
+    state = copy.deepcopy(built.policies[0].state_dict())
+    assert any(k.endswith(".frozen") and v.any() for k, v in state.items())
+    assert state["_extra_state"] == {"started": True}
+    assert not any("freeze" in k for k in built.model.state_dict())  # not the model's
     _, fresh = build_config(["method=lsq_freeze", "bits=3", "seed=3"])
-    for p in fresh.policies:
-        p.setup(fresh.model, total_steps=10, steps_per_epoch=5)
-    fresh.model.load_state_dict(state)
-    for key, value in state.items():
-        if ".freeze_state." in key:
-            assert torch.equal(fresh.model.state_dict()[key], value), key
-    assert isinstance(fresh.policies[0], Freeze)
+    assert isinstance(fresh.policies[0], Freeze) and not fresh.policies[0].started
+    fresh.policies[0].load_state_dict(state)
+    for key, value in fresh.policies[0].state_dict().items():
+        if key != "_extra_state":
+            assert torch.equal(value, state[key]), key
+    assert fresh.policies[0].started
 
 
 # --- CGA ---------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_freeze_state_survives_save_and_load():
 
 def test_cga_keeps_confident_weights_bit_identical_during_the_phase():
     spec, built = build_config(
-        ["method=ofq", "bits=2", "trainer.epochs=2", "policy.cga.extra_epochs=1"]
+        ["method=ofq", "bits=2", "trainer.epochs=2", "trainer.extra_epochs=1"]
     )
     cga = built.policies[0]
     steps = {"phase": 0, "moved": 0}
@@ -276,9 +276,10 @@ def test_cga_keeps_confident_weights_bit_identical_during_the_phase():
 def test_regulariser_with_a_detached_scale_has_gradient_two_lambda_q_minus_w_over_numel():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 5))
-    policy = OscReg(OscRegConfig(lam=0.7, bits=3, detach_scale=True), model, bits=4)
+    run = RunContext(model, None, 4, Schedule(total=1, main=1, per_epoch=1))
+    policy = OscReg(OscRegConfig(lam=0.7, bits=3, detach_scale=True), run)
     policy.extra_loss(model).backward()
-    q = RTNQuantizer(3, per_channel=False)
+    q = RTNQuantizer(RTNConfig(per_channel=False, scale_grad=False), 3, None, True)
     for layer in (model[0], model[2]):
         w = layer.weight.detach()
         qw = q(w)

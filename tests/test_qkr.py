@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 
-from oscbench.quant import QLinear
+from oscbench.quant.modules import QLinear
 from oscbench.quant.qkr import QKRAttention
 from oscbench.registry import ConfigError
 from tests.bounds import assert_within, gamma, unit_roundoff
@@ -92,7 +92,7 @@ def test_w_qk_is_quantized_per_row_with_statsq_and_trains_w_q_and_w_k():
 
 def test_ofq_on_deit_uses_qkr_and_trains():
     spec, built = build_config(
-        ["method=ofq", "bits=3", "trainer.epochs=1", "policy.cga.extra_epochs=0", *DEIT]
+        ["method=ofq", "bits=3", "trainer.epochs=1", "trainer.extra_epochs=0", *DEIT]
     )
     blocks = built.model.blocks
     assert all(isinstance(b.attn, QKRAttention) for b in blocks)

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from oscbench.config import validate
-from oscbench.models import build_model
-from oscbench.oscillation import attach_trackers, model_stats, update_trackers
-from oscbench.quant import (
+from oscbench.models.base import build_model
+from oscbench.oscillation.tracker import OscillationTracker
+from oscbench.quant.modules import (
     QConv2d,
     QLinear,
     QuantPlan,
@@ -59,19 +59,20 @@ def test_calibration_sets_input_signs_and_keeps_bn_statistics():
 def test_trackers_skip_the_8bit_ends_and_observe_weight_changes():
     spec, model, _ = _quantized(["bits=2"])
     calibrate(model, torch.randn(16, 1, 8, 8))
-    assert attach_trackers(model, spec.oscillation, total_steps=100) == 2
+    tracker = OscillationTracker(model, spec.oscillation, total_steps=100)
+    assert tracker.names == ["3", "7"]
     layer = model[3]
     step = layer.weight_quantizer.s.detach()
     with torch.no_grad():
         layer.weight.add_(step)  # every weight moves up one level (unless clipped)
     model.train()
-    update_trackers(model)
-    stats = model_stats(model, threshold=0.0)
+    tracker.update()
+    stats = tracker.stats(threshold=0.0)
     assert stats["layers"]["3"]["crossings"] > 0.5 * layer.weight.numel()
     assert set(stats["layers"]) == {"3", "7"}  # first (0) and last (12) layers are 8-bit
     assert stats["layers"]["7"]["crossings"] == 0  # untouched layer
     with torch.no_grad():
         layer.weight.sub_(step)
     model.eval()
-    update_trackers(model)  # eval mode: no update
-    assert model_stats(model, threshold=0.0)["crossings"] == 0
+    tracker.update()  # eval mode: no update
+    assert tracker.stats(threshold=0.0)["crossings"] == 0

@@ -3,18 +3,19 @@
 import pytest
 import torch
 
-from oscbench.quant.aoq import AOQQuantizer
-from oscbench.quant.rtn import RTNQuantizer
-from oscbench.quant.statsq import StatsQQuantizer
+from oscbench.quant.aoq import AOQConfig, AOQQuantizer
+from oscbench.quant.rtn import RTNConfig, RTNQuantizer
+from oscbench.quant.statsq import StatsQConfig, StatsQQuantizer
 from tests.conftest import aoq_coef
 
 pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
+RTN = RTNConfig(per_channel=False, scale_grad=False)
 
 
 def test_statsq_2bit_levels_are_half_steps_of_mean_abs_per_row():
     torch.manual_seed(0)
     w = torch.randn(6, 4, 3, 3, requires_grad=True)
-    q = StatsQQuantizer(2)
+    q = StatsQQuantizer(StatsQConfig(), 2, None, True)
     q.init_from(w)
     wq = q(w)
     m = w.detach().abs().flatten(1).mean(1)
@@ -33,7 +34,7 @@ def test_statsq_2bit_levels_are_half_steps_of_mean_abs_per_row():
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_statsq_codes_and_levels_agree(bits):
     w = torch.randn(5, 40)
-    q = StatsQQuantizer(bits)
+    q = StatsQQuantizer(StatsQConfig(), bits, None, True)
     k = q.to_int(w)
     assert k.min() >= -(2 ** (bits - 1)) and k.max() <= 2 ** (bits - 1) - 1
     s = 2 * w.abs().mean(1, keepdim=True)
@@ -44,7 +45,7 @@ def test_statsq_codes_and_levels_agree(bits):
 def test_aoq_at_init_is_a_uniform_mid_rise_quantizer(bits):
     torch.manual_seed(bits)
     w = torch.randn(64, 9) * 0.3
-    q = AOQQuantizer(bits, grad_scale=True)
+    q = AOQQuantizer(AOQConfig(grad_scale=True), bits, None, True)
     q.init_from(w)
     s = w.std() / 2 ** (bits - 2)
     half = 2 ** (bits - 1)
@@ -59,7 +60,7 @@ def test_aoq_at_init_is_a_uniform_mid_rise_quantizer(bits):
 
 def test_aoq_gradients_identity_for_w_coefficient_for_level_step_none_for_thresholds():
     w = torch.tensor([-2.0, -0.7, 0.2, 0.9, 3.0], requires_grad=True)
-    q = AOQQuantizer(2, grad_scale=False)
+    q = AOQQuantizer(AOQConfig(grad_scale=False), 2, None, True)
     q.init_from(torch.tensor([-1.0, 1.0]))  # std = sqrt(2)
     q.s_th.fill_(1.0)
     q.s_le.data.fill_(0.8)
@@ -79,7 +80,7 @@ def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
 
     torch.manual_seed(bits)
     w0 = torch.randn(32, 8, 3, 3) * 0.2
-    q = AOQQuantizer(bits, grad_scale=True)
+    q = AOQQuantizer(AOQConfig(grad_scale=True), bits, None, True)
     q.init_from(w0)
     q.s_th.mul_(0.7)  # thresholds and levels apart, as in stage 2
     go = torch.randn_like(w0)
@@ -113,10 +114,10 @@ def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
 
 def test_rtn_is_symmetric_max_scaled_with_straight_through_gradient():
     w = torch.tensor([-1.0, -0.4, 0.1, 0.26, 0.9], requires_grad=True)
-    q = RTNQuantizer(2, per_channel=False)  # 2 bits: ternary {-1, 0, 1} * max|w|
+    q = RTNQuantizer(RTN, 2, None, True)  # 2 bits: ternary {-1, 0, 1} * max|w|
     out = q(w)
     torch.testing.assert_close(out.detach(), torch.tensor([-1.0, 0.0, 0.0, 0.0, 1.0]))
     out.sum().backward()
     assert torch.equal(w.grad, torch.ones(5))
-    q3 = RTNQuantizer(3, per_channel=False)  # s = 1/3
+    q3 = RTNQuantizer(RTN, 3, None, True)  # s = 1/3
     torch.testing.assert_close(q3(w.detach()), torch.tensor([-3.0, -1.0, 0.0, 1.0, 3.0]) / 3)

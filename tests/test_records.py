@@ -14,10 +14,10 @@ import torch
 
 from oscbench import report
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL
+from oscbench.compose import CONF_DIR
 from oscbench.config import validate
 from oscbench.record import load_results
 from oscbench.registry import ConfigError
-from oscbench.run import CONF_DIR
 from tests.conftest import build_config, compose_config, run_config
 
 ROOT = Path(__file__).resolve().parents[1]

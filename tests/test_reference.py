@@ -5,10 +5,12 @@ import pytest
 import torch
 from torch import nn
 
+from oscbench.accel import Accel
 from oscbench.oscillation.osc_reg import OscReg, OscRegConfig
-from oscbench.quant import quantized_layers
+from oscbench.oscillation.policy import RunContext, Schedule
+from oscbench.quant.modules import quantized_layers
 from oscbench.quant.qkr import QKRAttention
-from oscbench.train import Accel, build_optimizer, train_step
+from oscbench.train import build_optimizer, train_step
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, build_config, fit
 from tests.test_qkr import DEIT
@@ -43,12 +45,11 @@ def test_freezing_code_ema_starts_with_freezing_and_moves_only_while_it_is_on():
     updates it only while freeze_threshold > 0."""
     spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.epochs=4"])
     freeze = built.policies[0]
-    layer = freeze.layers[0]
+    st, tr = freeze.states[0], built.tracker.states[0]
     steps = []
 
     def record(step, total):
-        st = layer.freeze_state
-        steps.append((freeze.f_th, st.ema_code.clone(), layer.tracker.code.clone()))
+        steps.append((freeze.f_th, st.ema_code.clone(), tr.code.clone()))
 
     fit(spec, built, [Observer(on_step_start=record)])
     first = next(i for i, (f_th, _, _) in enumerate(steps) if f_th > 0)
@@ -58,7 +59,7 @@ def test_freezing_code_ema_starts_with_freezing_and_moves_only_while_it_is_on():
     assert not torch.equal(codes, steps[0][2])  # weights moved during the warm-up ...
     # ... and the EMA starts from the codes of this step: c (1 - m) + m c, two roundings
     assert_within(ema, codes.float(), 2 * unit_roundoff() * codes.float().abs())
-    m = layer.tracker.momentum
+    m = tr.momentum
     _, ema_next, codes_next = steps[first + 1]
     assert torch.equal(ema_next, ema * (1 - m) + codes_next * m)
 
@@ -69,15 +70,14 @@ def test_the_tracker_sees_frozen_weights_at_their_frozen_code():
     momentum or weight decay carry its latent value across a threshold."""
     spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.weight_decay=9.0"])
     freeze = built.policies[0]
-    freeze.setup(built.model, 100, 10)
-    layer = freeze.layers[0]
-    st, tr = layer.freeze_state, layer.tracker
+    st, tr = freeze.states[0], built.tracker.states[0]
     with torch.no_grad():  # half the layer frozen at its current codes
         st.frozen.view(-1)[::2] = True
         st.code.copy_(tr.code)
     opt = build_optimizer(built.model, spec.trainer)  # lr 0.05 x decay 9: w -> 0.55 w
     x, y = next(built.data.train_batches(0, 64))
-    train_step(built.model, built.model, x, y, opt, [freeze], Accel(), step=0, total=100)
+    tracker = built.tracker
+    train_step(built.model, built.model, x, y, opt, [freeze], tracker, Accel(), step=0, total=100)
     assert freeze.f_th == 0  # no new freezing: only the step moved the weights
     moved = tr.direction != 0
     assert moved[~st.frozen].sum() > 100  # the decay carried many weights across thresholds
@@ -89,7 +89,7 @@ def test_cga_anneals_the_blocks_and_leaves_the_8_bit_ends_alone():
     """OFQ, cga.py, train_one_epoch: the confidence mask and the restore apply to the
     blocks' fc1, fc2, qkv/v and proj; the patch embedding and the head train as usual."""
     spec, built = build_config(
-        ["method=ofq", "bits=2", "trainer.epochs=1", "policy.cga.extra_epochs=1"]
+        ["method=ofq", "bits=2", "trainer.epochs=1", "trainer.extra_epochs=1"]
     )
     cga = built.policies[0]
     layers = [m for _, m in quantized_layers(built.model)]
@@ -120,9 +120,8 @@ def test_regulariser_scale_takes_gradient_through_the_largest_weight():
     model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 5)).double()
     bits, lam = 3, 0.7
     p = 2 ** (bits - 1) - 1
-    OscReg(OscRegConfig(lam=lam, bits=bits, detach_scale=False), model, bits=4).extra_loss(
-        model
-    ).backward()
+    run = RunContext(model, None, 4, Schedule(total=1, main=1, per_epoch=1))
+    OscReg(OscRegConfig(lam=lam, bits=bits, detach_scale=False), run).extra_loss(model).backward()
     u = unit_roundoff(torch.float64)
     for layer in model:
         w = layer.weight.detach()
@@ -155,7 +154,6 @@ def test_nagel_schedules_count_iterations_from_one():
     assert dampen.lam == 0.1
     _, built = build_config(["method=lsq_freeze", "bits=3"])
     freeze = built.policies[0]
-    freeze.setup(built.model, 100, 10)
     freeze.on_step_start(23, 100)  # iteration 24 < 25
     assert freeze.f_th == 0
     freeze.on_step_start(24, 100)  # iteration 25: the annealing starts at its start value

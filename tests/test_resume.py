@@ -101,14 +101,16 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
         "optimizer",
         "scheduler",
         "policies",
+        "tracker",
         "rng",
         "epoch",
         "step",
         "history",
         "fingerprint",
+        "elapsed_s",
     } <= set(ckpt)
-    assert ckpt["epoch"] == 2 and ckpt["policies"] == [{"stage": 3}]
+    assert ckpt["epoch"] == 2 and ckpt["policies"] == [{"_extra_state": {"stage": 3}}]
+    assert any(k.endswith("freq") for k in ckpt["tracker"])
     keys = ckpt["model"].keys()
-    assert any(k.endswith("tracker.freq") for k in keys)
     assert any(k.endswith("weight_quantizer.s_th") for k in keys)
     assert any(k.endswith("input_quantizer._extra_state") for k in keys)

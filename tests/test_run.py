@@ -74,10 +74,10 @@ def test_full_precision_run_has_no_tracker(tmp_path, quick, capsys):
 def test_the_summary_counts_every_epoch_that_ran(tmp_path, capsys):
     """OFQ's CGA phase runs after the main epochs: the summary says so."""
     run_config(
-        ["method=ofq", "trainer.epochs=2", "policy.cga.extra_epochs=1", "logger=none"], tmp_path
+        ["method=ofq", "trainer.epochs=2", "trainer.extra_epochs=1", "logger=none"], tmp_path
     )
     out = capsys.readouterr().out
-    assert "epoch 3/3" in out and "2 epochs + 1 of cga in" in out
+    assert "epoch 3/3" in out and "2 epochs + 1 extra at lr 1e-05 in" in out
 
 
 def test_two_bit_lsq_oscillates(tmp_path, quick):

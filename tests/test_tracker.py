@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oscbench.oscillation.tracker import OscillationTracker, TrackerConfig
+from oscbench.oscillation.tracker import LayerTracker, TrackerConfig
 
 pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
@@ -36,7 +36,7 @@ def _osc_flags() -> torch.Tensor:
 def test_counts_on_known_sequences():
     m = 0.1
     start = SEQ[0].clone()
-    tr = OscillationTracker(SEQ[0], momentum=m)
+    tr = LayerTracker(SEQ[0], momentum=m)
     for codes in SEQ[1:]:
         tr.update(codes)
     assert tr.count.tolist() == OSCILLATIONS
@@ -56,7 +56,7 @@ def test_counts_on_known_sequences():
 
 
 def test_epoch_stats_and_reset():
-    tr = OscillationTracker(SEQ[0], momentum=0.1)
+    tr = LayerTracker(SEQ[0], momentum=0.1)
     for codes in SEQ[1:]:
         tr.update(codes)
     stats = tr.epoch_stats(threshold=0.1)
@@ -68,7 +68,7 @@ def test_epoch_stats_and_reset():
 
 
 def test_no_update_in_eval_mode():
-    tr = OscillationTracker(SEQ[0], momentum=0.1)
+    tr = LayerTracker(SEQ[0], momentum=0.1)
     tr.eval()
     for codes in SEQ[1:]:
         tr.update(codes)
@@ -77,7 +77,7 @@ def test_no_update_in_eval_mode():
 
 
 def test_compact_state_is_in_state_dict_and_restores_exactly():
-    tr = OscillationTracker(SEQ[0], momentum=0.1)
+    tr = LayerTracker(SEQ[0], momentum=0.1)
     for codes in SEQ[1:4]:
         tr.update(codes)
     state = tr.state_dict()
@@ -89,7 +89,7 @@ def test_compact_state_is_in_state_dict_and_restores_exactly():
     }
     per_weight = sum(v.element_size() for v in state.values() if v.dim())
     assert per_weight == 8
-    fresh = OscillationTracker(torch.zeros(4, dtype=torch.int8), momentum=0.1)
+    fresh = LayerTracker(torch.zeros(4, dtype=torch.int8), momentum=0.1)
     fresh.load_state_dict(state)
     for codes in SEQ[4:]:
         tr.update(codes)
@@ -99,7 +99,7 @@ def test_compact_state_is_in_state_dict_and_restores_exactly():
 
 
 def test_extreme_codes_do_not_overflow():
-    tr = OscillationTracker(torch.tensor([-128, 127], dtype=torch.int8), momentum=0.5, bits=8)
+    tr = LayerTracker(torch.tensor([-128, 127], dtype=torch.int8), momentum=0.5, bits=8)
     tr.update(torch.tensor([127, -128]))
     assert tr.direction.tolist() == [1, -1]
     tr.update(torch.tensor([-128, 127]))
@@ -107,7 +107,7 @@ def test_extreme_codes_do_not_overflow():
 
 
 def test_counts_saturate_instead_of_wrapping():
-    tr = OscillationTracker(torch.zeros(2, dtype=torch.int8), momentum=0.5)
+    tr = LayerTracker(torch.zeros(2, dtype=torch.int8), momentum=0.5)
     tr.count.fill_(32767 - 3)  # as if loaded from a checkpoint of a very long run
     tr.load_state_dict(tr.state_dict())
     for i in range(10):
@@ -131,7 +131,7 @@ def test_matches_a_plain_reference_on_random_walks():
     steps, n, m = 200, 5000, 0.05
     codes = torch.randint(-8, 8, (1, n)) + torch.randint(-1, 2, (steps, n)).cumsum(0)
     codes = codes.clamp(-8, 7).to(torch.int8)
-    tr = OscillationTracker(codes[0], momentum=m)
+    tr = LayerTracker(codes[0], momentum=m)
     last, last_dir = codes[0].long(), torch.zeros(n, dtype=torch.long)
     freq, count, switches, oscillations = torch.zeros(n), torch.zeros(n, dtype=torch.long), 0, 0
     for c in codes[1:]:

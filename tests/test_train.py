@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from oscbench.config import validate
-from oscbench.data import build_data
-from oscbench.models import build_model
-from oscbench.oscillation import attach_trackers
-from oscbench.quant import QuantPlan, calibrate, quantize_model, quantizer_factory
-from oscbench.train import build_optimizer, cosine_with_warmup, reestimate_bn, train
+from oscbench.data.base import build_data
+from oscbench.evaluation import reestimate_bn
+from oscbench.models.base import build_model
+from oscbench.oscillation.tracker import OscillationTracker
+from oscbench.quant.modules import QuantPlan, calibrate, quantize_model, quantizer_factory
+from oscbench.train import build_optimizer, cosine_with_warmup, train
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import compose_config
 
@@ -28,8 +29,8 @@ def _setup(overrides):
         model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan
     )
     calibrate(model, data.x_train[:64])
-    attach_trackers(model, spec.oscillation, total_steps=100)
-    return spec, data, model
+    tracker = OscillationTracker(model, spec.oscillation, total_steps=100)
+    return spec, data, model, tracker
 
 
 def test_digits_split_is_stratified_normalised_and_fixed():
@@ -44,7 +45,7 @@ def test_digits_split_is_stratified_normalised_and_fixed():
 
 
 def test_quantizer_parameters_have_their_own_group_without_weight_decay():
-    spec, _, model = _setup(["trainer.quant_lr=0.003"])
+    spec, _, model, _ = _setup(["trainer.quant_lr=0.003"])
     opt = build_optimizer(model, spec.trainer)
     model_group, q_group = opt.param_groups
     assert q_group["lr"] == 0.003 and q_group["weight_decay"] == 0.0
@@ -65,7 +66,7 @@ def test_cosine_schedule_with_warmup():
 
 
 def test_bn_reestimation_is_a_plain_average_of_batch_statistics():
-    spec, data, model = _setup([])
+    spec, data, model, _ = _setup([])
     bn = model[1]
     bn.running_mean.fill_(5.0)
     reestimate_bn(model, data, batches=3, batch_size=64)
@@ -88,12 +89,12 @@ def test_bn_reestimation_is_a_plain_average_of_batch_statistics():
     assert bn.momentum == 0.1  # restored
 
 
-def test_model_state_roundtrip_restores_trackers_and_quantizers_exactly():
-    spec, data, model = _setup(["bits=2", "trainer.epochs=2"])
-    train(model, data, spec.trainer, [], 0.005, on_epoch=lambda r: None)
+def test_model_and_tracker_state_roundtrip_restores_them_exactly():
+    spec, data, model, tracker = _setup(["bits=2", "trainer.epochs=2"])
+    train(model, data, spec.trainer, [], tracker, 0.005, on_epoch=lambda r: None)
     state = copy.deepcopy(model.state_dict())
-    tracker_keys = [k for k in state if ".tracker." in k]
-    assert {k.rsplit(".", 1)[1] for k in tracker_keys} == {
+    tracked = copy.deepcopy(tracker.state_dict())
+    assert {k.rsplit(".", 1)[1] for k in tracked} == {
         "code",
         "direction",
         "freq",
@@ -101,13 +102,17 @@ def test_model_state_roundtrip_restores_trackers_and_quantizers_exactly():
         "epoch_switches",
         "epoch_oscillations",
     }
-    assert state["3.tracker.count"].sum() > 0  # it has seen oscillations
+    assert tracked["states.0.count"].sum() > 0  # it has seen oscillations
+    assert not any("tracker" in k for k in state)  # the tracker is not the model's
 
-    _, _, fresh = _setup(["bits=2", "seed=7"])  # different init, then overwritten
+    _, _, fresh, fresh_tracker = _setup(["bits=2", "seed=7"])  # another init, overwritten
     fresh.load_state_dict(state)
+    fresh_tracker.load_state_dict(tracked)
     for key, value in fresh.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, state[key]), key
+    for key, value in fresh_tracker.state_dict().items():
+        assert torch.equal(value, tracked[key]), key
     assert fresh[3].weight_quantizer.g == model[3].weight_quantizer.g
     assert fresh[3].input_quantizer.signed == model[3].input_quantizer.signed
     x = data.x_test[:32]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from oscbench.data import DATASETS, TensorData, require
+from oscbench.data.base import DATASETS, TensorData, require
 
 STATS = {  # per-channel mean and std of the training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from oscbench.data import DATASETS, LoaderData, require
+from oscbench.data.base import DATASETS, LoaderData, require
 from oscbench.registry import check
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.data import DATASETS, TensorData
+from oscbench.data.base import DATASETS, TensorData
 from oscbench.registry import check
 
 

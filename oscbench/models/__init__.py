@@ -1,20 +1,6 @@
-"""Model registry: `model.name` in conf/model/*.yaml -> a builder taking its options."""
+"""Models, one module each, registered in `oscbench.models.base.MODELS`; `init_from=`
+weights in `oscbench.models.pretrained`."""
 
-from __future__ import annotations
+from oscbench.registry import import_plugins
 
-from torch import nn
-
-from oscbench.registry import Registry
-
-MODELS: Registry[nn.Module] = Registry("model")
-
-
-def build_model(component, num_classes: int, in_channels: int, image_size: int) -> nn.Module:  # noqa: ANN001
-    """Build a validated model `Component` for a dataset's classes, input channels and
-    image size (height = width)."""
-    return MODELS.get(component.name).build(
-        component.options, num_classes=num_classes, in_channels=in_channels, image_size=image_size
-    )
-
-
-from oscbench.models import cnn_small, resnet_cifar, timm_models  # noqa: E402,F401  (registers)
+import_plugins(__name__, __path__)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from oscbench.models import MODELS
+from oscbench.models.base import MODELS
 from oscbench.registry import check
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscbench.models import MODELS
+from oscbench.models.base import MODELS
 from oscbench.registry import check
 
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.oscillation.policy import POLICIES, EpochMean, Policy
-from oscbench.quant.aoq import AOQQuantizer
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, RunContext
+from oscbench.quant.base import DECOUPLED
 from oscbench.quant.modules import quantized_layers
-from oscbench.registry import ConfigError, check
+from oscbench.registry import check
 
 
 class _DistanceNorm(torch.autograd.Function):
@@ -44,18 +44,15 @@ class AOQScheduleConfig:
     def __post_init__(self) -> None:
         check(
             0 < self.stage1_end <= self.stage2_end <= 1,
-            "policy.aoq_schedule.stage1_end/stage2_end",
+            "stage1_end/stage2_end",
             (self.stage1_end, self.stage2_end),
             "0 < stage1_end <= stage2_end <= 1",
         )
-        check(
-            0 < self.alpha_end <= 1, "policy.aoq_schedule.alpha_end", self.alpha_end, "0 < x <= 1"
-        )
-        check(
-            self.dampen_lambda >= 0, "policy.aoq_schedule.dampen_lambda", self.dampen_lambda, ">= 0"
-        )
+        check(0 < self.alpha_end <= 1, "alpha_end", self.alpha_end, "0 < x <= 1")
+        check(self.dampen_lambda >= 0, "dampen_lambda", self.dampen_lambda, ">= 0")
 
 
+@POLICIES.register("aoq_schedule", AOQScheduleConfig)
 class AOQSchedule(Policy):
     """Three stages over the (0-based) step t of T, T1 = stage1_end T, T2 = stage2_end T,
     boundaries inclusive as in AOQ's code (`epoch <= 50`, `epoch <= 150` of 250):
@@ -73,15 +70,16 @@ class AOQSchedule(Policy):
 
     Applies to the AOQ layers at the run's bit-width (not the 8-bit first and last)."""
 
-    def __init__(self, cfg: AOQScheduleConfig, model: nn.Module) -> None:
+    requires = frozenset({DECOUPLED})
+
+    def __init__(self, cfg: AOQScheduleConfig, run: RunContext) -> None:
+        super().__init__()
         self.cfg = cfg
         self.layers = [
             m
-            for _, m in quantized_layers(model)
-            if isinstance(m.weight_quantizer, AOQQuantizer) and not m.is_first_or_last
+            for _, m in quantized_layers(run.model)
+            if DECOUPLED in m.weight_quantizer.capabilities and not m.is_first_or_last
         ]
-        if not self.layers:
-            raise ConfigError("policy=aoq_schedule needs quantizer=aoq (use method=aoq)")
         self.alpha, self.stage = 1.0, None
         self.loss = EpochMean()
 
@@ -120,10 +118,10 @@ class AOQSchedule(Policy):
         self.loss.add(loss)
         return loss
 
-    def state_dict(self) -> dict:
+    def get_extra_state(self) -> dict:
         return {"stage": self.stage}
 
-    def load_state_dict(self, state: dict) -> None:
+    def set_extra_state(self, state: dict) -> None:
         self.stage = state["stage"]
 
     def metrics(self) -> dict[str, float]:
@@ -132,8 +130,3 @@ class AOQSchedule(Policy):
             "aoq/stage": self.stage,
             "aoq/dampen_loss": self.loss.pop(),
         }
-
-
-@POLICIES.register("aoq_schedule", AOQScheduleConfig)
-def _build(cfg: AOQScheduleConfig, model: nn.Module, bits: int) -> Policy:
-    return AOQSchedule(cfg, model)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, delayed_cosine
-from oscbench.quant.base import grid_bounds
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, RunContext, delayed_cosine
+from oscbench.quant.base import QUANTIZED
 from oscbench.quant.modules import quantized_layers
 from oscbench.registry import check
 
@@ -24,12 +24,12 @@ class DampenConfig:
     )
 
     def __post_init__(self) -> None:
-        check(self.lambda_start >= 0, "policy.dampen.lambda_start", self.lambda_start, ">= 0")
-        check(self.lambda_end >= 0, "policy.dampen.lambda_end", self.lambda_end, ">= 0")
-        check(0 <= self.start < 1, "policy.dampen.start", self.start, "0 <= x < 1")
+        check(self.lambda_start >= 0, "lambda_start", self.lambda_start, ">= 0")
+        check(self.lambda_end >= 0, "lambda_end", self.lambda_end, ">= 0")
+        check(0 <= self.start < 1, "start", self.start, "0 <= x < 1")
         check(
             self.aggregation in ("kernel_mean", "sum", "mean"),
-            "policy.dampen.aggregation",
+            "aggregation",
             self.aggregation,
             "kernel_mean, sum, mean",
         )
@@ -62,6 +62,7 @@ def _divisor(w: torch.Tensor, how: str) -> int:
     return 1 if how == "sum" else w.numel()
 
 
+@POLICIES.register("dampen", DampenConfig)
 class Dampen(Policy):
     """L += lambda(t) sum_layers agg((w_q.detach() - clip(w, s n, s p))^2) over every
     quantized layer (Qualcomm-AI-research/oscillations-qat, `utils/qat_utils.py`:
@@ -70,9 +71,12 @@ class Dampen(Policy):
     point. lambda(t), on Nagel's iteration counter t = step + 1: lambda_start before
     `start` T, then a cosine from lambda_start to lambda_end, reached at the last step."""
 
-    def __init__(self, cfg: DampenConfig, model: nn.Module) -> None:
+    requires = frozenset({QUANTIZED})
+
+    def __init__(self, cfg: DampenConfig, run: RunContext) -> None:
+        super().__init__()
         self.cfg = cfg
-        self.layers = [m for _, m in quantized_layers(model)]
+        self.layers = [m for _, m in quantized_layers(run.model)]
         self.lam = 0.0
         self.loss = EpochMean()
 
@@ -88,7 +92,7 @@ class Dampen(Policy):
         total = 0.0
         for layer in self.layers:
             w = layer.weight
-            lo, hi = grid_bounds(layer.weight_quantizer, w)
+            lo, hi = layer.weight_quantizer.bounds(w)
             wq = layer.last_quantized_weight  # this step's w_q
             total = total + _DampenTerm.apply(w, wq, lo, hi, _divisor(w, self.cfg.aggregation))
         loss = self.lam * total
@@ -97,8 +101,3 @@ class Dampen(Policy):
 
     def metrics(self) -> dict[str, float]:
         return {"dampen/lambda": self.lam, "dampen/loss": self.loss.pop()}
-
-
-@POLICIES.register("dampen", DampenConfig)
-def _build(cfg: DampenConfig, model: nn.Module, bits: int) -> Policy:
-    return Dampen(cfg, model)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.oscillation.policy import POLICIES, Policy, delayed_cosine
-from oscbench.quant.modules import quantized_layers
+from oscbench.oscillation.policy import POLICIES, Policy, RunContext, delayed_cosine
+from oscbench.quant.base import FIXED_GRID, QUANTIZED
 from oscbench.registry import ConfigError, check
 
 
@@ -23,20 +23,18 @@ class FreezeConfig:
     threshold_end: float | None  # Nagel et al.: 0.01 at 4 bits, 0.011 at 3 bits; null = that
 
     def __post_init__(self) -> None:
-        check(0 <= self.start < 1, "policy.freeze.start", self.start, "0 <= x < 1")
-        check(
-            0 < self.threshold_start, "policy.freeze.threshold_start", self.threshold_start, "> 0"
-        )
+        check(0 <= self.start < 1, "start", self.start, "0 <= x < 1")
+        check(0 < self.threshold_start, "threshold_start", self.threshold_start, "> 0")
         check(
             self.threshold_end is None or self.threshold_end > 0,
-            "policy.freeze.threshold_end",
+            "threshold_end",
             self.threshold_end,
             "null (by bits) or > 0",
         )
 
 
 class FreezeState(nn.Module):
-    """Per-weight freezing state, in buffers so that it is saved with the model."""
+    """Per-weight freezing state of one layer, in buffers (saved with the policy)."""
 
     def __init__(self, codes: torch.Tensor) -> None:
         super().__init__()
@@ -45,6 +43,7 @@ class FreezeState(nn.Module):
         self.register_buffer("ema_code", torch.zeros_like(codes, dtype=torch.float32))
 
 
+@POLICIES.register("freeze", FreezeConfig)
 class Freeze(Policy):
     """Freezes, for good, each weight whose oscillation frequency f (the tracker's EMA, same
     momentum m) exceeds the threshold f_th(t), to round(EMA of its integer code).
@@ -69,20 +68,21 @@ class Freeze(Policy):
     codes and EMAs are buffers (saved in checkpoints; Nagel's were not).
     """
 
-    def __init__(self, cfg: FreezeConfig, model: nn.Module, bits: int) -> None:
+    requires = frozenset({QUANTIZED, FIXED_GRID})
+
+    def __init__(self, cfg: FreezeConfig, run: RunContext) -> None:
+        super().__init__()
         self.cfg = cfg
-        self.threshold_end = cfg.threshold_end or (0.011 if bits == 3 else 0.01)
+        self.threshold_end = cfg.threshold_end or (0.011 if run.bits == 3 else 0.01)
         self.f_th = 0.0
         self.started = False  # the code EMAs exist from the first step with f_th > 0
-        self.layers = [m for _, m in quantized_layers(model) if m.tracker is not None]
-        if not self.layers:
+        tracked = run.tracker.tracked() if run.tracker is not None else []
+        if not tracked:
             raise ConfigError("policy=freeze found no tracked layer: it needs a quantized model")
+        self.layers = [layer for layer, _ in tracked]  # the layers and their tracker states,
+        self.trackers = [state for _, state in tracked]  # read, not owned (no submodules)
+        self.states = nn.ModuleList(FreezeState(state.code) for state in self.trackers)
         self.new: list[torch.Tensor | None] = [None] * len(self.layers)  # frozen at this step
-
-    def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
-        for layer in self.layers:
-            if not hasattr(layer, "freeze_state"):
-                layer.freeze_state = FreezeState(layer.tracker.code)
 
     @torch.no_grad()
     def on_step_start(self, step: int, total: int) -> None:
@@ -92,8 +92,7 @@ class Freeze(Policy):
         )
         if self.f_th == 0:
             return
-        for i, layer in enumerate(self.layers):
-            st, tr = layer.freeze_state, layer.tracker
+        for i, (st, tr) in enumerate(zip(self.states, self.trackers, strict=True)):
             if not self.started:
                 st.ema_code.copy_(tr.code)
             new = torch.gt(tr.freq, self.f_th).gt_(st.frozen)  # above f_th, not yet frozen
@@ -107,31 +106,26 @@ class Freeze(Policy):
 
     @torch.no_grad()
     def after_backward(self, model: nn.Module) -> None:
-        for layer in self.layers:
+        for layer, st in zip(self.layers, self.states, strict=True):
             if layer.weight.grad is not None:
-                layer.weight.grad.masked_fill_(layer.freeze_state.frozen, 0.0)
+                layer.weight.grad.masked_fill_(st.frozen, 0.0)
 
     @torch.no_grad()
     def on_step_end(self, model: nn.Module) -> None:
-        for i, layer in enumerate(self.layers):
-            st, q, w = layer.freeze_state, layer.weight_quantizer, layer.weight
+        for i, (layer, st) in enumerate(zip(self.layers, self.states, strict=True)):
+            q, w = layer.weight_quantizer, layer.weight
             if self.new[i] is not None:
                 st.frozen.logical_or_(self.new[i])
                 self.new[i] = None
             torch.where(st.frozen, q.code_centre(st.code.float(), w), w, out=w)
 
-    def state_dict(self) -> dict:
+    def get_extra_state(self) -> dict:
         return {"started": self.started}
 
-    def load_state_dict(self, state: dict) -> None:
+    def set_extra_state(self, state: dict) -> None:
         self.started = state["started"]
 
     def metrics(self) -> dict[str, float]:
-        frozen = sum(int(layer.freeze_state.frozen.sum()) for layer in self.layers)
+        frozen = sum(int(st.frozen.sum()) for st in self.states)
         total = sum(layer.weight.numel() for layer in self.layers)
         return {"freeze/threshold": self.f_th, "freeze/frozen_share": frozen / total}
-
-
-@POLICIES.register("freeze", FreezeConfig)
-def _build(cfg: FreezeConfig, model: nn.Module, bits: int) -> Policy:
-    return Freeze(cfg, model, bits)

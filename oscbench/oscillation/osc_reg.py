@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.oscillation.policy import POLICIES, EpochMean, Policy
-from oscbench.quant.rtn import RTNQuantizer
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, RunContext
+from oscbench.quant.base import FULL_PRECISION
+from oscbench.quant.rtn import RTNConfig, RTNQuantizer
 from oscbench.registry import check
 
 
@@ -21,15 +22,11 @@ class OscRegConfig:
     detach_scale: bool  # false: s = max|w|/p takes gradient, as in their code; true: detached
 
     def __post_init__(self) -> None:
-        check(self.lam >= 0, "policy.osc_reg.lam", self.lam, ">= 0")
-        check(
-            self.bits is None or 2 <= self.bits <= 8,
-            "policy.osc_reg.bits",
-            self.bits,
-            "null or 2..8",
-        )
+        check(self.lam >= 0, "lam", self.lam, ">= 0")
+        check(self.bits is None or 2 <= self.bits <= 8, "bits", self.bits, "null or 2..8")
 
 
+@POLICIES.register("osc_reg", OscRegConfig)
 class OscReg(Policy):
     """Full-precision training with L = L_task + lam sum_layers mean(q(w)^2 - w^2), where q
     rounds to nearest on a symmetric per-tensor grid s = max|w| / (2^(b-1) - 1) and is NOT
@@ -39,10 +36,16 @@ class OscReg(Policy):
     largest-magnitude weight (`detach_scale: true` detaches it). Conv and linear weights
     only: norm layers are excluded."""
 
-    def __init__(self, cfg: OscRegConfig, model: nn.Module, bits: int) -> None:
+    requires = frozenset({FULL_PRECISION})
+
+    def __init__(self, cfg: OscRegConfig, run: RunContext) -> None:
+        super().__init__()
         self.lam = cfg.lam
-        self.q = RTNQuantizer(cfg.bits or bits, per_channel=False, scale_grad=not cfg.detach_scale)
-        self.weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        rtn = RTNConfig(per_channel=False, scale_grad=not cfg.detach_scale)
+        self.q = RTNQuantizer(rtn, cfg.bits or run.bits, None, True)
+        self.weights = [
+            m.weight for m in run.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+        ]
         self.loss = EpochMean()
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
@@ -54,8 +57,3 @@ class OscReg(Policy):
 
     def metrics(self) -> dict[str, float]:
         return {"osc_reg/loss": self.loss.pop()}
-
-
-@POLICIES.register("osc_reg", OscRegConfig)
-def _build(cfg: OscRegConfig, model: nn.Module, bits: int) -> Policy:
-    return OscReg(cfg, model, bits)

@@ -1,33 +1,61 @@
 """The policy interface: hooks the training loop calls around each optimizer step.
 
 A method is one quantizer plus zero or more policies (`policy:` in the config, several
-allowed). Policies see quantizers only through the `Quantizer` interface and may keep
-state in buffers of their own, saved with the run.
+allowed). A policy plugin is one module that defines a `Policy` subclass and registers it:
+
+    @POLICIES.register("freeze", FreezeConfig)
+    class Freeze(Policy):
+        requires = frozenset({QUANTIZED, FIXED_GRID})
+        def __init__(self, cfg: FreezeConfig, run: RunContext)
+
+plus `conf/policy/<name>.yaml`. A policy is a module: its buffers and its extra state are
+its own, saved and restored with the run. It sees quantizers only through the `Quantizer`
+interface and layers through `QuantizedLayer`'s (oscbench.quant), and reads the
+oscillation tracker the run hands it (`run.tracker`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.registry import Registry
 
 
-class Policy:
-    """Base class; every hook is optional. Builders take (options, model, bits)."""
+@dataclass
+class Schedule:
+    """A run's optimizer steps: `main` in the main epochs, `total` with the extra epochs
+    (trainer.extra_epochs), `per_epoch`."""
 
-    extra_epochs: int = 0  # epochs this policy adds after the main run (CGA, as OFQ does)
-    phase_lr: float | None = None  # constant learning rate during those extra epochs
+    total: int
+    main: int
+    per_epoch: int
 
-    def setup(self, model: nn.Module, total_steps: int, steps_per_epoch: int) -> None:
-        """Called once after the model is quantized, calibrated and given trackers;
-        `total_steps` includes every policy's extra epochs."""
+
+@dataclass
+class RunContext:
+    """What a policy is built from: the quantized model, the tracker (None in full
+    precision), the run's weight bits and its schedule."""
+
+    model: nn.Module
+    tracker: OscillationTracker | None
+    bits: int
+    schedule: Schedule
+
+
+class Policy(nn.Module):
+    """Base class; every hook is optional. `requires`: the quantizer capabilities the policy
+    needs (oscbench.quant.base), checked with the configuration before any training."""
+
+    requires: frozenset[str] = frozenset()
 
     def on_step_start(self, step: int, total: int) -> None:
         """Before the forward pass of optimizer step `step` (0-based) of `total`; the
-        trackers hold the codes this forward will use."""
+        tracker holds the codes this forward will use."""
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the task loss, or None."""
@@ -37,27 +65,20 @@ class Policy:
         """After backward, before the optimizer step (e.g. gradient masking)."""
 
     def on_step_end(self, model: nn.Module) -> None:
-        """After the optimizer step, before the trackers read the new codes (e.g. putting
-        back weights the step must not move, so that the trackers never count them)."""
+        """After the optimizer step, before the tracker reads the new codes (e.g. putting
+        back weights the step must not move, so that the tracker never counts them)."""
 
     def metrics(self) -> dict[str, float]:
         """Schedule values and loss terms for the epoch record (called once per epoch)."""
         return {}
 
-    def state_dict(self) -> dict:
-        """Python-side state a resume needs (tensors belong in module buffers instead)."""
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` returned."""
-
 
 POLICIES: Registry[Policy] = Registry("policy")
 
 
-def build_policies(components, model: nn.Module, bits: int) -> list[Policy]:  # noqa: ANN001
+def build_policies(components, run: RunContext) -> list[Policy]:  # noqa: ANN001
     """Build validated `Component`s (see oscbench.config) into policies."""
-    return [POLICIES.get(c.name).build(c.options, model=model, bits=bits) for c in components]
+    return [POLICIES.get(c.name).build(c.options, run) for c in components]
 
 
 def delayed_cosine(

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from oscbench.quant.modules import QuantizedLayer, quantized_layers
 from oscbench.registry import check
 
 COUNT_MAX = torch.iinfo(torch.int16).max
@@ -29,14 +30,14 @@ class TrackerConfig:
     track_first_last: bool  # Nagel et al. track only <= 4-bit layers, i.e. not the 8-bit ends
 
     def __post_init__(self) -> None:
-        check(0 < self.momentum <= 1, "oscillation.momentum", self.momentum, "0 < m <= 1")
+        check(0 < self.momentum <= 1, "momentum", self.momentum, "0 < m <= 1")
         check(
             self.window_fraction is None or 0 < self.window_fraction <= 1,
-            "oscillation.window_fraction",
+            "window_fraction",
             self.window_fraction,
             "null or 0 < x <= 1",
         )
-        check(0 <= self.threshold < 1, "oscillation.threshold", self.threshold, "0 <= x < 1")
+        check(0 <= self.threshold < 1, "threshold", self.threshold, "0 <= x < 1")
 
     def effective_momentum(self, total_steps: int) -> float:
         """The paper's m, raised for short runs so that the EMA window spans at most
@@ -46,8 +47,8 @@ class TrackerConfig:
         return min(1.0, max(self.momentum, 1.0 / (self.window_fraction * max(total_steps, 1))))
 
 
-class OscillationTracker(nn.Module):
-    """State of one quantized weight tensor, all in buffers (saved with the model).
+class LayerTracker(nn.Module):
+    """State of one quantized weight tensor, all in buffers (saved with the tracker).
 
     8 bytes per weight: int8 last code, int8 last switch direction, float32 frequency EMA,
     int16 oscillation count (saturating between 31743 and 32767). Epoch counters are device
@@ -96,7 +97,7 @@ class OscillationTracker(nn.Module):
         self.epoch_oscillations.add_(osc.count_nonzero())
 
     @torch.no_grad()
-    def epoch_stats(self, threshold: float, reset: bool = True) -> dict[str, float]:
+    def epoch_stats(self, threshold: float) -> dict[str, float]:
         """Per-layer numbers for the epoch; resets the epoch counters."""
         stats = {
             "numel": self.freq.numel(),
@@ -105,7 +106,72 @@ class OscillationTracker(nn.Module):
             "crossings": int(self.epoch_switches.item()),
             "oscillations": int(self.epoch_oscillations.item()),
         }
-        if reset:
-            self.epoch_switches.zero_()
-            self.epoch_oscillations.zero_()
+        self.epoch_switches.zero_()
+        self.epoch_oscillations.zero_()
         return stats
+
+
+HIST_MAX = 20  # per-epoch histogram of oscillations so far: 0, 1, ..., 19, >= 20
+
+
+class OscillationTracker(nn.Module):
+    """The measurement of a whole model: one `LayerTracker` per tracked quantized layer
+    (the 8-bit first and last ones only with `track_first_last`). Built by the run and
+    handed to the loop, which calls `update` once per optimizer step, and to the policies
+    that read it (`tracked()`); its state is saved with the run's checkpoints."""
+
+    def __init__(self, model: nn.Module, cfg: TrackerConfig, total_steps: int) -> None:
+        super().__init__()
+        self.momentum = cfg.effective_momentum(total_steps)
+        found = [
+            (name, layer)
+            for name, layer in quantized_layers(model)
+            if cfg.track_first_last or not layer.is_first_or_last
+        ]
+        self.names = [name for name, _ in found]
+        self.layers: list[QuantizedLayer] = [layer for _, layer in found]  # not submodules
+        self.states = nn.ModuleList(
+            LayerTracker(
+                layer.weight_quantizer.to_int(layer.weight),
+                self.momentum,
+                layer.weight_quantizer.bits,
+            ).to(layer.weight.device)
+            for layer in self.layers
+        )
+
+    def tracked(self) -> list[tuple[QuantizedLayer, LayerTracker]]:
+        return list(zip(self.layers, self.states, strict=True))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Once per optimizer step: feed each layer's current integer codes (layers in
+        training mode only: evaluating a model never counts as a step)."""
+        for layer, state in self.tracked():
+            if layer.training:
+                state.update(layer.weight_quantizer.to_int(layer.weight))
+
+    def stats(self, threshold: float) -> dict | None:
+        """Epoch metrics per layer and over the model (weighted by weight count), and a
+        histogram of per-weight oscillation counts so far; resets the epoch counters. None
+        when no layer is tracked."""
+        states = zip(self.names, self.states, strict=True)
+        layers = {name: s.epoch_stats(threshold) for name, s in states}
+        if not layers:
+            return None
+        total = sum(s["numel"] for s in layers.values())
+        counts = torch.cat([s.count.flatten() for s in self.states])
+        return {
+            "count_hist": torch.bincount(
+                counts.long().clamp(max=HIST_MAX), minlength=HIST_MAX + 1
+            ).tolist(),
+            "osc_share": sum(s["osc_share"] * s["numel"] for s in layers.values()) / total,
+            "mean_freq": sum(s["mean_freq"] * s["numel"] for s in layers.values()) / total,
+            "crossings": sum(s["crossings"] for s in layers.values()),
+            "oscillations": sum(s["oscillations"] for s in layers.values()),
+            "tracked_weights": total,
+            "layers": layers,
+        }
+
+    def counts(self) -> torch.Tensor:
+        """Per-weight oscillation counts of every tracked weight, flattened (histograms)."""
+        return torch.cat([s.count.flatten().long() for s in self.states]).cpu()

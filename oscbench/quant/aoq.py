@@ -1,4 +1,5 @@
-"""AOQ: Allowing Oscillation Quantization (ICCV 2025; code: github.com/muzenc/AOQ).
+"""AOQ: Allowing Oscillation Quantization (ICCV 2025; code: muzenc/AOQ,
+`AO_QAT/quan/quantizer.py`: `AOQ`).
 
 Thresholds and levels are decoupled. With b bits, per tensor:
 levels L_i = (i - (2^b - 1)/2) s_le, i = 0..2^b-1 (mid-rise, no zero level);
@@ -20,7 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import Quantizer, uniform_threshold_distance
+from oscbench.quant.base import (
+    DECOUPLED,
+    FIXED_GRID,
+    QUANTIZED,
+    QUANTIZERS,
+    Quantizer,
+    UniformGrid,
+)
 
 
 @dataclass
@@ -52,14 +60,21 @@ class _AOQLevels(torch.autograd.Function):
         return grad, None, grad_s, None
 
 
+@QUANTIZERS.register("aoq", AOQConfig)
 class AOQQuantizer(Quantizer):
+    """See the module's docstring. Part of its interface for the `aoq_schedule` policy:
+    `s_th` (threshold step, a buffer), `s_le` (level step, learned), `s0` (both at init),
+    and `last_coef`, the detached level coefficients of the last forward (see `forward`)."""
+
     signed = True
     per_channel = False
-    learnable_params = ("s_le",)
+    bit_range = range(2, 5)
+    bit_note = "AOQ is defined here for 2..4-bit weights (its public code does 2)"
+    capabilities = frozenset({QUANTIZED, FIXED_GRID, DECOUPLED})
 
-    def __init__(self, bits: int, grad_scale: bool) -> None:
+    def __init__(self, cfg: AOQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
-        self.grad_scale = grad_scale
+        self.grad_scale = cfg.grad_scale
         self.g = 1.0
         self.half = 2 ** (bits - 1)
         self.centre = (2**bits - 1) / 2
@@ -98,19 +113,15 @@ class AOQQuantizer(Quantizer):
         the signed range, so it fits int8."""
         return torch.floor(w.detach() / self.s_th).clamp_(-self.half, self.half - 1)
 
+    def grid(self, w: torch.Tensor) -> UniformGrid:
+        """The thresholds' grid: bin i = code + 2^(b-1) spans [T_{i-1}, T_i), its centre
+        (code + 0.5) s_th; the levels have a step of their own (`levels`)."""
+        return UniformGrid(self.s_th, -self.half, self.half - 1, offset=0.5)
+
     def levels(self, w: torch.Tensor) -> torch.Tensor:
         i = torch.arange(2**self.bits, device=self.s_le.device, dtype=self.s_le.dtype)
         return (i - self.centre) * self.s_le.detach()
 
-    def thresholds(self, w: torch.Tensor) -> torch.Tensor:
-        j = torch.arange(2**self.bits - 1, device=self.s_th.device, dtype=self.s_th.dtype)
-        return (j - self.half + 1) * self.s_th
-
-    def step(self, w: torch.Tensor) -> torch.Tensor:
-        return self.s_th
-
-    def threshold_distance(self, w: torch.Tensor) -> torch.Tensor:
-        return uniform_threshold_distance(w.detach(), self.s_th, 0.0, 1 - self.half, self.half - 1)
-
-    def code_centre(self, codes: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return (codes + 0.5) * self.s_th  # bin i = code + 2^(b-1) spans [T_{i-1}, T_i)
+    def bounds(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lv = self.levels(w)
+        return lv[0], lv[-1]

@@ -1,76 +1,47 @@
-"""The quantizer interface every weight or activation quantizer implements."""
+"""The quantizer interface, the uniform grid every quantizer here describes, the quantizer
+registry and the capabilities that policies ask of a quantizer.
+
+A quantizer plugin is one module that defines a `Quantizer` subclass and registers it:
+
+    @QUANTIZERS.register("lsq", LSQConfig)
+    class LSQQuantizer(Quantizer):
+        def __init__(self, cfg: LSQConfig, bits: int, channels: int | None, is_weight: bool)
+
+(every quantizer takes these four arguments; `channels` is the number of output channels
+of a weight, None for activations), plus `conf/quantizer/<name>.yaml` (and
+`conf/act_quantizer/<name>.yaml` if it quantizes activations).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from oscbench.registry import Entry, Registry
 
-class Quantizer(nn.Module):
-    """Fake quantizer: `forward(x)` returns x on the grid with straight-through gradients.
+# What a quantizer can do, and what policies may require (Policy.requires):
+QUANTIZED = "quantized"  # quantizes the weights during training (every quantizer)
+FULL_PRECISION = "full_precision"  # trains in full precision (quantizer: none)
+FIXED_GRID = "fixed_grid"  # its grid does not move with the weights it quantizes
+ACTIVATIONS = "activations"  # can quantize activations as well as weights
+DECOUPLED = "decoupled_thresholds"  # thresholds and levels have steps of their own (AOQ)
 
-    Policies and the oscillation tracker see a quantizer only through `to_int` (integer
-    codes), `levels`, `thresholds`, `step`, `threshold_distance` and `code_centre`; each
-    takes the tensor being quantized, since some grids (StatsQ) are statistics of it.
-    A quantizer whose scale comes from data is set up by `init_from(x)` once (weights at
-    swap time, activations on a calibration batch); `ready` says whether that happened.
-    Non-tensor state (`ready`, data-dependent constants) travels in the module's extra
-    state, so `load_state_dict` restores it.
-    """
-
-    bits: int
-    signed: bool
-    per_channel: bool
-    learnable_params: tuple[str, ...] = ()
-
-    def __init__(self, bits: int) -> None:
-        super().__init__()
-        self.bits = bits
-        self.ready = False
-
-    def init_from(self, x: torch.Tensor) -> None:
-        raise NotImplementedError
-
-    def to_int(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer code of each element of x (no gradient)."""
-        raise NotImplementedError
-
-    def levels(self, x: torch.Tensor) -> torch.Tensor:
-        """Real values of the grid points for tensor x, shape (L,) or (channels, L)."""
-        raise NotImplementedError
-
-    def thresholds(self, x: torch.Tensor) -> torch.Tensor:
-        """Decision thresholds between consecutive levels, shape like `levels` minus one."""
-        raise NotImplementedError
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """Distance between neighbouring thresholds for x, broadcastable against x."""
-        raise NotImplementedError
-
-    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
-        """|x - nearest threshold| per element (beyond the grid: to the outermost one)."""
-        raise NotImplementedError
-
-    def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A latent value for each code that `to_int` maps back to that code (the middle of
-        its bin), for policies that pin weights; shaped like x."""
-        raise NotImplementedError
-
-    def get_extra_state(self) -> dict:
-        return {"ready": self.ready}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.ready = state["ready"]
-
-    def _check_ready(self) -> None:
-        if not self.ready:
-            raise RuntimeError(
-                f"{type(self).__name__} used before init_from(); "
-                "call oscbench.quant.calibrate(model, batch) after quantize_model"
-            )
-
-    def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed}, per_channel={self.per_channel}"
+# (what a policy needing it does, what a quantizer lacking it does), for error messages
+CAPABILITIES = {
+    QUANTIZED: ("acts on quantized weights", "trains in full precision"),
+    FULL_PRECISION: (
+        "trains in full precision and quantizes after training",
+        "quantizes the weights during training",
+    ),
+    FIXED_GRID: ("pins weights to codes of a fixed grid", "recomputes its grid from the weights"),
+    ACTIVATIONS: ("quantizes activations", "quantizes weights only"),
+    DECOUPLED: (
+        "schedules the thresholds' and the levels' steps apart",
+        "has one step for thresholds and levels",
+    ),
+}
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -85,28 +56,148 @@ def channel_view(s: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.T
     return s.view(-1, *([1] * (x.dim() - 1))) if per_channel else s
 
 
-def uniform_threshold_distance(
-    x: torch.Tensor, step: torch.Tensor, offset: float, kmin: int, kmax: int
-) -> torch.Tensor:
-    """Distance of x to the nearest threshold of a uniform set step * (k + offset),
-    k = kmin..kmax; `step` broadcasts against x."""
-    t = x / step - offset
-    return (t - torch.clamp(torch.round(t), kmin, kmax)).abs() * step
-
-
-def grid_bounds(q: Quantizer, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lowest and highest level of q's grid for w (detached), broadcastable against w."""
-    lv = q.levels(w).detach()
-    per_channel = lv.dim() == 2
-    return channel_view(lv[..., 0], w, per_channel), channel_view(lv[..., -1], w, per_channel)
-
-
-def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
-    """w clamped to [lowest, highest level] of q's grid (detached bounds)."""
-    return torch.clamp(w, *grid_bounds(q, w))
-
-
 def straight_through(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`value` in the forward pass, the identity gradient to x in the backward pass.
     Written as value + (x - x), not x + (value - x), so the output is exactly `value`."""
     return value.detach() + (x - x.detach())
+
+
+@dataclass
+class UniformGrid:
+    """Levels step * (k + offset) for the integer codes k = n..p, and decision thresholds
+    halfway between neighbouring levels. `offset` 0 puts a level at zero (LSQ, round to
+    nearest), 0.5 makes a mid-rise grid without one (StatsQ, AOQ). `step` is detached and
+    broadcasts against the tensor being quantized (a scalar, or one per output channel)."""
+
+    step: torch.Tensor
+    n: int
+    p: int
+    offset: float = 0.0
+
+    def _codes(self, first: int, last: int) -> torch.Tensor:
+        return torch.arange(first, last + 1, device=self.step.device, dtype=self.step.dtype)
+
+    def _rows(self) -> torch.Tensor:
+        return self.step.reshape(-1, 1) if self.step.dim() else self.step
+
+    def levels(self) -> torch.Tensor:
+        """Shape (L,), or (channels, L) for a per-channel step."""
+        return self._rows() * (self._codes(self.n, self.p) + self.offset)
+
+    def thresholds(self) -> torch.Tensor:
+        """Shape like `levels` less one."""
+        return self._rows() * (self._codes(self.n, self.p - 1) + self.offset + 0.5)
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest level, broadcastable against the quantized tensor."""
+        return self.step * (self.n + self.offset), self.step * (self.p + self.offset)
+
+    def code_centre(self, codes: torch.Tensor) -> torch.Tensor:
+        """The level of each code: a value that rounds back to the code."""
+        return self.step * (codes + self.offset)
+
+    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """|x - nearest threshold| (beyond the grid: to the outermost one). Thresholds lie
+        at step * (j + f) with f = 0 or 0.5, j over a shifted code range."""
+        shift = int(self.offset + 0.5)  # thresholds at step * (j + frac), j from n + shift
+        frac = self.offset + 0.5 - shift
+        t = x.detach() / self.step - frac
+        j = torch.clamp(torch.round(t), self.n + shift, self.p - 1 + shift)
+        return (t - j).abs() * self.step
+
+
+class Quantizer(nn.Module):
+    """Fake quantizer: `forward(x)` returns x on the grid with straight-through gradients.
+
+    What policies, the tracker and the evaluation read of a quantizer (its interface):
+    `to_int(x)` integer codes; `grid(x)` its `UniformGrid` for tensor x (some grids are
+    statistics of x), from which `levels`, `thresholds`, `step`, `bounds`,
+    `threshold_distance` and `code_centre` follow. A quantizer whose scale comes from data
+    is set up by `init_from(x)` once (weights at swap time, activations on a calibration
+    batch); `ready` says whether that happened. Non-tensor state (`ready`, data-dependent
+    constants) travels in the module's extra state, so `load_state_dict` restores it.
+
+    Declarations read by the configuration check (class attributes): `bit_range`,
+    `capabilities`, and `bit_note`, said when `bits` is out of range.
+    """
+
+    bit_range: range = range(2, 9)
+    bit_note: str = ""
+    capabilities: frozenset[str] = frozenset({QUANTIZED})
+    bits: int
+    signed: bool
+    per_channel: bool
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.ready = False
+
+    def init_from(self, x: torch.Tensor) -> None:
+        self.ready = True  # a quantizer whose scale is a statistic of x has nothing to set
+
+    def to_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer code of each element of x (no gradient)."""
+        raise NotImplementedError
+
+    def grid(self, x: torch.Tensor) -> UniformGrid:
+        """The grid on which x is quantized."""
+        raise NotImplementedError
+
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """Real values of the grid points for tensor x, shape (L,) or (channels, L)."""
+        return self.grid(x).levels()
+
+    def thresholds(self, x: torch.Tensor) -> torch.Tensor:
+        """Decision thresholds between consecutive levels, shape like `levels` minus one."""
+        return self.grid(x).thresholds()
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """Distance between neighbouring thresholds for x, broadcastable against x."""
+        return self.grid(x).step
+
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lowest and highest level for x (detached), broadcastable against x."""
+        return self.grid(x).bounds()
+
+    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """|x - nearest threshold| per element (beyond the grid: to the outermost one)."""
+        return self.grid(x).threshold_distance(x)
+
+    def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A latent value for each code that `to_int` maps back to that code (the middle of
+        its bin), for policies that pin weights; shaped like x."""
+        return self.grid(x).code_centre(codes)
+
+    def get_extra_state(self) -> dict:
+        return {"ready": self.ready}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.ready = state["ready"]
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise RuntimeError(
+                f"{type(self).__name__} used before init_from(); "
+                "call oscbench.quant.modules.calibrate(model, batch) after quantize_model"
+            )
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, per_channel={self.per_channel}"
+
+
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+QUANTIZERS.add(Entry("none", None, None))  # quantizer: none: every layer stays in full precision
+
+
+def capabilities(name: str) -> frozenset[str]:
+    """What quantizer `name` can do (quantizer=none: train in full precision)."""
+    entry = QUANTIZERS.get(name)
+    if entry.build is None:
+        return frozenset({FULL_PRECISION})
+    return entry.declares("capabilities", frozenset())
+
+
+def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
+    """w clamped to [lowest, highest level] of q's grid for w."""
+    return torch.clamp(w, *q.bounds(w))

@@ -8,7 +8,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import Quantizer, channel_view, int_range, uniform_threshold_distance
+from oscbench.quant.base import (
+    ACTIVATIONS,
+    FIXED_GRID,
+    QUANTIZED,
+    QUANTIZERS,
+    Quantizer,
+    UniformGrid,
+    channel_view,
+    int_range,
+)
 from oscbench.registry import check
 
 
@@ -92,6 +101,7 @@ def mse_step(
     return best_s if per_channel else best_s.reshape(())
 
 
+@QUANTIZERS.register("lsq", LSQConfig)
 class LSQQuantizer(Quantizer):
     """LSQ with a learnable step s (per tensor or per output channel).
 
@@ -102,9 +112,9 @@ class LSQQuantizer(Quantizer):
     channel when per-channel) or, for activations, of features per sample (Esser et al.).
     """
 
-    learnable_params = ("s",)
+    capabilities = frozenset({QUANTIZED, FIXED_GRID, ACTIVATIONS})
 
-    def __init__(self, bits: int, cfg: LSQConfig, channels: int | None, is_weight: bool) -> None:
+    def __init__(self, cfg: LSQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         """`channels`: output channels for a per-channel weight quantizer, else None."""
         super().__init__(bits)
         self.cfg = cfg
@@ -151,19 +161,5 @@ class LSQQuantizer(Quantizer):
         s = channel_view(self.s, x, self.per_channel)
         return (x.float() * s.reciprocal()).round_().clamp_(self.n, self.p)
 
-    def levels(self, x: torch.Tensor) -> torch.Tensor:
-        codes = torch.arange(self.n, self.p + 1, device=self.s.device, dtype=self.s.dtype)
-        return self.s.detach().unsqueeze(-1) * codes
-
-    def thresholds(self, x: torch.Tensor) -> torch.Tensor:
-        lv = self.levels(x)
-        return (lv[..., 1:] + lv[..., :-1]) / 2
-
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        return channel_view(self.s.detach(), x, self.per_channel)
-
-    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
-        return uniform_threshold_distance(x.detach(), self.step(x), 0.5, self.n, self.p - 1)
-
-    def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return codes * self.step(x)
+    def grid(self, x: torch.Tensor) -> UniformGrid:
+        return UniformGrid(channel_view(self.s.detach(), x, self.per_channel), self.n, self.p)

@@ -9,26 +9,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscbench.quant.base import Quantizer
+from oscbench.batchnorm import bn_momentum
+from oscbench.quant.base import QUANTIZERS, Quantizer
 
 # (bits, channels or None, is_weight) -> Quantizer, or None for "leave in full precision"
 QuantizerFactory = Callable[[int, "int | None", bool], "Quantizer | None"]
 
 
 class QuantizedLayer:
-    """Mixin: a layer with a weight quantizer, an optional input quantizer and tracker."""
+    """Mixin: a layer with a weight quantizer and an optional input quantizer.
+
+    Part of its interface for policies: `weight_quantizer`, `input_quantizer`,
+    `is_first_or_last` (kept at `first_last_bits`), and `last_quantized_weight`, the
+    detached fake-quantized weight of the last forward (the step's w_q, which dampening
+    reads instead of quantizing again)."""
 
     weight: nn.Parameter
     weight_quantizer: Quantizer
     input_quantizer: Quantizer | None
     is_first_or_last: bool
 
-    def _setup(self, wq: Quantizer, aq: Quantizer | None, is_first_or_last: bool) -> None:
-        self.weight_quantizer = wq
-        self.input_quantizer = aq
-        self.is_first_or_last = is_first_or_last
-        self.tracker = None  # set by oscbench.oscillation.attach_trackers
-        wq.init_from(self.weight)
+    @classmethod
+    def from_float(
+        cls, layer: nn.Module, wq: Quantizer, aq: Quantizer | None, is_first_or_last: bool
+    ) -> QuantizedLayer:
+        """The quantized twin of `layer`, sharing its parameters (as torchao's
+        `FakeQuantizedLinear.from_linear`)."""
+        new = cls.__new__(cls)
+        new.__dict__ = layer.__dict__.copy()
+        new._modules = dict(layer._modules)
+        new.weight_quantizer = wq
+        new.input_quantizer = aq
+        new.is_first_or_last = is_first_or_last
+        wq.init_from(new.weight)
+        return new
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         aq = self.input_quantizer
@@ -56,7 +70,7 @@ class QLinear(QuantizedLayer, nn.Linear):
         return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
 
 
-_SWAP: dict[type, type] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
+_SWAP: dict[type, type[QuantizedLayer]] = {nn.Conv2d: QConv2d, nn.Linear: QLinear}
 
 
 @dataclass
@@ -69,8 +83,19 @@ class QuantPlan:
     first_last_bits: int | None
 
 
-def _named_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) in _SWAP]
+def quantizer_factory(component) -> QuantizerFactory:  # noqa: ANN001
+    """A (bits, channels, is_weight) -> Quantizer factory for a validated `Component`
+    (`quantizer: none` builds nothing)."""
+    build = QUANTIZERS.get(component.name).build
+    if build is None:
+        return lambda bits, channels, is_weight: None
+    return lambda bits, channels, is_weight: build(component.options, bits, channels, is_weight)
+
+
+def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` (dotted path) is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def quantize_model(
@@ -82,7 +107,7 @@ def quantize_model(
     weights and inputs. Weight quantizers are initialised from the weights here; input
     quantizers on the first forward (see `calibrate`).
     """
-    layers = _named_layers(model)
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in _SWAP]
     if not layers:
         raise ValueError("quantize_model: the model has no Conv2d or Linear layer to quantize")
     edge = set() if plan.first_last_bits is None else {layers[0][0], layers[-1][0]}
@@ -93,17 +118,9 @@ def quantize_model(
         wq = weight_q(wbits, layer.weight.shape[0], True)
         if wq is None:
             continue
-        qlayer = _SWAP[type(layer)].__new__(_SWAP[type(layer)])
-        qlayer.__dict__ = layer.__dict__.copy()
-        qlayer._modules = dict(layer._modules)
-        qlayer._setup(wq, act_q(abits, None, False), is_edge)
-        _set_submodule(model, name, qlayer)
+        qlayer = _SWAP[type(layer)].from_float(layer, wq, act_q(abits, None, False), is_edge)
+        swap_module(model, name, qlayer)
     return model
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedLayer]]:
@@ -121,13 +138,8 @@ def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
 def calibrate(model: nn.Module, x: torch.Tensor) -> None:
     """Initialise input quantizers from one batch, with batch-norm in batch-statistics mode
     (as in training) but without touching its running statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [bn.momentum for bn in bns]
     was_training = model.training
-    for bn in bns:
-        bn.momentum = 0.0
-    model.train()
-    model(x)
-    for bn, mom in zip(bns, saved, strict=True):
-        bn.momentum = mom
+    with bn_momentum(model, 0.0):
+        model.train()
+        model(x)
     model.train(was_training)

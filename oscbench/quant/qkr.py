@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from oscbench.quant.base import Quantizer
-from oscbench.quant.statsq import StatsQQuantizer
+from oscbench.quant.modules import swap_module
+from oscbench.quant.statsq import StatsQConfig, StatsQQuantizer
 from oscbench.registry import ConfigError
 
 
@@ -46,7 +47,7 @@ class QKRAttention(nn.Module):
         if attn.qkv.bias is not None:
             self.v.bias.data.copy_(attn.qkv.bias.detach()[2 * c :])
         self.proj, self.norm = attn.proj, attn.norm
-        self.qk_quantizer = StatsQQuantizer(bits)
+        self.qk_quantizer = StatsQQuantizer(StatsQConfig(), bits, None, True)
         self.qk_quantizer.init_from(self.q_weight)
         self.input_quantizer: Quantizer | None = act_q(act_bits, None, False)
         self.qkx_quantizer: Quantizer | None = act_q(act_bits, None, False)
@@ -103,9 +104,7 @@ def apply_qkr(model: nn.Module, bits: int, act_bits: int, act_q) -> int:  # noqa
     """Replace every timm attention block by its QKR form; returns how many."""
     found = _attention_blocks(model)
     for name, attn in found:
-        parent, _, child = name.rpartition(".")
-        qkr = QKRAttention(attn, bits, act_bits, act_q)
-        setattr(model.get_submodule(parent) if parent else model, child, qkr)
+        swap_module(model, name, QKRAttention(attn, bits, act_bits, act_q))
     return len(found)
 
 

@@ -8,18 +8,22 @@ from dataclasses import dataclass
 import torch
 
 from oscbench.quant.base import (
+    QUANTIZED,
+    QUANTIZERS,
     Quantizer,
+    UniformGrid,
     channel_view,
     straight_through,
-    uniform_threshold_distance,
 )
 
 
 @dataclass
 class RTNConfig:
     per_channel: bool  # Wenshoj et al.: one scale per tensor
+    scale_grad: bool  # the scale max|w|/p takes gradient (Wenshoj et al.'s code) or not
 
 
+@QUANTIZERS.register("rtn", RTNConfig)
 class RTNQuantizer(Quantizer):
     """Symmetric: s = max|w| / (2^(b-1) - 1) from the tensor itself, codes in
     [-(2^(b-1)-1), 2^(b-1)-1] (2 bits is ternary), round to nearest; the straight-through
@@ -30,15 +34,13 @@ class RTNQuantizer(Quantizer):
     `UniformQuantizer`, RoundSTE(w / s) * s with s not detached); off, s is detached."""
 
     signed = True
+    capabilities = frozenset({QUANTIZED})
 
-    def __init__(self, bits: int, per_channel: bool, scale_grad: bool = False) -> None:
+    def __init__(self, cfg: RTNConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
-        self.per_channel = per_channel
-        self.scale_grad = scale_grad
+        self.per_channel = cfg.per_channel
+        self.scale_grad = cfg.scale_grad
         self.p = 2 ** (bits - 1) - 1
-
-    def init_from(self, x: torch.Tensor) -> None:
-        self.ready = True  # the scale is recomputed from the tensor on every call
 
     def scale(self, w: torch.Tensor, detach: bool = True) -> torch.Tensor:
         a = (w.detach() if detach else w).abs()
@@ -57,17 +59,5 @@ class RTNQuantizer(Quantizer):
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.round(w / self.scale(w)), -self.p, self.p)
 
-    def levels(self, w: torch.Tensor) -> torch.Tensor:
-        k = torch.arange(-self.p, self.p + 1, device=w.device, dtype=w.dtype)
-        s = self.scale(w)
-        return (s.flatten(1) if self.per_channel else s.reshape(1)) * k
-
-    def thresholds(self, w: torch.Tensor) -> torch.Tensor:
-        lv = self.levels(w)
-        return (lv[..., 1:] + lv[..., :-1]) / 2
-
-    def step(self, w: torch.Tensor) -> torch.Tensor:
-        return self.scale(w)
-
-    def threshold_distance(self, w: torch.Tensor) -> torch.Tensor:
-        return uniform_threshold_distance(w.detach(), self.scale(w), 0.5, -self.p, self.p - 1)
+    def grid(self, w: torch.Tensor) -> UniformGrid:
+        return UniformGrid(self.scale(w), -self.p, self.p)

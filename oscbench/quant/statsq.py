@@ -1,5 +1,6 @@
 """StatsQ: statistics-based weight quantizer of OFQ (Liu, Liu, Cheng, ICML 2023,
-"Oscillation-free Quantization for Low-bit Vision Transformers", arXiv:2302.02210)."""
+"Oscillation-free Quantization for Low-bit Vision Transformers", arXiv:2302.02210; code:
+nbasyl/OFQ, `src/quantization/quantizer/statsq.py`: `StatsQuantizer`)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.quant.base import (
-    Quantizer,
-    channel_view,
-    straight_through,
-    uniform_threshold_distance,
-)
+from oscbench.quant.base import QUANTIZERS, Quantizer, UniformGrid, channel_view, straight_through
 
 CLIP_EPS = 1e-6  # OFQ clamps w/s to [-1, 1 - 1e-6] so the top bin stays in range
 
@@ -22,6 +18,7 @@ class StatsQConfig:
     """StatsQ has no options beyond the bit-width; its scale is a statistic, not learned."""
 
 
+@QUANTIZERS.register("statsq", StatsQConfig)
 class StatsQQuantizer(Quantizer):
     """Per output row: s = 2 mean|w| (recomputed every forward, detached); mid-rise grid
     without a zero level, n2 = 2^(b-1): w_c = clamp(w/s, -1, 1 - 1e-6),
@@ -33,12 +30,9 @@ class StatsQQuantizer(Quantizer):
     signed = True
     per_channel = True
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, cfg: StatsQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
         self.n2 = 2 ** (bits - 1)
-
-    def init_from(self, x: torch.Tensor) -> None:
-        self.ready = True  # nothing to learn: the scale is recomputed from w every forward
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         """s = 2 mean|w| per output row, detached, shaped to broadcast over w."""
@@ -58,17 +52,6 @@ class StatsQQuantizer(Quantizer):
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
         return self._codes(w, self.scale(w))
 
-    def levels(self, w: torch.Tensor) -> torch.Tensor:
-        """Levels per output row of w, shape (rows, 2^b)."""
-        k = torch.arange(-self.n2, self.n2, device=w.device, dtype=w.dtype) + 0.5
-        return self.scale(w).flatten(1) * k / self.n2
-
-    def thresholds(self, w: torch.Tensor) -> torch.Tensor:
-        k = torch.arange(1 - self.n2, self.n2, device=w.device, dtype=w.dtype)
-        return self.scale(w).flatten(1) * k / self.n2
-
-    def step(self, w: torch.Tensor) -> torch.Tensor:
-        return self.scale(w) / self.n2
-
-    def threshold_distance(self, w: torch.Tensor) -> torch.Tensor:
-        return uniform_threshold_distance(w.detach(), self.step(w), 0.0, 1 - self.n2, self.n2 - 1)
+    def grid(self, w: torch.Tensor) -> UniformGrid:
+        """Levels (k + 0.5) s / n2 for k = -n2..n2-1, thresholds at j s / n2."""
+        return UniformGrid(self.scale(w) / self.n2, -self.n2, self.n2 - 1, offset=0.5)

@@ -1,0 +1,180 @@
+"""The dataset interface (`TensorData`, `LoaderData`) and registry: `dataset.name` in
+conf/dataset/*.yaml -> a `Data` object. A dataset plugin is one module with a builder
+
+    @DATASETS.register("digits", DigitsConfig)
+    def digits(cfg: DigitsConfig, seed: int, device: torch.device) -> Data
+
+Two kinds: `TensorData` holds a small dataset (digits, CIFAR, synthetic) as tensors on the
+training device and augments batches there (no DataLoader workers, as airbench does);
+`LoaderData` streams a large image-folder dataset (Tiny ImageNet, ImageNet) through a
+DataLoader with workers and pinned memory. Both give batches already on the device, and
+both seed an epoch's order and augmentation by (seed, epoch) alone, so a resumed run sees
+the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from oscbench.registry import ConfigError, Registry
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+DATA_ENV = "OSCBENCH_DATA"
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class DataNotFound(ConfigError):
+    """A dataset that is not on disk: the message says where we looked and how to get it."""
+
+
+def require(path: Path, dataset: str, layout: str, how: str) -> None:
+    if not path.exists():
+        raise DataNotFound(
+            f"dataset {dataset}: nothing at {path}\n  expected layout: {layout}\n  {how}\n"
+            f"  datasets live under `data_dir` (default: ${DATA_ENV}, else ./data): "
+            f"set data_dir=/path or export {DATA_ENV}=/path"
+        )
+
+
+def crop_flip(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding `pad` and horizontal flip, per image, on x's device."""
+    n, _, h, w = x.shape
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    flip = torch.rand(n, generator=g).to(x.device) < 0.5
+    padded = F.pad(x, (pad, pad, pad, pad))
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    cols = torch.where(flip[:, None, None, None], cols.flip(-1), cols)
+    idx = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return padded[idx, chan, rows, cols]
+
+
+@dataclass
+class TensorData:
+    """A dataset held as tensors on the training device.
+
+    Images are stored as given (uint8 for CIFAR, float for digits), turned into floats and
+    normalised with (mean, std) per batch; `augment="crop_flip"` applies CIFAR's standard
+    augmentation (pad 4, random crop, horizontal flip) to training batches on the device.
+    """
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    seed: int
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    augment: str = "none"  # none | crop_flip
+
+    @property
+    def in_channels(self) -> int:
+        return self.x_train.shape[1]
+
+    @property
+    def image_size(self) -> int:
+        return self.x_train.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_train.device
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.x_train) // batch_size)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
+        g = epoch_generator(self.seed, epoch)
+        order = torch.randperm(len(self.x_train), generator=g).to(self.device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            x = self._prepare(self.x_train[idx])
+            if self.augment == "crop_flip":
+                x = crop_flip(x, 4, g)
+            yield x, self.y_train[idx]
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        for i in range(0, len(self.x_test), batch_size):
+            yield self._prepare(self.x_test[i : i + batch_size]), self.y_test[i : i + batch_size]
+
+
+class EpochView(torch.utils.data.Dataset):
+    """A dataset whose random transforms are seeded per (epoch seed, index): the same
+    augmentation however many workers load it and whatever ran before (resumable)."""
+
+    def __init__(self, ds: torch.utils.data.Dataset, seed: int) -> None:
+        self.ds, self.seed = ds, seed
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        state = torch.get_rng_state()
+        torch.manual_seed(self.seed * 1_000_003 + i)
+        try:
+            return self.ds[i]
+        finally:
+            torch.set_rng_state(state)
+
+
+@dataclass
+class LoaderData:
+    """A dataset streamed from disk by a DataLoader (workers, pinned memory on CUDA)."""
+
+    train_set: torch.utils.data.Dataset
+    test_set: torch.utils.data.Dataset
+    num_classes: int
+    seed: int
+    device: torch.device
+    workers: int
+    image_size: int
+    in_channels: int = 3
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return -(-len(self.train_set) // batch_size)
+
+    def _loader(self, ds, batch_size: int, g: torch.Generator | None) -> Iterator[Batch]:  # noqa: ANN001
+        loader = torch.utils.data.DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=g is not None,
+            generator=g,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
+        g = epoch_generator(self.seed, epoch)
+        view = EpochView(self.train_set, int(torch.randint(2**31, (1,), generator=g)))
+        return self._loader(view, batch_size, g)
+
+    def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        return self._loader(self.test_set, batch_size, None)
+
+
+Data = TensorData | LoaderData
+DATASETS: Registry[Data] = Registry("dataset")
+
+
+def build_data(component, seed: int, device: torch.device) -> Data:  # noqa: ANN001
+    """Load a validated dataset `Component` onto `device`."""
+    return DATASETS.get(component.name).build(component.options, seed=seed, device=device)

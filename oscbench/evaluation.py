@@ -1,0 +1,162 @@
+"""Evaluation: test accuracy, BN re-estimation, post-training quantization (round to
+nearest) at other bit-widths, the end-of-training histogram of latent-weight distance to the
+nearest threshold, and the final metrics a run records."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from oscbench.accel import Accel
+from oscbench.batchnorm import bn_momentum
+from oscbench.config import RunSpec, TrainerConfig
+from oscbench.data.base import Data
+from oscbench.oscillation.tracker import OscillationTracker
+from oscbench.quant.base import clip_to_grid
+from oscbench.quant.modules import QuantPlan, quantize_model, quantized_layers
+from oscbench.quant.rtn import RTNConfig, RTNQuantizer
+
+DIST_BINS = 20  # over [0, 0.5] step: inside the grid a weight is at most half a step away
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, data: Data, batch_size: int, accel: Accel | None = None
+) -> dict[str, float]:
+    """Test loss and accuracy (%) in eval mode."""
+    accel = accel or Accel()
+    model.eval()
+    loss = torch.zeros((), device=data.device)
+    correct = torch.zeros((), device=data.device, dtype=torch.long)
+    n = 0
+    for x, y in data.test_batches(batch_size):
+        with accel.autocast(data.device):
+            logits = model(accel.input(x))
+        loss += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+        n += len(y)
+    return {"loss": loss.item() / n, "acc": 100.0 * correct.item() / n}
+
+
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, data: Data, batches: int, batch_size: int) -> None:
+    """Recompute BN running statistics as a plain average over training batches of the
+    final (quantized) model (Nagel et al. 2022, Sec. 5). The tracker is not updated."""
+    if batches == 0:
+        return
+    with bn_momentum(model, None) as bns:  # None: a cumulative moving average
+        if not bns:
+            return
+        for bn in bns:
+            bn.reset_running_stats()
+        model.train()
+        for i, (x, _) in enumerate(data.train_batches(epoch=-1, batch_size=batch_size)):
+            if i == batches:
+                break
+            model(x)
+
+
+def _rtn(bits: int) -> RTNQuantizer:
+    """Post-training round to nearest: per tensor, s = max|w| / (2^(b-1) - 1)."""
+    return RTNQuantizer(RTNConfig(per_channel=False, scale_grad=False), bits, None, True)
+
+
+def with_weight_bits(model: nn.Module, bits: int, first_last_bits: int) -> nn.Module:
+    """A copy of `model` whose weights are rounded to nearest at `bits`; the ends at
+    `first_last_bits`. A full-precision model gets weight-only PTQ; a QAT model keeps its
+    trained activation quantizers."""
+    m = copy.deepcopy(model)
+    layers = list(quantized_layers(m))
+    if not layers:
+        return quantize_model(
+            m,
+            lambda b, channels, is_weight: _rtn(b) if is_weight else None,
+            lambda *a: None,
+            QuantPlan(bits, bits, first_last_bits),
+        )
+    for _, layer in layers:
+        layer.weight_quantizer = _rtn(first_last_bits if layer.is_first_or_last else bits)
+    return m
+
+
+def cross_bit_accuracy(
+    model: nn.Module, data: Data, bits: list[int], first_last_bits: int, cfg: TrainerConfig
+) -> dict[str, float]:
+    """`acc@Nbit` for each N: weights rounded to nearest at N bits, BN statistics
+    re-estimated as for the main result (trainer.bn_reestimate_batches)."""
+    out = {}
+    for b in sorted(set(bits)):
+        q = with_weight_bits(model, b, first_last_bits)
+        reestimate_bn(q, data, cfg.bn_reestimate_batches, cfg.batch_size)
+        out[f"acc@{b}bit"] = evaluate(q, data, cfg.eval_batch_size)["acc"]
+    return out
+
+
+@torch.no_grad()
+def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: int) -> dict:
+    """Histogram of |w - nearest threshold| / step over the low-bit layers' latent weights
+    (the 8-bit ends excluded), on each layer's own grid, or for a full-precision model on
+    the round-to-nearest grid at `bits`. The last bin collects weights beyond the grid.
+    Also the mean distance of latent weights, clipped to the grid's range as dampening
+    does, to their quantized value, in steps."""
+    layers = [m for _, m in quantized_layers(model) if not m.is_first_or_last]
+    if not layers:
+        layers = [
+            m
+            for _, m in quantized_layers(with_weight_bits(model, bits, first_last_bits))
+            if not m.is_first_or_last
+        ]
+    dists, to_level = [], []
+    for m in layers:
+        q, w = m.weight_quantizer, m.weight
+        step = q.step(w)
+        dists.append((q.threshold_distance(w) / step).flatten().float())
+        to_level.append(((q(w) - clip_to_grid(q, w)).abs() / step).flatten().float())
+    dists = torch.cat(dists)
+    edges = torch.linspace(0, 0.5, DIST_BINS + 1)
+    counts = torch.histc(dists.clamp(max=0.5).cpu(), bins=DIST_BINS, min=0.0, max=0.5)
+    beyond = int((dists > 0.5).sum())
+    counts[-1] -= beyond
+    return {
+        "edges": edges.tolist(),
+        "counts": [int(c) for c in counts] + [beyond],
+        "near_share": float((dists <= 0.1).float().mean()),  # within 0.1 step of a threshold
+        "mean": float(dists.clamp(max=0.5).mean()),
+        "mean_to_level": float(torch.cat(to_level).mean()),  # |clip(w) - q(w)| / step
+    }
+
+
+def final_metrics(
+    spec: RunSpec,
+    model: nn.Module,
+    data: Data,
+    tracker: OscillationTracker | None,
+    history: list[dict],
+) -> dict:
+    """Accuracy after BN re-estimation, cross-bit accuracy, oscillation totals and the
+    threshold-distance histogram, from the trained model and its history."""
+    cfg = spec.trainer
+    final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
+    reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
+    final["acc_bn"] = evaluate(model, data, cfg.eval_batch_size)["acc"]
+    ptq_bits = [spec.bits] if spec.ptq else []
+    final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.first_last_bits, cfg)
+    final["threshold_distance"] = threshold_distance_histogram(
+        model, spec.bits, spec.first_last_bits
+    )
+    osc = history[-1].get("osc")
+    if osc:
+        final |= {
+            "osc_share": osc["osc_share"],
+            "mean_freq": osc["mean_freq"],
+            "crossings_last_epoch": osc["crossings"],
+            "crossings_total": sum(h["osc"]["crossings"] for h in history),
+            "oscillations_total": sum(h["osc"]["oscillations"] for h in history),
+            "tracked_weights": osc["tracked_weights"],
+            "osc_count_hist": torch.bincount(tracker.counts()).tolist(),
+        }
+    final |= {k: v for k, v in history[-1].items() if "/" in k}  # the policies' last values
+    return final

@@ -1,0 +1,46 @@
+"""Names that come from what a run is: its bit-width label, its method label, and its run
+directory (defined here once: conf/config.yaml's hydra.run.dir and hydra.sweep.subdir call
+`run_dir_name` through the `oscbench_run_name` resolver)."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def bits_label(bits: int, act_bits: int, quantizer: str, act_quantizer: str, ptq: bool) -> str:
+    """The bit-widths a run actually used: w<bits>a<act_bits>, a32 for full-precision
+    activations, fp32 for a run whose weights stay in full precision throughout."""
+    if quantizer == "none":
+        return f"w{bits}a32" if ptq else "fp32"
+    return f"w{bits}a{act_bits if act_quantizer != 'none' else 32}"
+
+
+def method_label(method: DictConfig, quantizer: str, policies: list[str], ptq: bool) -> str:
+    """The preset's name when the run has the components the preset declares (its
+    quantizer, policies and ptq), else the components themselves: `lsq+dampen+freeze`,
+    `fp+osc_reg`, `ptq` (so `method=lsq policy=[dampen]` is never filed as plain lsq)."""
+    declared = (method.quantizer, sorted(method.policies), method.ptq)
+    if (quantizer, sorted(policies), ptq) == declared:
+        return str(method.name)
+    base = quantizer if quantizer != "none" else ("ptq" if ptq else "fp")
+    return "+".join([base, *policies])
+
+
+def run_dir_name(cfg: DictConfig) -> str:
+    """`<method>/<bits>-<model>-<dataset>-s<seed>[-<other overrides>]` for a composed config
+    (with its `hydra` node): rerunning a command finds its run. The overrides part is
+    flattened, so that a path such as init_from=runs/fp/... stays one directory."""
+    bits = bits_label(cfg.bits, cfg.act_bits, cfg.quantizer.name, cfg.act_quantizer.name, cfg.ptq)
+    name = f"{cfg.method.name}/{bits}-{cfg.model.name}-{cfg.dataset.name}-s{cfg.seed}"
+    return name + overrides_suffix(cfg.hydra.job.override_dirname)
+
+
+def overrides_suffix(override_dirname: str) -> str:
+    """`-<overrides>` with path separators flattened, or nothing."""
+    return f"-{override_dirname.replace('/', '_')}" if override_dirname else ""
+
+
+OmegaConf.register_new_resolver(
+    "oscbench_run_name", lambda *, _root_: run_dir_name(_root_), replace=True
+)
+OmegaConf.register_new_resolver("oscbench_suffix", overrides_suffix, replace=True)  # the toys
