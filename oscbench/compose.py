@@ -58,8 +58,7 @@ def presets() -> tuple[Preset, ...]:
             for key, value in entry.items()
         }
         choices = tuple(
-            f"{g}=[{','.join(v)}]" if isinstance(v, list) else f"{g}={v}"
-            for g, v in groups.items()
+            f"{g}=[{','.join(v)}]" if isinstance(v, list) else f"{g}={v}" for g, v in groups.items()
         )
         m = node.pop("method")
         keys = frozenset({"method"} | set(groups) | _leaves(node))

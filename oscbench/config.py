@@ -272,7 +272,8 @@ def check_combination(spec: RunSpec) -> None:
     if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
         raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
     for policy in spec.policies:
-        missing = sorted(POLICIES.get(policy.name).declares("requires", frozenset()) - caps)
+        required = POLICIES.get(policy.name).declares("requires", frozenset())
+        missing = [c for c in CAPABILITIES if c in required - caps]  # the most basic first
         if missing:
             need, lack = CAPABILITIES[missing[0]]
             fits = [n for n in QUANTIZERS.names() if set(missing) <= capabilities(n)]

@@ -19,7 +19,7 @@ class DigitsConfig:
     split_seed: int  # fixed, so every run and method sees the same split
 
     def __post_init__(self) -> None:
-        check(0 < self.test_fraction < 1, "dataset.test_fraction", self.test_fraction, "0 < x < 1")
+        check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "0 < x < 1")
 
 
 @DATASETS.register("digits", DigitsConfig)

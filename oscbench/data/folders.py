@@ -20,8 +20,8 @@ class FolderConfig:
     workers: int  # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        check(self.image_size >= 8, "dataset.image_size", self.image_size, ">= 8")
-        check(self.workers >= 0, "dataset.workers", self.workers, ">= 0")
+        check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
+        check(self.workers >= 0, "workers", self.workers, ">= 0")
 
 
 def _transforms(size: int, resize_test: bool) -> tuple:

@@ -25,8 +25,8 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         for key in ("image_size", "channels", "num_classes", "train_size", "test_size"):
-            check(getattr(self, key) >= 1, f"dataset.{key}", getattr(self, key), ">= 1")
-        check(self.noise >= 0, "dataset.noise", self.noise, ">= 0")
+            check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        check(self.noise >= 0, "noise", self.noise, ">= 0")
 
 
 @DATASETS.register("synthetic", SyntheticConfig)

@@ -15,7 +15,7 @@ class CnnSmallConfig:
     width: int  # channels of the first block; the next two have 2x and 4x
 
     def __post_init__(self) -> None:
-        check(self.width >= 1, "model.width", self.width, "a positive integer")
+        check(self.width >= 1, "width", self.width, "a positive integer")
 
 
 def _block(cin: int, cout: int) -> list[nn.Module]:

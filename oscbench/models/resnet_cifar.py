@@ -19,8 +19,8 @@ class ResNetCifarConfig:
     shortcut: str  # A: parameter-free (subsample + zero channels), as He et al.; B: 1x1 conv
 
     def __post_init__(self) -> None:
-        check((self.depth - 2) % 6 == 0, "model.depth", self.depth, "6n + 2: 20, 32, 44, 56")
-        check(self.shortcut in ("A", "B"), "model.shortcut", self.shortcut, "A, B")
+        check((self.depth - 2) % 6 == 0, "depth", self.depth, "6n + 2: 20, 32, 44, 56")
+        check(self.shortcut in ("A", "B"), "shortcut", self.shortcut, "A, B")
 
 
 class Block(nn.Module):

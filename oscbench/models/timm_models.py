@@ -17,7 +17,7 @@ class ConvNetConfig:
     stem: str  # imagenet: the timm model as is; cifar: stride-1 3x3 stem, no max-pool (32x32)
 
     def __post_init__(self) -> None:
-        check(self.stem in ("imagenet", "cifar"), "model.stem", self.stem, "imagenet, cifar")
+        check(self.stem in ("imagenet", "cifar"), "stem", self.stem, "imagenet, cifar")
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ViTConfig:
     def __post_init__(self) -> None:
         check(
             self.img_size % self.patch_size == 0,
-            "model.patch_size",
+            "patch_size",
             self.patch_size,
             f"a divisor of model.img_size ({self.img_size})",
         )

@@ -165,8 +165,8 @@ class Quantizer(nn.Module):
         return self.grid(x).threshold_distance(x)
 
     def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A latent value for each code that `to_int` maps back to that code (the middle of
-        its bin), for policies that pin weights; shaped like x."""
+        """The middle of each code's bin on x's grid, shaped like x: where policies pin
+        weights. On a fixed grid (FIXED_GRID), `to_int` maps it back to the code."""
         return self.grid(x).code_centre(codes)
 
     def get_extra_state(self) -> dict:

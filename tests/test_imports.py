@@ -1,0 +1,71 @@
+"""The import graph of the package: no cycles, and no plugin importing its own package's
+`__init__` (which imports every plugin: the registries live in leaf modules)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "oscbench"
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each module's imports of oscbench modules at module level (imports inside
+    functions are deferred on purpose, for start-up). A package whose `__init__` calls
+    `import_plugins` imports every module in it."""
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        found: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for alias in node.names:
+                    sub = f"{node.module}.{alias.name}"
+                    found.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+            elif isinstance(node, ast.Expr) and "import_plugins" in ast.unparse(node):
+                found |= {m for m in modules if m.rpartition(".")[0] == name}
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def test_no_module_imports_itself_in_a_cycle():
+    graph = module_imports()
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            pytest.fail("import cycle: " + " -> ".join([*path[path.index(name) :], name]))
+        if name in done:
+            return
+        for dep in sorted(graph[name]):
+            visit(dep, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_no_plugin_imports_its_own_package():
+    graph = module_imports()
+    upward = [
+        (name, dep)
+        for name, deps in graph.items()
+        for dep in deps
+        if name.startswith(dep + ".") and dep != "oscbench"
+    ]
+    assert not upward, f"modules that import their own package's __init__: {upward}"
+
+
+def test_the_check_can_fail():
+    """The graph sees what it must: the packages import their plugins."""
+    graph = module_imports()
+    assert "oscbench.quant.lsq" in graph["oscbench.quant"]
+    assert "oscbench.quant.base" in graph["oscbench.quant.lsq"]
