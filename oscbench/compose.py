@@ -10,6 +10,7 @@ from pathlib import Path
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.singleton import Singleton
 from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -17,12 +18,16 @@ CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
     """The configuration Hydra composes from conf/ for these overrides, inside a running
-    Hydra app (a job of a sweep) or outside one. `hydra_node`: keep the `hydra` node (for
-    the run directory's name)."""
-    if GlobalHydra.instance().is_initialized():
-        return hydra.compose("config", overrides, return_hydra_config=hydra_node)
-    with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra.compose("config", overrides, return_hydra_config=hydra_node)
+    Hydra app (a job of a sweep, a toy) or outside one: the app's own Hydra state is set
+    aside meanwhile and restored. `hydra_node`: keep the `hydra` node (for the run
+    directory's name)."""
+    state = Singleton.get_state()
+    GlobalHydra.instance().clear()
+    try:
+        with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra.compose("config", overrides, return_hydra_config=hydra_node)
+    finally:
+        Singleton.set_state(state)
 
 
 @dataclass(frozen=True)
