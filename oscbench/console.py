@@ -36,5 +36,6 @@ def epoch_line(record: dict, epochs: int, seconds: float) -> str:
         f"val {record['val_acc']:.2f} %"
     )
     if "osc" in record:
-        line += f"  oscillating {100 * record['osc']['osc_share']:.2f} %"
+        osc = record["osc"]
+        line += f"  oscillating {100 * osc['osc_share']:.2f} %  dQ/dw {osc['dq_dw']:.2f}"
     return line + f"  ({seconds:.1f} s)"

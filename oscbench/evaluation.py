@@ -129,6 +129,10 @@ def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: i
     }
 
 
+def _ratio(dq: float, dw: float) -> float:
+    return dq / dw if dw > 0 else 0.0
+
+
 def final_metrics(
     spec: RunSpec,
     model: nn.Module,
@@ -155,6 +159,10 @@ def final_metrics(
             "crossings_last_epoch": osc["crossings"],
             "crossings_total": sum(h["osc"]["crossings"] for h in history),
             "oscillations_total": sum(h["osc"]["oscillations"] for h in history),
+            "dq_dw_last_epoch": osc["dq_dw"],
+            "dq_dw": _ratio(
+                sum(h["osc"]["dq"] for h in history), sum(h["osc"]["dw"] for h in history)
+            ),
             "tracked_weights": osc["tracked_weights"],
             "osc_count_hist": torch.bincount(tracker.counts()).tolist(),
         }

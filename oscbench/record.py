@@ -83,10 +83,10 @@ def flatten_epoch(record: dict) -> dict[str, float]:
     flat = {k: v for k, v in record.items() if k != "osc"}
     osc = record.get("osc")
     if osc:
-        for key in ("osc_share", "mean_freq", "crossings", "oscillations"):
+        for key in ("osc_share", "mean_freq", "crossings", "oscillations", "dq_dw"):
             flat[f"osc/{key}"] = osc[key]
         for name, layer in osc["layers"].items():
-            for key in ("osc_share", "mean_freq", "crossings"):
+            for key in ("osc_share", "mean_freq", "crossings", "dq_dw"):
                 flat[f"osc_layer/{name}/{key}"] = layer[key]
     return flat
 
@@ -333,6 +333,11 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
                 "crossings",
                 f"{final['crossings_last_epoch']:,} in the last epoch, "
                 f"{final['crossings_total']:,} in all",
+            ),
+            (
+                "d_Q / d_w",
+                f"{final['dq_dw']:.2f} over training, {final['dq_dw_last_epoch']:.2f} in the "
+                "last epoch (quantized over latent movement)",
             ),
         ]
     else:

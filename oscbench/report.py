@@ -34,6 +34,7 @@ METRICS = {  # column in the runs frame -> (title, scale, decimals)
     "acc": ("Test accuracy (%) after BN re-estimation; ptq: rounded to the column's bits", 1.0, 2),
     "osc_share": ("Oscillating weights (%), last epoch", 100.0, 3),
     "crossings_total": ("Threshold crossings over training", 1.0, 0),
+    "dq_dw": ("Quantized over latent movement d_Q/d_w, over training (TetraJet)", 1.0, 2),
     "frozen_share": ("Frozen weights (%), end of training", 100.0, 2),
     "wall_time_s": ("Wall time (s)", 1.0, 1),
 }
@@ -89,6 +90,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                 "acc_before_bn": f.get("acc"),
                 "osc_share": f.get("osc_share"),
                 "crossings_total": f.get("crossings_total"),
+                "dq_dw": f.get("dq_dw"),
                 "frozen_share": frozen,
                 "wall_time_s": f.get("wall_time_s", r.get("wall_time_s")),
                 **{k: v for k, v in f.items() if k.startswith("acc@")},

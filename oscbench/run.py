@@ -91,7 +91,8 @@ def build(spec: RunSpec) -> Built:
         quantize_model(model, weight_q, act_q, plan)
         calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
         tracker = OscillationTracker(model, spec.oscillation, steps.main)
-    policies = build_policies(spec.policies, RunContext(model, tracker, spec.bits, steps))
+    run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
+    policies = build_policies(spec.policies, run)
     return Built(data, model, tracker, policies, init)
 
 

@@ -29,7 +29,12 @@ from oscbench.naming import overrides_suffix  # noqa: E402,F401  (registers the 
 from oscbench.oscillation.policy import RunContext, Schedule, build_policies  # noqa: E402
 from oscbench.oscillation.tracker import LayerTracker, OscillationTracker, TrackerConfig  # noqa: E402
 from oscbench.quant.lsq import lsq_quantize  # noqa: E402
-from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory  # noqa: E402
+from oscbench.quant.modules import (  # noqa: E402
+    QuantPlan,
+    quantize_model,
+    quantizer_factory,
+    quantizer_parameters,
+)
 from oscbench.train import train_step  # noqa: E402
 
 
@@ -193,8 +198,13 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
         tracker_cfg = TrackerConfig(0.001, 0.1, 0.005, track_first_last=True)
         tracker = OscillationTracker(model, tracker_cfg, total)
         steps = Schedule(total=total, main=total, per_epoch=steps_per_epoch)
-        policies = build_policies(spec.policies, RunContext(model, tracker, cfg.bits, steps))
-        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        run = RunContext(model, tracker, cfg.bits, steps, "adam")
+        policies = build_policies(spec.policies, run)
+        groups = [  # named as the training loop's (policies address groups by name)
+            {"name": "latent", "params": [model[0].weight]},
+            {"name": "quantizer", "params": quantizer_parameters(model)},
+        ]
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
         step, start = 0, time.time()
         for _ in range(cfg.epochs):
             order = torch.randperm(cfg.num_samples, generator=g)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,23 +19,30 @@ from oscbench.data.base import Data
 from oscbench.evaluation import evaluate
 from oscbench.oscillation.policy import Policy, Schedule
 from oscbench.oscillation.tracker import OscillationTracker
-from oscbench.quant.modules import quantizer_parameters
+from oscbench.quant.modules import quantized_layers, quantizer_parameters
+
+PROBE_STREAM = 1 << 20  # batches of Policy.on_epoch_start's probes: epochs apart from training's
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    """Model weights in one group (with weight decay), quantizer parameters in their own
-    group with `quant_lr` and no weight decay."""
+    """Named parameter groups (policies address them by name): "other" (every parameter
+    that is neither a quantized layer's weight nor a quantizer's) and "latent" (the
+    quantized layers' weights), both at `lr` with weight decay, and "quantizer" at
+    `quant_lr` without. Empty groups are left out."""
     qparams = quantizer_parameters(model)
-    qids = {id(p) for p in qparams}
+    latent = [layer.weight for _, layer in quantized_layers(model)]
+    taken = {id(p) for p in qparams} | {id(p) for p in latent}
     groups = [
         {
-            "params": [p for p in model.parameters() if id(p) not in qids],
+            "name": "other",
+            "params": [p for p in model.parameters() if id(p) not in taken],
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
-        }
+        },
+        {"name": "latent", "params": latent, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "quantizer", "params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0},
     ]
-    if qparams:
-        groups.append({"params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0})
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
@@ -65,10 +75,12 @@ def train_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
-    losses -> backward -> after_backward -> optimizer step -> policies' on_step_end ->
-    tracker update (so the tracker sees weights as the policies leave them, frozen ones at
-    their frozen codes, as in Nagel et al.'s code). Returns the detached task loss, extra
-    loss (or None) and the outputs."""
+    losses -> backward -> after_backward -> optimizer step (inside the policies'
+    optimizer_step wrappers, the first policy's outermost) -> policies' on_step_end ->
+    weight quantizers' after_step -> tracker update (so the tracker sees weights as the
+    policies leave them, frozen ones at their frozen codes, as in Nagel et al.'s code, and
+    the codes the next forward uses). Returns the detached task loss, extra loss (or None)
+    and the outputs."""
     for p in policies:
         p.on_step_start(step, total)
     with accel.autocast(x.device):
@@ -80,12 +92,55 @@ def train_step(
     (loss + extra if extra is not None else loss).backward()
     for p in policies:
         p.after_backward(model)
-    opt.step()
+    step_fn = opt.step
+    for p in reversed(policies):
+        step_fn = _wrapped(p, opt, step_fn)
+    step_fn()
     for p in policies:
         p.on_step_end(model)
+    for _, layer in quantized_layers(model):
+        layer.weight_quantizer.after_step(layer.weight)
     if tracker is not None:
         tracker.update()
     return loss.detach(), None if extra is None else extra.detach(), logits.detach()
+
+
+def _wrapped(policy: Policy, opt: torch.optim.Optimizer, inner: Callable) -> Callable[[], None]:
+    return lambda: policy.optimizer_step(opt, inner)
+
+
+def probe_steps(
+    n: int,
+    policy: Policy,
+    *,
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    data: Data,
+    cfg: TrainerConfig,
+    accel: Accel,
+    epoch: int,
+    step: int,
+    total: int,
+) -> Iterator[int]:
+    """`Policy.on_epoch_start`'s probe: n training steps with `policy` alone, on batches of
+    a stream of their own (seeded by the epoch, apart from the training epochs'), yielding
+    the probe step's index after each; then model, optimizer, the policy's state and the
+    random state are restored, also if the caller stops early."""
+    saved = [copy.deepcopy(x.state_dict()) for x in (model, opt, policy)]
+    rng = rng_state()
+    batches = itertools.chain.from_iterable(
+        data.train_batches(PROBE_STREAM + epoch * 1024 + k, cfg.batch_size)
+        for k in itertools.count()
+    )
+    try:
+        for i, (x, y) in zip(range(n), batches, strict=False):
+            train_step(model, forward, x, y, opt, [policy], None, accel, step, total)
+            yield i
+    finally:
+        for x, state in zip((model, opt, policy), saved, strict=True):
+            x.load_state_dict(state)
+        set_rng_state(rng)
 
 
 def schedule(data: Data, cfg: TrainerConfig) -> Schedule:
@@ -141,6 +196,20 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = cfg.extra_lr
         lr = opt.param_groups[0]["lr"]
+        probe = functools.partial(
+            probe_steps,
+            model=model,
+            forward=forward,
+            opt=opt,
+            data=data,
+            cfg=cfg,
+            accel=accel,
+            epoch=epoch,
+            step=step,
+            total=steps.total,
+        )
+        for p in policies:
+            p.on_epoch_start(epoch, probe)
         for x, y in data.train_batches(epoch, cfg.batch_size):
             loss, extra, logits = train_step(
                 model, forward, x, y, opt, policies, tracker, accel, step, steps.total

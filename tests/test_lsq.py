@@ -7,7 +7,7 @@ import torch
 
 from oscbench.quant.base import int_range
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer, lsq_quantize
-from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
+from tests.bounds import assert_within, gamma, sum_difference_bound, unit_roundoff
 
 pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
@@ -152,3 +152,21 @@ def test_uninitialised_quantizer_refuses_to_run():
     q = LSQQuantizer(_cfg(), 4, None, True)
     with pytest.raises(RuntimeError, match="calibrate"):
         q(torch.randn(3))
+
+
+def test_live_bounds_equal_the_bounds_and_pass_g_times_n_and_p_to_the_step():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4) * 0.1
+    for per_channel in (False, True):
+        cfg = LSQConfig(per_channel=per_channel, init="lsq", grad_scale=True, signed="auto")
+        q = LSQQuantizer(cfg, 3, 8, True)
+        q.init_from(w)
+        lo, hi = q.live_bounds(w)
+        dlo, dhi = q.bounds(w)
+        assert torch.equal(lo.detach(), dlo) and torch.equal(hi.detach(), dhi)
+        (lo.sum() + 2 * hi.sum()).backward()
+        per = lo.numel() // q.s.numel()  # broadcast copies of each step
+        expected = torch.full_like(q.s, (q.n + 2 * q.p) * q.g * per, dtype=torch.float64)
+        # per broadcast copy a product with g, then a sum over the copies: gamma_(per + 1)
+        bound = gamma(per + 1) * per * (abs(q.n) + 2 * q.p) * q.g
+        assert_within(q.s.grad, expected, torch.full_like(expected, bound))

@@ -276,7 +276,7 @@ def test_cga_keeps_confident_weights_bit_identical_during_the_phase():
 def test_regulariser_with_a_detached_scale_has_gradient_two_lambda_q_minus_w_over_numel():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 20), nn.BatchNorm1d(20), nn.Linear(20, 5))
-    run = RunContext(model, None, 4, Schedule(total=1, main=1, per_epoch=1))
+    run = RunContext(model, None, 4, Schedule(total=1, main=1, per_epoch=1), "sgd")
     policy = OscReg(OscRegConfig(lam=0.7, bits=3, detach_scale=True), run)
     policy.extra_loss(model).backward()
     q = RTNQuantizer(RTNConfig(per_channel=False, scale_grad=False), 3, None, True)

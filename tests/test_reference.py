@@ -120,7 +120,7 @@ def test_regulariser_scale_takes_gradient_through_the_largest_weight():
     model = nn.Sequential(nn.Linear(30, 20), nn.Linear(20, 5)).double()
     bits, lam = 3, 0.7
     p = 2 ** (bits - 1) - 1
-    run = RunContext(model, None, 4, Schedule(total=1, main=1, per_epoch=1))
+    run = RunContext(model, None, 4, Schedule(total=1, main=1, per_epoch=1), "sgd")
     OscReg(OscRegConfig(lam=lam, bits=bits, detach_scale=False), run).extra_loss(model).backward()
     u = unit_roundoff(torch.float64)
     for layer in model:

@@ -55,6 +55,8 @@ def test_command_line_run_writes_record_and_offline_wandb_run(tmp_path):
     assert "torch" in res["versions"] and res["wall_time_s"] > 0
     # the summary printed for the user
     assert "oscillating weights" in proc.stdout and "crossings" in proc.stdout
+    assert "d_Q / d_w" in proc.stdout and res["final"]["dq_dw"] > 0
+    assert all(h["osc"]["dq_dw"] > 0 for h in res["history"])  # logged every epoch
     # W&B offline: the run directory holds the run's data file under the recorded id
     run_id = res["wandb"]["id"]
     offline = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))

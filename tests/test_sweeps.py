@@ -53,6 +53,7 @@ def check_report(sweep_dir, methods, bits):
     table = (sweep_dir / "report" / "table.md").read_text()
     header = "| method | " + " | ".join(f"{b}-bit" for b in bits) + " |"
     assert table.count(header) == len(report.METRICS)  # one table per metric
+    assert "d_Q/d_w" in table
     for m in methods:
         assert f"| {m} |" in table
     stats = report.summary(report.runs_frame(report.load_records(sweep_dir)))

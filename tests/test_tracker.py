@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from oscbench.oscillation.tracker import LayerTracker, TrackerConfig
+from tests.bounds import gamma, unit_roundoff
 
 pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
@@ -147,3 +148,64 @@ def test_matches_a_plain_reference_on_random_walks():
     assert torch.equal(tr.count.long(), count) and torch.equal(tr.direction.long(), last_dir)
     assert torch.equal(tr.freq, freq) and torch.equal(tr.code, codes[-1])
     assert (tr.epoch_switches.item(), tr.epoch_oscillations.item()) == (switches, oscillations)
+
+
+def test_switches_of_the_last_update_and_the_code_change():
+    tr = LayerTracker(SEQ[0], momentum=0.1)
+    per_step = []
+    for prev, codes in zip(SEQ[:-1], SEQ[1:], strict=True):
+        delta = tr.update(codes)
+        assert torch.equal(delta, codes - prev)
+        per_step.append(int(tr.switches))
+    assert per_step == [(SEQ[i + 1] != SEQ[i]).sum().item() for i in range(len(SEQ) - 1)]
+
+
+def test_dq_over_dw_on_a_hand_made_trajectory():
+    """TetraJet's ratio: sum |Q(w_t) - Q(w_t-1)| over sum |w_t - w_t-1|, Q on a grid of
+    spacing 0.5 (per tensor) or (0.5, 0.25) (per channel)."""
+    from oscbench.oscillation.tracker import Movement
+
+    w = [
+        torch.tensor([[0.20, 0.10], [0.00, 0.30]]),
+        torch.tensor([[0.26, 0.10], [0.10, 0.30]]),  # w00 crosses 0.25 (+1 code)
+        torch.tensor([[0.24, 0.12], [0.10, 0.40]]),  # w00 back (-1); w11 +1 code per ch 1
+        torch.tensor([[0.24, 0.12], [0.10, 0.40]]),  # nothing moves
+    ]
+    codes = [torch.tensor([[0, 0], [0, 1]]), torch.tensor([[1, 0], [0, 1]])]
+    codes += [torch.tensor([[0, 0], [0, 2]]), torch.tensor([[0, 0], [0, 2]])]
+    codes = [c.to(torch.int8) for c in codes]
+    for spacing, dq in ((torch.tensor(0.5), 0.5 + 1.0), (torch.tensor([0.5, 0.25]), 1.25)):
+        tr, move = LayerTracker(codes[0], momentum=0.1), Movement(w[0])
+        for wt, ct in zip(w[1:], codes[1:], strict=True):
+            move.update(wt, tr.update(ct), spacing)
+        # every |latent step| (0.06 + 0.10, then 0.02 + 0.02 + 0.10), exactly, from the
+        # float32 values; each step's float32 sum of 4 rounded differences: gamma_5 relative
+        steps = zip(w[:-1], w[1:], strict=True)
+        dw = sum((b.double() - a.double()).abs().sum().item() for a, b in steps)
+        stats = move.epoch_stats()
+        assert stats["dq"] == dq  # code changes times an exact spacing
+        assert abs(stats["dw"] - dw) <= gamma(5) * dw
+        assert abs(stats["dq_dw"] - dq / dw) <= 2 * gamma(5) * dq / dw
+        assert move.epoch_stats() == {"dq": 0.0, "dw": 0.0, "dq_dw": 0.0}  # reset, no motion
+
+
+def test_model_tracker_reports_the_ratio_and_the_step_share():
+    from oscbench.train import train
+    from tests.conftest import build_config
+
+    spec, built = build_config(["bits=2", "trainer.epochs=2"])
+    shares = []
+
+    def record(r):
+        shares.append(float(built.tracker.step_share()))
+
+    history = train(
+        built.model, built.data, spec.trainer, [], built.tracker, 0.005, on_epoch=record
+    )
+    osc = history[-1]["osc"]
+    layers = osc["layers"].values()
+    assert osc["dq"] == sum(v["dq"] for v in layers)
+    assert osc["dq_dw"] == osc["dq"] / osc["dw"] > 0
+    last = sum(int(s.switches) for s in built.tracker.states)
+    exact = last / built.tracker.total
+    assert abs(shares[-1] - exact) <= unit_roundoff() * exact  # one float32 division

@@ -44,13 +44,19 @@ def test_digits_split_is_stratified_normalised_and_fixed():
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: 360 test images / 10 classes
 
 
-def test_quantizer_parameters_have_their_own_group_without_weight_decay():
+def test_optimizer_groups_are_named_and_quantizer_steps_have_no_weight_decay():
     spec, _, model, _ = _setup(["trainer.quant_lr=0.003"])
     opt = build_optimizer(model, spec.trainer)
-    model_group, q_group = opt.param_groups
+    other, latent, q_group = opt.param_groups
+    assert [g["name"] for g in opt.param_groups] == ["other", "latent", "quantizer"]
     assert q_group["lr"] == 0.003 and q_group["weight_decay"] == 0.0
-    assert model_group["weight_decay"] == spec.trainer.weight_decay
+    assert other["weight_decay"] == latent["weight_decay"] == spec.trainer.weight_decay
     assert len(q_group["params"]) == 8  # 4 layers x (weight step + input step)
+    quantized = [m.weight for m in model.modules() if hasattr(m, "weight_quantizer")]
+    assert [id(p) for p in latent["params"]] == [id(p) for p in quantized]
+    every = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert every == {id(p) for p in model.parameters()}  # each parameter in one group
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(every)
 
 
 def test_cosine_schedule_with_warmup():
@@ -99,8 +105,12 @@ def test_model_and_tracker_state_roundtrip_restores_them_exactly():
         "direction",
         "freq",
         "count",
+        "switches",
         "epoch_switches",
         "epoch_oscillations",
+        "previous",
+        "epoch_dq",
+        "epoch_dw",
     }
     assert tracked["states.0.count"].sum() > 0  # it has seen oscillations
     assert not any("tracker" in k for k in state)  # the tracker is not the model's
@@ -118,3 +128,129 @@ def test_model_and_tracker_state_roundtrip_restores_them_exactly():
     x = data.x_test[:32]
     model.eval(), fresh.eval()
     assert torch.equal(model(x), fresh(x))
+
+
+def test_loop_hooks_run_in_order_and_policies_wrap_the_optimizer_step():
+    """on_step_start -> after_backward -> optimizer_step wrappers (the first policy
+    outermost) -> on_step_end -> the weight quantizers' after_step -> tracker update."""
+    from oscbench.oscillation.policy import Policy
+    from oscbench.quant.modules import quantized_layers
+    from oscbench.train import train_step
+
+    spec, data, model, tracker = _setup([])
+    events = []
+
+    class Recorder(Policy):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def on_step_start(self, step, total):
+            events.append(f"{self.name}.start")
+
+        def after_backward(self, model):
+            events.append(f"{self.name}.after_backward")
+
+        def optimizer_step(self, opt, step):
+            events.append(f"{self.name}.wrap(")
+            step()
+            events.append(f"{self.name}.)")
+
+        def on_step_end(self, model):
+            events.append(f"{self.name}.end")
+
+    opt = build_optimizer(model, spec.trainer)
+    opt.register_step_post_hook(lambda *args: events.append("opt.step"))
+    layer = next(m for _, m in quantized_layers(model))
+    layer.weight_quantizer.after_step = lambda w: events.append("after_step")
+    real_update = tracker.update
+    tracker.update = lambda: (events.append("tracker"), real_update())
+    x, y = next(data.train_batches(0, 32))
+    from oscbench.accel import Accel
+
+    accel = Accel.resolve(spec.trainer, torch.device("cpu"))
+    train_step(model, model, x, y, opt, [Recorder("a"), Recorder("b")], tracker, accel, 0, 10)
+    assert events == [
+        "a.start",
+        "b.start",
+        "a.after_backward",
+        "b.after_backward",
+        "a.wrap(",
+        "b.wrap(",
+        "opt.step",
+        "b.)",
+        "a.)",
+        "a.end",
+        "b.end",
+        "after_step",
+        "tracker",
+    ]
+
+
+def test_a_probe_runs_plain_steps_on_its_own_batches_and_leaves_no_trace():
+    """Policy.on_epoch_start's probe: n steps with that policy alone, then the model, the
+    optimizer, the policy's state and the random state are as before."""
+    from oscbench.oscillation.policy import Policy
+
+    spec, data, model, tracker = _setup(["trainer.epochs=2", "trainer.optimizer=adamw"])
+    seen = {}
+
+    class Prober(Policy):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("calls", torch.zeros((), dtype=torch.int64))
+            self.measured = []
+
+        def on_epoch_start(self, epoch, probe):
+            before = copy.deepcopy(model.state_dict())
+            rng = torch.get_rng_state()
+            steps = []
+            for i in probe(3, self):
+                steps.append(i)
+                w = model[0].weight.detach().clone()
+                self.measured.append(w)
+            seen[epoch] = {
+                "steps": steps,
+                "moved": not torch.equal(self.measured[-1], before["0.weight"]),
+                "restored": all(
+                    torch.equal(before[k], v)
+                    for k, v in model.state_dict().items()
+                    if isinstance(v, torch.Tensor)
+                ),
+                "rng": torch.equal(torch.get_rng_state(), rng),
+                "calls": int(self.calls),
+            }
+
+        def optimizer_step(self, opt, step):
+            self.calls += 1
+            step()
+
+    prober = Prober()
+    calls_after = []
+    train(
+        model,
+        data,
+        spec.trainer,
+        [prober],
+        tracker,
+        0.005,
+        on_epoch=lambda record: calls_after.append(int(prober.calls)),
+    )
+    per_epoch = data.steps_per_epoch(spec.trainer.batch_size)
+    for epoch in (0, 1):
+        assert seen[epoch]["steps"] == [0, 1, 2]
+        assert seen[epoch]["moved"] and seen[epoch]["restored"] and seen[epoch]["rng"]
+        assert seen[epoch]["calls"] == epoch * per_epoch  # the probe's 3 calls were undone
+    assert calls_after == [per_epoch, 2 * per_epoch]
+    # the same run without the probes ends with the same weights and optimizer state
+    spec, data, plain, tracker = _setup(["trainer.epochs=2", "trainer.optimizer=adamw"])
+    train(plain, data, spec.trainer, [], tracker, 0.005, on_epoch=lambda record: None)
+    for key, value in plain.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, model.state_dict()[key]), key
+    # the probe's steps and the epoch's: different batches, the same on every run
+    first = next(data.train_batches(0, spec.trainer.batch_size))[0]
+    from oscbench.train import PROBE_STREAM
+
+    probe_first = next(data.train_batches(PROBE_STREAM, spec.trainer.batch_size))[0]
+    assert not torch.equal(first, probe_first)

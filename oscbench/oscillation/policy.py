@@ -17,6 +17,7 @@ oscillation tracker the run hands it (`run.tracker`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,18 @@ class Schedule:
 @dataclass
 class RunContext:
     """What a policy is built from: the quantized model, the tracker (None in full
-    precision), the run's weight bits and its schedule."""
+    precision), the run's weight bits, its schedule and its optimizer's name (sgd, adamw;
+    the toys' adam)."""
 
     model: nn.Module
     tracker: OscillationTracker | None
     bits: int
     schedule: Schedule
+    optimizer: str
+
+
+# probe(n, policy): n plain training steps, undone afterwards (Policy.on_epoch_start)
+Probe = Callable[[int, "Policy"], Iterator[int]]
 
 
 class Policy(nn.Module):
@@ -52,6 +59,13 @@ class Policy(nn.Module):
     needs (oscbench.quant.base), checked with the configuration before any training."""
 
     requires: frozenset[str] = frozenset()
+
+    def on_epoch_start(self, epoch: int, probe: Probe) -> None:
+        """Before the first step of epoch `epoch` (0-based; also when a run resumes there).
+        `probe(n, self)` runs n training steps on batches of their own (a stream apart from
+        the epochs'), with this policy alone (no tracker, no other policy), yielding after
+        each; when it ends, the model, the optimizer, this policy's state and the random
+        state are put back as they were: a measurement that leaves no trace."""
 
     def on_step_start(self, step: int, total: int) -> None:
         """Before the forward pass of optimizer step `step` (0-based) of `total`; the
@@ -63,6 +77,13 @@ class Policy(nn.Module):
 
     def after_backward(self, model: nn.Module) -> None:
         """After backward, before the optimizer step (e.g. gradient masking)."""
+
+    def optimizer_step(self, opt: torch.optim.Optimizer, step: Callable[[], None]) -> None:
+        """Wraps the optimizer step: `step()` runs it (with the wrappers of the policies after
+        this one). A policy may surround it or take some parameters out of it and update them
+        itself. The optimizer's groups are named (`group["name"]`): "latent" (the quantized
+        layers' weights), "other", and "quantizer" (quantizer parameters)."""
+        step()
 
     def on_step_end(self, model: nn.Module) -> None:
         """After the optimizer step, before the tracker reads the new codes (e.g. putting

@@ -110,12 +110,13 @@ class Quantizer(nn.Module):
     """Fake quantizer: `forward(x)` returns x on the grid with straight-through gradients.
 
     What policies, the tracker and the evaluation read of a quantizer (its interface):
-    `to_int(x)` integer codes; `grid(x)` its `UniformGrid` for tensor x (some grids are
-    statistics of x), from which `levels`, `thresholds`, `step`, `bounds`,
-    `threshold_distance` and `code_centre` follow. A quantizer whose scale comes from data
-    is set up by `init_from(x)` once (weights at swap time, activations on a calibration
-    batch); `ready` says whether that happened. Non-tensor state (`ready`, data-dependent
-    constants) travels in the module's extra state, so `load_state_dict` restores it.
+    `to_int(x)` the integer codes the forward pass uses; `grid(x)` its `UniformGrid` for
+    tensor x (some grids are statistics of x), from which `levels`, `thresholds`, `step`,
+    `bounds`, `threshold_distance` and `code_centre` follow; `after_step(x)`, the loop's
+    call after each optimizer step. A quantizer whose scale comes from data is set up by
+    `init_from(x)` once (weights at swap time, activations on a calibration batch); `ready`
+    says whether that happened. Non-tensor state (`ready`, data-dependent constants)
+    travels in the module's extra state, so `load_state_dict` restores it.
 
     Declarations read by the configuration check (class attributes): `bit_range`,
     `capabilities`, and `bit_note`, said when `bits` is out of range.
@@ -140,6 +141,11 @@ class Quantizer(nn.Module):
         """Integer code of each element of x (no gradient)."""
         raise NotImplementedError
 
+    def after_step(self, x: torch.Tensor) -> None:
+        """Weight quantizers: called by the training loop once after every optimizer step
+        with the weight, after the policies' `on_step_end` and before the tracker reads the
+        codes; for state that follows the weight from step to step (an EMA of it)."""
+
     def grid(self, x: torch.Tensor) -> UniformGrid:
         """The grid on which x is quantized."""
         raise NotImplementedError
@@ -159,6 +165,12 @@ class Quantizer(nn.Module):
     def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The lowest and highest level for x (detached), broadcastable against x."""
         return self.grid(x).bounds()
+
+    def live_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`bounds(x)` with the gradient the quantizer's forward gives its learned scale
+        through clipping (LSQ: n and p times the step gradient scale g); detached where
+        the scale is not learned (the default)."""
+        return self.bounds(x)
 
     def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
         """|x - nearest threshold| per element (beyond the grid: to the outermost one)."""

@@ -163,3 +163,9 @@ class LSQQuantizer(Quantizer):
 
     def grid(self, x: torch.Tensor) -> UniformGrid:
         return UniformGrid(channel_view(self.s.detach(), x, self.per_channel), self.n, self.p)
+
+    def live_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """n s and p s, whose gradient reaches s scaled by g (the value is exactly s's)."""
+        s = channel_view(self.s, x, self.per_channel)
+        s = s.detach() + (s * self.g - (s * self.g).detach())
+        return s * self.n, s * self.p
