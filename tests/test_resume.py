@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from oscbench.checkpoint import CHECKPOINT
+from oscbench.compose import presets
 from oscbench.record import load_results
 from oscbench.registry import ConfigError
 from tests.conftest import run_config
@@ -114,3 +115,35 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     keys = ckpt["model"].keys()
     assert any(k.endswith("weight_quantizer.s_th") for k in keys)
     assert any(k.endswith("input_quantizer._extra_state") for k in keys)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL right after a checkpoint (the subprocess test above kills for
+    real, once; here every preset goes through the same path in-process)."""
+
+
+@pytest.mark.parametrize("method", [p.name for p in presets()])
+def test_every_preset_resumes_after_a_kill_to_the_same_final_numbers(method, tmp_path, monkeypatch):
+    import oscbench.run
+
+    args = [f"method={method}", "bits=2", "trainer.epochs=2", "logger=none", "device=cpu"]
+    whole = run_config(args, tmp_path / "whole")
+    real_train = oscbench.run.train
+
+    def killed_after_the_first_epoch(*a, save, **k):
+        def save_then_die(state):
+            save(state)
+            if state["epoch"] == 1:
+                raise _Killed
+
+        return real_train(*a, save=save_then_die, **k)
+
+    monkeypatch.setattr(oscbench.run, "train", killed_after_the_first_epoch)
+    with pytest.raises(_Killed):
+        run_config(args, tmp_path / "killed")
+    monkeypatch.undo()
+    resumed = run_config(args, tmp_path / "killed")
+    a, b = load_results(tmp_path / "killed"), load_results(tmp_path / "whole")
+    assert a["resumed_at_epoch"] == 1 and a["status"] == "completed"
+    assert a["history"] == b["history"]
+    assert _comparable(resumed) == _comparable(whole)
