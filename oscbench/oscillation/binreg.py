@@ -1,0 +1,139 @@
+"""The bin regulariser of VVTQ: dampening plus the variance of the weights inside each bin.
+
+Huang, Shen, Dong, Cheng, "Quantization Variation: A New Perspective on Training
+Transformers with Low-Bit Precision", TMLR 2024, arXiv:2307.00331; code
+HuangOwen/Quantization-Variation at b9349f80: `util_loss.py` (`BinReg`,
+`BinReg.dampening_loss`, `CosineTempDecay`), `train_VVTQ.py` (`--reg`: the schedule, and
+the term added to the loss), `quantization/lsq_layer.py` (`get_quant_weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from oscbench.oscillation.policy import POLICIES, EpochMean, Policy, RunContext, delayed_cosine
+from oscbench.quant.base import QUANTIZED
+from oscbench.quant.modules import quantized_layers
+from oscbench.registry import check
+
+
+@dataclass
+class BinRegConfig:
+    lambda_start: float  # VVTQ: 0 (`CosineTempDecay(temp_range=(0, 0.01))`)
+    lambda_end: float  # VVTQ: 0.01
+    start: float  # lambda_start before this share of training (VVTQ: 0.25), then cosine
+    per: str  # epoch: lambda evaluated at the epoch index, as VVTQ's loop does | step
+    aggregation: str  # dampening term over a layer: mean (VVTQ) | kernel_mean | sum
+    detach_scale: bool  # false: the clipping bounds carry the step's gradient, as in VVTQ
+
+    def __post_init__(self) -> None:
+        check(self.lambda_start >= 0, "lambda_start", self.lambda_start, ">= 0")
+        check(self.lambda_end >= 0, "lambda_end", self.lambda_end, ">= 0")
+        check(0 <= self.start < 1, "start", self.start, "0 <= x < 1")
+        check(self.per in ("epoch", "step"), "per", self.per, "epoch, step")
+        check(
+            self.aggregation in ("mean", "kernel_mean", "sum"),
+            "aggregation",
+            self.aggregation,
+            "mean, kernel_mean, sum",
+        )
+
+
+class _BinTerm(torch.autograd.Function):
+    """agg((w_q - c)^2) + sum over bins k with n_k > 1 of var_k(c), the unbiased variance
+    of the clipped weights c whose code is k, in one pass each way. The gradient with
+    respect to c is -2 (w_q - c) / divisor + 2 (c - mean_k) / (n_k - 1), which is what
+    autograd gives for the formula (the means' own gradient cancels: sum(c - mean_k) = 0)."""
+
+    @staticmethod
+    def forward(ctx, c, wq, idx, bins: int, divisor: int):  # noqa: ANN001, ANN205
+        flat = c.reshape(-1)
+        count = torch.bincount(idx, minlength=bins).to(c.dtype)
+        mean = torch.bincount(idx, weights=flat, minlength=bins).to(c.dtype) / count.clamp(min=1)
+        dev = flat - mean[idx]
+        ss = torch.bincount(idx, weights=dev * dev, minlength=bins).to(c.dtype)
+        scale = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)  # bins of one: none
+        d = (wq - c).reshape(-1)
+        ctx.save_for_backward(d, dev * scale[idx])
+        ctx.divisor, ctx.shape = divisor, c.shape
+        return torch.dot(d, d) / divisor + torch.dot(ss, scale)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        d, dev_scaled = ctx.saved_tensors
+        grad_c = (dev_scaled * 2 - d * (2 / ctx.divisor)) * grad
+        return grad_c.view(ctx.shape), None, None, None, None
+
+
+def _divisor(w: torch.Tensor, how: str) -> int:
+    if how == "kernel_mean":  # sum over output channels, then the mean over the rest
+        return w.numel() // w.shape[0]
+    return 1 if how == "sum" else w.numel()
+
+
+@POLICIES.register("binreg", BinRegConfig)
+class BinReg(Policy):
+    """L += lambda(t) sum over the quantized layers of
+    agg((w_q - c)^2) + sum_k var({c_i : code_i = k}),
+    with c = clip(w, s n, s p) the clipped latent weight, w_q the step's quantized weight
+    (detached: its target), the variance unbiased (`torch.var`) and taken over the bins
+    that hold more than one weight (VVTQ: `numel > 1`). Every quantized layer counts, the
+    8-bit first and last ones too (VVTQ iterates over every quantized module).
+
+    As in VVTQ's `get_quant_weight`, c = clamp(w / s, n, p) s keeps the step's gradient
+    (scaled by LSQ's g): it reaches s through the clipped weights, which the end bins'
+    variance pulls towards their bin's mean (`Quantizer.live_bounds`; `detach_scale: true`
+    detaches it). lambda(t): VVTQ evaluates `CosineTempDecay(t_max=epochs,
+    temp_range=(0, 0.01), rel_decay_start=0.25)` at the epoch index, so lambda_start before
+    epoch `start` x epochs, then a cosine towards lambda_end, which the last epoch nearly
+    reaches (`per: step` evaluates it at every step instead).
+
+    Bins are the quantizer's codes (`to_int`), where VVTQ compares (w_q / s) with each
+    integer k in floats; a product divided by its factor can miss k by an ulp, which would
+    drop a weight from its bin there and never here.
+    """
+
+    requires = frozenset({QUANTIZED})
+
+    def __init__(self, cfg: BinRegConfig, run: RunContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.layers = [m for _, m in quantized_layers(run.model)]
+        self.schedule = run.schedule
+        self.lam = 0.0
+        self.loss = EpochMean()
+
+    def on_step_start(self, step: int, total: int) -> None:
+        cfg = self.cfg
+        if cfg.per == "epoch":
+            t, horizon = step // self.schedule.per_epoch, self.schedule.main
+            horizon //= self.schedule.per_epoch
+        else:
+            t, horizon = step, total
+        self.lam = delayed_cosine(
+            t, horizon, cfg.start, cfg.lambda_start, cfg.lambda_end, before=cfg.lambda_start
+        )
+
+    def term(self, layer: nn.Module) -> torch.Tensor:
+        """One layer's regulariser, without lambda."""
+        q, w = layer.weight_quantizer, layer.weight
+        lo, hi = q.bounds(w) if self.cfg.detach_scale else q.live_bounds(w)
+        c = torch.clamp(w, lo, hi)
+        grid = q.grid(w)
+        with torch.no_grad():
+            idx = (q.to_int(w) - grid.n).long().reshape(-1)
+        wq = layer.last_quantized_weight
+        return _BinTerm.apply(c, wq, idx, grid.p - grid.n + 1, _divisor(w, self.cfg.aggregation))
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        if self.lam == 0.0:
+            return None
+        loss = self.lam * sum(self.term(layer) for layer in self.layers)
+        self.loss.add(loss)
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        return {"binreg/lambda": self.lam, "binreg/loss": self.loss.pop()}

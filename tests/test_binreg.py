@@ -1,0 +1,155 @@
+"""The bin regulariser of VVTQ (oscbench/oscillation/binreg.py) against its formula, written
+out as in HuangOwen/Quantization-Variation `util_loss.py: BinReg`."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from oscbench.config import Component
+from oscbench.oscillation.binreg import BinReg, BinRegConfig
+from oscbench.oscillation.policy import RunContext, Schedule
+from oscbench.quant.lsq import LSQConfig
+from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
+from tests.bounds import assert_within, gamma
+
+pytestmark = pytest.mark.numeric
+
+
+def _config(**kw):
+    base = dict(
+        lambda_start=0.0,
+        lambda_end=0.01,
+        start=0.25,
+        per="epoch",
+        aggregation="mean",
+        detach_scale=False,
+    )
+    return BinRegConfig(**(base | kw))
+
+
+def _model(bits=3, shape=(24, 40), seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False))
+    model[0].weight.data.normal_(0, 0.1)
+    lsq = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+    quantize_model(
+        model,
+        quantizer_factory(Component("lsq", lsq)),
+        lambda *a: None,
+        QuantPlan(bits, bits, None),
+    )
+    layer = model[0]
+    layer.weight_quantizer.s.data.mul_(0.6)  # some weights beyond the grid: the end bins clip
+    return model, layer
+
+
+def _policy(model, epochs=8, per_epoch=10, **kw):
+    steps = Schedule(total=epochs * per_epoch, main=epochs * per_epoch, per_epoch=per_epoch)
+    return BinReg(_config(**kw), RunContext(model, None, 3, steps, "sgd"))
+
+
+def _vvtq(w, s, g, n, p):
+    """VVTQ's BinReg.forward for one layer: w_q = round(clamp(w/a, n, p)) a and
+    c = clamp(w/a, n, p) a with a = grad_scale(s, g); mean((w_q.detach() - c)^2) plus, for
+    each integer bin k with more than one weight, torch.var (unbiased) of c there."""
+    a = (s - s * g).detach() + s * g
+    wq = torch.round(torch.clamp(w / a, n, p)) * a
+    c = torch.clamp(w / a, n, p) * a
+    loss = ((wq.detach() - c) ** 2).mean()
+    codes = torch.round(torch.clamp(w / a, n, p)).detach()  # VVTQ: (w_q / a).eq(k)
+    for k in range(n, p + 1):
+        inside = c[codes == k]
+        if inside.numel() > 1:
+            loss = loss + torch.var(inside)
+    return loss
+
+
+def _bounds(layer, w64, s64):
+    """Error bounds of the float32 loss and gradient against the float64 formula. Per bin k
+    (n_k weights): its mean is a sum of n_k float32 terms, off by at most
+    delta_k = gamma_(n_k + 2) mean_k |c|; each deviation carries that and a rounding; the
+    variance sums n_k squares; the dampening part is a sum over the N weights."""
+    q = layer.weight_quantizer
+    c = w64.detach().clamp(q.n * s64.detach(), q.p * s64.detach())
+    wq = layer.last_quantized_weight.double()
+    idx = (q.to_int(layer.weight) - q.n).long().flatten()
+    bins = q.p - q.n + 1
+    count = torch.bincount(idx, minlength=bins).double()
+    mean_abs = torch.bincount(idx, weights=c.abs().flatten(), minlength=bins) / count.clamp(min=1)
+    mean = torch.bincount(idx, weights=c.flatten(), minlength=bins) / count.clamp(min=1)
+    dev = c.flatten() - mean[idx]
+    scale = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)
+    delta = torch.tensor([gamma(int(k) + 2) for k in count.tolist()], dtype=torch.float64)
+    delta = delta * mean_abs
+    sum_abs_dev = torch.bincount(idx, weights=dev.abs(), minlength=bins)
+    sum_sq_dev = torch.bincount(idx, weights=dev * dev, minlength=bins)
+    n_w = c.numel()
+    loss = (
+        scale * (2 * delta * sum_abs_dev + count * delta**2 + gamma(n_w + 4) * sum_sq_dev)
+    ).sum() + gamma(n_w + 4) * ((wq - c) ** 2).mean()
+    per_weight = (
+        2 * scale[idx] * (delta[idx] + gamma(4) * (dev.abs() + c.flatten().abs()))
+        + 2 / n_w * gamma(4) * (wq.flatten().abs() + c.flatten().abs())
+    ).view_as(c)
+    return loss, per_weight, c, wq, idx
+
+
+def test_loss_and_gradients_equal_vvtqs_formula_with_the_within_bin_variance():
+    model, layer = _model()
+    policy = _policy(model)
+    q = layer.weight_quantizer
+    layer(torch.randn(2, 40))  # the forward leaves this step's w_q
+    term = policy.term(layer)
+    term.backward()
+    w64 = layer.weight.detach().double().requires_grad_()
+    s64 = q.s.detach().double().requires_grad_()
+    ref = _vvtq(w64, s64, q.g, q.n, q.p)
+    ref.backward()
+    loss_bound, grad_bound, c, wq, _ = _bounds(layer, w64, s64)
+    assert_within(term.detach(), ref.detach(), loss_bound)
+    assert ref.detach() - ((wq - c) ** 2).mean() > 0.5 * ref.detach()  # mostly the variance
+    grad_bound = grad_bound + gamma(2) * w64.grad.abs()
+    assert_within(layer.weight.grad, w64.grad, grad_bound)
+    # the step's gradient: through the clipped weights only (n or p times LSQ's g each)
+    clipped = (w64.detach() < q.n * s64.detach()) | (w64.detach() > q.p * s64.detach())
+    assert clipped.any() and s64.grad.abs() > 0
+    terms = (w64.grad.abs() + grad_bound) * max(-q.n, q.p) * q.g * clipped
+    assert_within(
+        q.s.grad,
+        s64.grad,
+        gamma(clipped.sum().item() + 4) * terms.sum()
+        + (grad_bound * max(-q.n, q.p) * q.g * clipped).sum(),
+    )
+
+
+def test_a_detached_scale_takes_no_gradient():
+    model, layer = _model()
+    policy = _policy(model, detach_scale=True)
+    layer(torch.randn(2, 40))
+    policy.term(layer).backward()
+    assert layer.weight_quantizer.s.grad is None and layer.weight.grad.abs().sum() > 0
+
+
+def test_lambda_is_vvtqs_cosine_from_a_quarter_of_the_epochs_per_epoch():
+    model, _ = _model()
+    epochs, per_epoch = 8, 10
+    policy = _policy(model, epochs=epochs, per_epoch=per_epoch)
+
+    def cosine_temp_decay(t):  # util_loss.CosineTempDecay(epochs, (0, 0.01), 0.25)(t)
+        start, end, decay_start = 0.0, 0.01, 0.25 * epochs
+        if t < decay_start:
+            return start
+        rel = (t - decay_start) / (epochs - decay_start)
+        return end + 0.5 * (start - end) * (1 + np.cos(rel * np.pi))
+
+    for step in range(epochs * per_epoch):
+        policy.on_step_start(step, epochs * per_epoch)
+        expected = cosine_temp_decay(step // per_epoch)
+        assert math.isclose(policy.lam, expected, rel_tol=4 * 2.0**-52, abs_tol=1e-18)
+    assert policy.lam < 0.01  # the last epoch nearly reaches lambda_end, as in VVTQ
+    stepwise = _policy(model, epochs=epochs, per_epoch=per_epoch, per="step")
+    stepwise.on_step_start(45, 80)
+    assert 0 < stepwise.lam != policy.lam
