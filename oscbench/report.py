@@ -247,9 +247,24 @@ def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
 
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends sit outside the axes
     plt.close(fig)
     return path
+
+
+def _styles(labels: list[str]) -> dict[str, dict]:
+    """One look per curve label: ten colours, then the same colours dashed, dotted, ..."""
+    colours = plt.get_cmap("tab10").colors
+    dashes = ["-", "--", ":", "-."]
+    return {
+        label: {"color": colours[i % 10], "linestyle": dashes[i // 10 % 4]}
+        for i, label in enumerate(labels)
+    }
+
+
+def _legend(ax: plt.Axes, fontsize: int = 8) -> None:
+    """The legend to the right of the axes, where it hides no curve."""
+    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
 
 
 def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
@@ -263,6 +278,7 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
     ok["label"] = [_label(r, varying) for _, r in ok.iterrows()]
     order = {m: i for i, m in enumerate(_method_order(ok["method"]))}
     labels = sorted(ok["label"].unique(), key=lambda s: (order[s.split(" [")[0]], s))
+    style = _styles(labels)
     paths = []
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -276,9 +292,10 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
             marker="o",
             capsize=3,
             label=label,
+            **style[label],
         )
     ax.set(xlabel="weight bits", ylabel="test accuracy (%)", title="Accuracy vs bit-width")
-    ax.legend(fontsize=8)
+    _legend(ax)
     paths.append(_save(fig, out / "accuracy_vs_bits.png"))
 
     has_osc = [
@@ -297,13 +314,13 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
                 ]
                 if curves:
                     mean = pd.DataFrame(curves).mean()
-                    ax.plot(mean.index + 1, mean.values, label=label)
+                    ax.plot(mean.index + 1, mean.values, label=label, **style[label])
             ax.set(xlabel="epoch", ylabel="oscillating weights (%)", title=f"{b}-bit")
-        axes[0][0].legend(fontsize=8)
+        _legend(axes[0][-1])
         paths.append(_save(fig, out / "oscillating_share.png"))
 
         low = min(bits)
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
         for label in labels:
             finals = [
                 records[i]["final"]
@@ -316,26 +333,27 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
             width = max(map(len, hists))
             counts = pd.DataFrame([h + [0] * (width - len(h)) for h in hists]).sum()
             share = counts / counts.sum()
-            axes[0].plot(share.index, share.values, marker=".", label=label)
+            axes[0].plot(share.index, share.values, marker=".", label=label, **style[label])
             dist = pd.DataFrame([f["threshold_distance"]["counts"][:-1] for f in finals]).sum()
             edges = finals[0]["threshold_distance"]["edges"]
             axes[1].plot(
                 [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)],
                 (dist / dist.sum()).values,
                 label=label,
+                **style[label],
             )
         axes[0].set(
             yscale="log",
             xlabel="oscillations of a weight over training",
             ylabel="share of weights",
-            title=f"Per-weight oscillation counts, {low}-bit",
+            title=f"Oscillations per weight, {low}-bit",
         )
         axes[1].set(
             xlabel="distance to nearest threshold (steps)",
             ylabel="share of weights",
-            title=f"Latent weights vs thresholds, {low}-bit, end of training",
+            title=f"Latent weights vs thresholds, {low}-bit, end",
         )
-        axes[0].legend(fontsize=8)
+        _legend(axes[1])
         paths.append(_save(fig, out / "oscillation_histograms.png"))
 
     cross = (
@@ -352,7 +370,7 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
             ylabel="test accuracy (%)",
             title="Cross-bit accuracy (round to nearest)",
         )
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
         paths.append(_save(fig, out / "cross_bit_accuracy.png"))
     return paths
 

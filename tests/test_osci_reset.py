@@ -137,3 +137,17 @@ def test_the_preset_resets_weights_in_a_digits_run(tmp_path):
     history = load_results(tmp_path)["history"]
     assert sum(h["osci_reset/resets"] for h in history) >= 1
     assert sum(h["osci_reset/reset_share"] for h in history) > 0
+
+
+
+@pytest.mark.parametrize(
+    ("detect", "period", "first"),
+    [("ratio", 40, 89), ("ratio", 50, 109), ("bin_edge", 40, 80), ("bin_edge", 50, 100)],
+)
+def test_a_run_too_short_for_any_reset_is_warned_about(detect, period, first, capsys):
+    """100 steps from 60 %, windows of 8 steps: the first window opens at the first
+    multiple of the period from step 60; bin_edge resets there, the ratio rule 9 steps on."""
+    model, _ = _layer([0.1])
+    policy = _policy(model, detect, period=period, track=8, start=0.6)
+    assert policy.first_reset() == first
+    assert ("no reset happens" in capsys.readouterr().err) == (first >= 100)

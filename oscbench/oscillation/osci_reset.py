@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from oscbench.console import warn
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
 from oscbench.quant.base import QUANTIZED
 from oscbench.quant.modules import quantized_layers
@@ -82,6 +83,18 @@ class OsciReset(Policy):
         self.reset_count = torch.zeros((), dtype=torch.int64, device=device)  # this epoch
         self.resets = 0  # reset events this epoch
         self.numel = sum(m.weight.numel() for m in self.layers)
+        if self.first_reset() >= run.schedule.total:
+            warn(
+                f"osci_reset: no reset happens in this run of {run.schedule.total} steps (the "
+                f"first would follow step {self.first_reset()}); lower policy.osci_reset.period "
+                "(and track_steps) or policy.osci_reset.start"
+            )
+
+    def first_reset(self) -> int:
+        """The step after which the first reset happens."""
+        cfg = self.cfg
+        window = math.ceil(self.first / cfg.period) * cfg.period
+        return window if cfg.detect == "bin_edge" else window + cfg.track_steps + 1
 
     def on_step_start(self, step: int, total: int) -> None:
         self.step = step
