@@ -30,11 +30,11 @@ def _config(**kw):
     return BinRegConfig(**(base | kw))
 
 
-def _model(bits=3, shape=(24, 40), seed=0):
+def _model(bits=3, shape=(24, 40), seed=0, per_channel=False):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False))
     model[0].weight.data.normal_(0, 0.1)
-    lsq = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+    lsq = LSQConfig(per_channel=per_channel, init="lsq", grad_scale=True, signed="auto")
     quantize_model(
         model,
         quantizer_factory(Component("lsq", lsq)),
@@ -68,37 +68,51 @@ def _vvtq(w, s, g, n, p):
 
 
 def _bounds(layer, w64, s64):
-    """Error bounds of the float32 loss and gradient against the float64 formula. Per bin k
-    (n_k weights): its mean is a sum of n_k float32 terms, off by at most
-    delta_k = gamma_(n_k + 2) mean_k |c|; each deviation carries that and a rounding; the
-    variance sums n_k squares; the dampening part is a sum over the N weights."""
+    """Error bounds of the float32 loss and gradient against the float64 formula, for the
+    way binreg.py evaluates them (first order in u, every rounding counted). Per weight:
+    v = c - r with r = code x mean step rounded once (w_q with one step per tensor: the same
+    product); a_k = 1/(n_k - 1) rounded once.
+    The variance part: dot(a v, v) over the N weights (gamma_(N+5) sum a v^2) minus
+    sum_k a_k n_k mu_k^2, where mu_k is a sum of n_k float32 terms (off by
+    delta_k = gamma_(n_k+2) sum_k |v|) over n_k; the dampening part: dot(d, d) / divisor."""
     q = layer.weight_quantizer
-    c = w64.detach().clamp(q.n * s64.detach(), q.p * s64.detach())
-    wq = layer.last_quantized_weight.double()
-    idx = (q.to_int(layer.weight) - q.n).long().flatten()
-    bins = q.p - q.n + 1
+    c = w64.detach().clamp(q.n * s64.detach(), q.p * s64.detach()).flatten()
+    wq = layer.last_quantized_weight.double().flatten()
+    code = q.to_int(layer.weight).double().flatten()
+    idx = (code - q.n).long()
+    r = code * q.step(layer.weight).mean().double()  # the centre (its float32 rounding: u|r|)
+    v_abs = (c - r).abs() + gamma(1) * r.abs()
+    bins, n_w = q.p - q.n + 1, c.numel()
     count = torch.bincount(idx, minlength=bins).double()
-    mean_abs = torch.bincount(idx, weights=c.abs().flatten(), minlength=bins) / count.clamp(min=1)
-    mean = torch.bincount(idx, weights=c.flatten(), minlength=bins) / count.clamp(min=1)
-    dev = c.flatten() - mean[idx]
-    scale = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)
+    a = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)
+    mu_abs = torch.bincount(idx, weights=c - r, minlength=bins).abs() / count.clamp(min=1)
+    mu_abs = mu_abs + gamma(1) * torch.bincount(idx, weights=r.abs(), minlength=bins) / count.clamp(
+        min=1
+    )
     delta = torch.tensor([gamma(int(k) + 2) for k in count.tolist()], dtype=torch.float64)
-    delta = delta * mean_abs
-    sum_abs_dev = torch.bincount(idx, weights=dev.abs(), minlength=bins)
-    sum_sq_dev = torch.bincount(idx, weights=dev * dev, minlength=bins)
-    n_w = c.numel()
+    delta = delta * torch.bincount(idx, weights=v_abs, minlength=bins)
+    d_mu = (delta + gamma(1) * (mu_abs * count + delta)) / count.clamp(min=1)
+    t1 = (a[idx] * v_abs**2).sum()
+    t2 = (a * count * (mu_abs + d_mu) ** 2).sum()
+    t0 = ((wq - c) ** 2).sum() / n_w
     loss = (
-        scale * (2 * delta * sum_abs_dev + count * delta**2 + gamma(n_w + 4) * sum_sq_dev)
-    ).sum() + gamma(n_w + 4) * ((wq - c) ** 2).mean()
+        gamma(n_w + 5) * t1
+        + (a * count * (2 * mu_abs * d_mu + d_mu**2)).sum()
+        + gamma(bins + 4) * t2
+        + gamma(n_w + 4) * t0
+        + gamma(2) * (t0 + t1 + t2)
+    )
     per_weight = (
-        2 * scale[idx] * (delta[idx] + gamma(4) * (dev.abs() + c.flatten().abs()))
-        + 2 / n_w * gamma(4) * (wq.flatten().abs() + c.flatten().abs())
-    ).view_as(c)
-    return loss, per_weight, c, wq, idx
+        2 * a[idx] * (gamma(5) * (v_abs + mu_abs[idx]) + (1 + gamma(3)) * d_mu[idx])
+        + 2 * gamma(5) * (wq - c).abs() / n_w
+    )
+    return loss, per_weight.view_as(w64), c.view_as(w64), wq.view_as(w64), idx
 
 
-def test_loss_and_gradients_equal_vvtqs_formula_with_the_within_bin_variance():
-    model, layer = _model()
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_loss_and_gradients_equal_vvtqs_formula_with_the_within_bin_variance(per_channel):
+    """Per channel, VVTQ's bins (one per integer code) gather the weights of every channel."""
+    model, layer = _model(per_channel=per_channel)
     policy = _policy(model)
     q = layer.weight_quantizer
     layer(torch.randn(2, 40))  # the forward leaves this step's w_q
@@ -106,23 +120,22 @@ def test_loss_and_gradients_equal_vvtqs_formula_with_the_within_bin_variance():
     term.backward()
     w64 = layer.weight.detach().double().requires_grad_()
     s64 = q.s.detach().double().requires_grad_()
-    ref = _vvtq(w64, s64, q.g, q.n, q.p)
+    s_b = s64.view(-1, 1) if per_channel else s64  # broadcast against w (24 x 40)
+    ref = _vvtq(w64, s_b, q.g, q.n, q.p)
     ref.backward()
-    loss_bound, grad_bound, c, wq, _ = _bounds(layer, w64, s64)
+    loss_bound, grad_bound, c, wq, _ = _bounds(layer, w64, s_b)
     assert_within(term.detach(), ref.detach(), loss_bound)
     assert ref.detach() - ((wq - c) ** 2).mean() > 0.5 * ref.detach()  # mostly the variance
     grad_bound = grad_bound + gamma(2) * w64.grad.abs()
     assert_within(layer.weight.grad, w64.grad, grad_bound)
     # the step's gradient: through the clipped weights only (n or p times LSQ's g each)
-    clipped = (w64.detach() < q.n * s64.detach()) | (w64.detach() > q.p * s64.detach())
-    assert clipped.any() and s64.grad.abs() > 0
+    clipped = (w64.detach() < q.n * s_b.detach()) | (w64.detach() > q.p * s_b.detach())
+    assert clipped.any() and s64.grad.abs().sum() > 0
     terms = (w64.grad.abs() + grad_bound) * max(-q.n, q.p) * q.g * clipped
-    assert_within(
-        q.s.grad,
-        s64.grad,
-        gamma(clipped.sum().item() + 4) * terms.sum()
-        + (grad_bound * max(-q.n, q.p) * q.g * clipped).sum(),
-    )
+    extra = grad_bound * max(-q.n, q.p) * q.g * clipped
+    dims = 1 if per_channel else None  # a step per row, or one for the tensor
+    bound = gamma(clipped.sum().item() + 4) * terms.sum(dims) + extra.sum(dims)
+    assert_within(q.s.grad, s64.grad, bound.view_as(s64))
 
 
 def test_a_detached_scale_takes_no_gradient():

@@ -44,28 +44,44 @@ class BinRegConfig:
 
 class _BinTerm(torch.autograd.Function):
     """agg((w_q - c)^2) + sum over bins k with n_k > 1 of var_k(c), the unbiased variance
-    of the clipped weights c whose code is k, in one pass each way. The gradient with
-    respect to c is -2 (w_q - c) / divisor + 2 (c - mean_k) / (n_k - 1), which is what
-    autograd gives for the formula (the means' own gradient cancels: sum(c - mean_k) = 0)."""
+    of the clipped weights c = clamp(w, lo, hi) whose code is k; one pass each way.
+
+    The variance of a bin does not change when a constant is taken off its weights, so it
+    is computed on v = c - r with r constant per bin and within about half a step of c:
+    r = w_q with one step per tensor (w_q depends on the code only), else code x (mean
+    step). That keeps var_k = a_k (sum_k v^2 - n_k mu_k^2) well conditioned (a_k =
+    1/(n_k - 1), 0 for a bin of one; mu_k the mean of v in bin k). sum_k a_k sum_k v^2 is
+    one dot product with a_k gathered per weight, so only n_k and sum_k v are counted per
+    bin. The gradient with respect to c is 2 a_k (v - mu_k) + 2 (c - w_q) / divisor (the
+    means' own gradient cancels: sum_k (v - mu_k) = 0), passed to w inside [lo, hi] and to
+    lo and hi beyond them, as `torch.clamp`'s gradient does."""
 
     @staticmethod
-    def forward(ctx, c, wq, idx, bins: int, divisor: int):  # noqa: ANN001, ANN205
-        flat = c.reshape(-1)
-        count = torch.bincount(idx, minlength=bins).to(c.dtype)
-        mean = torch.bincount(idx, weights=flat, minlength=bins).to(c.dtype) / count.clamp(min=1)
-        dev = flat - mean[idx]
-        ss = torch.bincount(idx, weights=dev * dev, minlength=bins).to(c.dtype)
-        scale = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)  # bins of one: none
-        d = (wq - c).reshape(-1)
-        ctx.save_for_backward(d, dev * scale[idx])
-        ctx.divisor, ctx.shape = divisor, c.shape
-        return torch.dot(d, d) / divisor + torch.dot(ss, scale)
+    def forward(ctx, w, lo, hi, wq, code, centre, bins: int, divisor: int):  # noqa: ANN001, ANN205
+        c = torch.clamp_min(w, lo).clamp_max_(hi)  # clamp(w, lo, hi): 6x slower on a CPU
+        e = (c - wq).reshape(-1)
+        v = e if centre is None else (c - centre).reshape(-1)
+        count = torch.bincount(code, minlength=bins).to(c.dtype)
+        mean = torch.bincount(code, weights=v, minlength=bins).to(c.dtype) / count.clamp(min=1)
+        a = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)
+        index = code.int()  # index_select takes int32 or int64
+        a_v = torch.index_select(a, 0, index).mul_(v)
+        variance = torch.dot(a_v, v) - torch.dot(a * count * mean, mean)
+        ctx.save_for_backward(w, c, lo, hi, e, a_v, index, a * mean)
+        ctx.divisor = divisor
+        return torch.dot(e, e) / divisor + variance
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        d, dev_scaled = ctx.saved_tensors
-        grad_c = (dev_scaled * 2 - d * (2 / ctx.divisor)) * grad
-        return grad_c.view(ctx.shape), None, None, None, None
+        w, c, lo, hi, e, a_v, index, a_mean = ctx.saved_tensors
+        g = a_v.sub_(torch.index_select(a_mean, 0, index)).add_(e, alpha=1 / ctx.divisor)
+        g = g.mul_(2 * grad).view_as(w)
+        side = torch.sub(w, c).sign_()  # -1 below lo, 1 above hi, 0 inside
+        below = g * side.clamp(max=0)  # -g below lo, else 0
+        above = g * side.clamp_(min=0)  # g above hi, else 0
+        grad_lo = below.sum_to_size(lo.shape).neg_() if ctx.needs_input_grad[1] else None
+        grad_hi = above.sum_to_size(hi.shape) if ctx.needs_input_grad[2] else None
+        return g.add_(below).sub_(above), grad_lo, grad_hi, None, None, None, None, None
 
 
 def _divisor(w: torch.Tensor, how: str) -> int:
@@ -121,12 +137,15 @@ class BinReg(Policy):
         """One layer's regulariser, without lambda."""
         q, w = layer.weight_quantizer, layer.weight
         lo, hi = q.bounds(w) if self.cfg.detach_scale else q.live_bounds(w)
-        c = torch.clamp(w, lo, hi)
         grid = q.grid(w)
+        bins, divisor = grid.p - grid.n + 1, _divisor(w, self.cfg.aggregation)
         with torch.no_grad():
-            idx = (q.to_int(w) - grid.n).long().reshape(-1)
+            code = q.to_int(w).float()
+            centre = None if grid.step.numel() == 1 else code * grid.step.mean()  # None: w_q
+            small = torch.uint8 if bins <= 256 else torch.int32  # bincount: uint8 is faster
+            idx = code.sub_(grid.n).reshape(-1).to(small)
         wq = layer.last_quantized_weight
-        return _BinTerm.apply(c, wq, idx, grid.p - grid.n + 1, _divisor(w, self.cfg.aggregation))
+        return _BinTerm.apply(w, lo, hi, wq, idx, centre, bins, divisor)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         if self.lam == 0.0:

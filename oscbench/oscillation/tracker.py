@@ -144,7 +144,9 @@ class Movement(nn.Module):
         else:
             dq = moved.sum(dtype=torch.float32) * spacing
         self.epoch_dq.add_(dq)
-        self.epoch_dw.add_(torch.dist(weight.detach().float(), self.previous, 1))
+        self.epoch_dw.add_(
+            torch.sub(weight.detach(), self.previous).abs_().sum()
+        )  # 3x dist's speed
         self.previous.copy_(weight.detach())
 
     def epoch_stats(self) -> dict[str, float]:
