@@ -13,10 +13,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from oscbench.accel import Accel
-from oscbench.checkpoint import rng_state, set_rng_state
+from oscbench.checkpoint import CHECKPOINT, rng_state, set_rng_state
 from oscbench.config import TrainerConfig
 from oscbench.data.base import Data
 from oscbench.evaluation import evaluate
+from oscbench.files import DamagedFile
 from oscbench.oscillation.policy import Policy, Schedule
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.modules import quantized_layers, quantizer_parameters
@@ -176,13 +177,20 @@ def train(
     history: list[dict] = []
     step = start = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        sched.load_state_dict(resume["scheduler"])
-        for p, state in zip(policies, resume["policies"], strict=True):
-            p.load_state_dict(state)
-        if tracker is not None:
-            tracker.load_state_dict(resume["tracker"])
+        try:
+            model.load_state_dict(resume["model"])
+            opt.load_state_dict(resume["optimizer"])
+            sched.load_state_dict(resume["scheduler"])
+            for p, state in zip(policies, resume["policies"], strict=True):
+                p.load_state_dict(state)
+            if tracker is not None:
+                tracker.load_state_dict(resume["tracker"])
+        except (RuntimeError, ValueError, KeyError) as e:  # e.g. from an older oscbench
+            raise DamagedFile(
+                f"the run directory's {CHECKPOINT} does not fit this run ({type(e).__name__}: "
+                f"{' '.join(str(e).split())[:300]}); remove it to train this run from the start, "
+                "or start over with trainer.resume=never"
+            ) from None
         set_rng_state(resume["rng"])
         history, step, start = list(resume["history"]), resume["step"], resume["epoch"]
     epochs = cfg.epochs + cfg.extra_epochs

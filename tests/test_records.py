@@ -266,6 +266,21 @@ def test_a_damaged_checkpoint_is_named_with_the_fix(tmp_path):
     assert load_results(tmp_path)["status"] == "completed"
 
 
+def test_a_checkpoint_that_does_not_fit_the_run_is_named_with_the_fix(tmp_path):
+    """A checkpoint of an older oscbench: here, without the tracker's d_Q/d_w state."""
+    run_config(["trainer.epochs=2", *QUICK], tmp_path)
+    record = load_results(tmp_path)
+    record["status"] = "running"  # as if killed
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    ckpt = torch.load(tmp_path / CHECKPOINT, weights_only=False)
+    ckpt["tracker"] = {k: v for k, v in ckpt["tracker"].items() if not k.startswith("moves.")}
+    torch.save(ckpt, tmp_path / CHECKPOINT)
+    proc = cli("trainer.epochs=2", "logger=none", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{CHECKPOINT} does not fit this run" in proc.stderr
+    assert "moves.0.previous" in proc.stderr and "trainer.resume=never" in proc.stderr
+
+
 def test_a_damaged_record_is_set_aside_and_said_so(tmp_path, capsys):
     (tmp_path / "results.json").write_text('{"status": "runn')
     run_config(["trainer.epochs=1", *QUICK], tmp_path)
