@@ -32,9 +32,10 @@ from torch.utils import benchmark
 from oscbench.accel import Accel
 from oscbench.compose import compose, presets
 from oscbench.config import validate
+from oscbench.optim import build_optimizers
 from oscbench.quant.lsq import lsq_quantize
 from oscbench.run import build
-from oscbench.train import build_optimizer, train_step
+from oscbench.train import train_step
 
 HERE = Path(__file__).resolve().parent
 METHODS = [p.name for p in presets() if p.name != "fp"]  # each against its FP twin
@@ -73,8 +74,8 @@ def setup(model: str, method: str, bits: int):  # noqa: ANN201
     )
     spec = validate(cfg)
     built = build(spec)
-    opt = build_optimizer(built.model, spec.trainer)
     steps = spec.trainer.epochs * built.data.steps_per_epoch(spec.trainer.batch_size)
+    opt = build_optimizers(built.model, spec.trainer, steps)
     x, y = next(built.data.train_batches(0, spec.trainer.batch_size))
     built.model.train()
     at = late_step(steps)

@@ -23,7 +23,6 @@ FINAL_MODEL = "model_final.pt"
 CHECKPOINT_KEYS = (
     "model",
     "optimizer",
-    "scheduler",
     "policies",
     "tracker",
     "rng",

@@ -20,6 +20,7 @@ import oscbench.oscillation
 import oscbench.quant  # noqa: F401  (the four packages import, and so register, their plugins)
 from oscbench.compose import presets
 from oscbench.data.base import DATASETS
+from oscbench.distill import DistillConfig
 from oscbench.models.base import MODELS
 from oscbench.naming import bits_label, method_label
 from oscbench.oscillation.policy import POLICIES
@@ -34,15 +35,22 @@ BITS_RANGE = range(2, 9)
 class TrainerConfig:
     epochs: int
     batch_size: int
-    optimizer: str  # sgd | adamw
+    optimizer: str  # sgd | adam (weight decay added to the gradient) | adamw (decoupled)
     lr: float
-    momentum: float  # SGD momentum (AdamW: beta1)
+    momentum: float  # SGD momentum (Adam, AdamW: beta1)
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
-    warmup_fraction: float  # linear warm-up over this share of steps, then cosine to 0
+    warmup_fraction: float  # linear warm-up over this share of the main steps, then `schedule`
+    schedule: str  # cosine | linear: decay to 0 at the end of the main epochs
+    label_smoothing: float  # of the cross-entropy with the labels (0 = off)
     extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
     extra_lr: float | None  # their constant learning rate; null: where the schedule ended
     quant_lr: float  # learning rate of quantizer parameters (their own group)
+    quant_optimizer: str  # shared: a group of the main optimizer | adam | sgd: their own
+    quant_schedule: str  # an own quantizer optimizer's: main (the same schedule) | constant
+    ema_decay: float | None  # an EMA copy of the model (timm's ModelEmaV3); null = none
+    ema_warmup: bool  # timm's decay warm-up: decay_t = min(decay, 1 - (1 + t)^(-2/3))
+    ema_buffers: str  # copy (the live model's buffers) | average (float buffers too)
     eval_batch_size: int
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
     checkpoint: bool  # save a checkpoint after every epoch (needed to resume)
@@ -54,7 +62,30 @@ class TrainerConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
-        check(self.optimizer in ("sgd", "adamw"), "optimizer", self.optimizer, "sgd, adamw")
+        optimizers = ("sgd", "adam", "adamw")
+        check(self.optimizer in optimizers, "optimizer", self.optimizer, ", ".join(optimizers))
+        check(self.schedule in ("cosine", "linear"), "schedule", self.schedule, "cosine, linear")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0 <= x < 1")
+        check(
+            self.quant_optimizer in ("shared", "adam", "sgd"),
+            "quant_optimizer",
+            self.quant_optimizer,
+            "shared, adam, sgd",
+        )
+        check(
+            self.ema_decay is None or 0 < self.ema_decay < 1,
+            "ema_decay",
+            self.ema_decay,
+            "null (no EMA) or 0 < x < 1",
+        )
+        buffers = ("copy", "average")
+        check(self.ema_buffers in buffers, "ema_buffers", self.ema_buffers, ", ".join(buffers))
+        check(
+            self.quant_schedule in ("main", "constant"),
+            "quant_schedule",
+            self.quant_schedule,
+            "main, constant",
+        )
         check(self.lr > 0, "lr", self.lr, "a number > 0")
         check(self.quant_lr >= 0, "quant_lr", self.quant_lr, "a number >= 0")
         check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
@@ -155,6 +186,8 @@ class RunSpec:
     init_from: str | None
     init_strict: bool  # init_from must fill every tensor but a classifier of another shape
     qkr: str  # never | auto (for attention models) | always (refused without attention)
+    teacher: str | None  # distil from: fp (the sweep's fp run), a run dir, checkpoint, weights
+    distill: DistillConfig
 
     @property
     def quantized(self) -> bool:
@@ -238,8 +271,16 @@ def validate(cfg: DictConfig) -> RunSpec:
         init_from=None if cfg.init_from is None else str(cfg.init_from),
         init_strict=cfg.init_strict,
         qkr=str(cfg.qkr),
+        teacher=None if cfg.teacher is None else str(cfg.teacher),
+        distill=parse(DistillConfig, cfg.distill, "distill"),
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
+    if (spec.teacher is None) != (spec.distill.loss == "none"):
+        raise ConfigError(
+            f"teacher={spec.teacher} with distill.loss={spec.distill.loss}: distillation needs "
+            "both; set teacher=fp (or a run directory, checkpoint or weights file) and "
+            "distill.loss=soft or soft+hard, or teacher=null and distill.loss=none"
+        )
     check_combination(spec)
     return spec
 

@@ -12,6 +12,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from oscbench.accel import deterministic_cpu
@@ -20,7 +21,8 @@ from oscbench.compose import CONF_DIR, compose, method_free, presets
 from oscbench.config import RunSpec, resolved, validate
 from oscbench.console import epoch_line, say
 from oscbench.data.base import Data, build_data
-from oscbench.evaluation import evaluate, final_metrics
+from oscbench.distill import Objective, build_teacher, kl_to_teacher
+from oscbench.evaluation import evaluate, final_metrics, reestimate_bn
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
 from oscbench.naming import run_dir_name
@@ -32,7 +34,7 @@ from oscbench.quant.qkr import apply_qkr, has_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
 from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
-from oscbench.train import schedule, train
+from oscbench.train import build_ema, schedule, train
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,6 +61,8 @@ class Built:
     tracker: OscillationTracker | None
     policies: list[Policy]
     init: dict | None  # what init_from loaded, and the accuracy before quantization
+    objective: Objective  # cross-entropy (label smoothing), and distillation from a teacher
+    ema: ModelEmaV3 | None  # the EMA copy of the model (trainer.ema_decay)
 
 
 def build(spec: RunSpec) -> Built:
@@ -69,8 +73,16 @@ def build(spec: RunSpec) -> Built:
     if device.type == "cpu":
         deterministic_cpu(compiled=spec.trainer.compile)
     data = build_data(spec.dataset, seed=spec.seed, device=device)
-    model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
-    model = model.to(device)
+
+    def architecture() -> nn.Module:
+        return build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
+
+    model = architecture().to(device)
+    teacher = None
+    if spec.teacher is not None:
+        teacher = build_teacher(spec.distill, Path(spec.teacher), model, architecture)
+        if spec.distill.loss == "soft+hard" and hasattr(model, "set_distilled_training"):
+            model.set_distilled_training(True)  # DeiT's distillation head learns from the teacher
     init = None
     if spec.init_from:
         init = load_weights(model, Path(spec.init_from), strict=spec.init_strict)
@@ -93,7 +105,23 @@ def build(spec: RunSpec) -> Built:
         tracker = OscillationTracker(model, spec.oscillation, steps.main)
     run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
     policies = build_policies(spec.policies, run)
-    return Built(data, model, tracker, policies, init)
+    objective = Objective(spec.distill, spec.trainer.label_smoothing, teacher)
+    return Built(data, model, tracker, policies, init, objective, build_ema(model, spec.trainer))
+
+
+def extra_metrics(spec: RunSpec, built: Built) -> dict:
+    """The EMA copy's test accuracy after BN re-estimation (`ema_acc_bn`), and the student's
+    mean KL divergence from the teacher on the test split (`kl_to_teacher`)."""
+    out = {}
+    cfg = spec.trainer
+    if built.ema is not None:
+        reestimate_bn(built.ema.module, built.data, cfg.bn_reestimate_batches, cfg.batch_size)
+        out["ema_acc_bn"] = evaluate(built.ema.module, built.data, cfg.eval_batch_size)["acc"]
+    if built.objective.distills:
+        out["teacher"] = spec.teacher
+        batches = built.data.test_batches(cfg.eval_batch_size)
+        out["kl_to_teacher"] = kl_to_teacher(built.model, built.objective, batches)
+    return out
 
 
 def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
@@ -153,10 +181,17 @@ def execute(
                 print_summary(spec, record, done / RESULTS)
                 return record["final"]
             resume = load_for_resume(run_dir, config)
-        if spec.init_from == "fp":  # applies to quantized runs; FP runs start from scratch
+        if "fp" in (spec.init_from, spec.teacher):  # for quantized runs; FP runs train alone
             root = fp_root or run_dir.parent.parent
             fp_dir = ensure_fp(overrides, root) if spec.quantized else None
-            spec = dataclasses.replace(spec, init_from=fp_dir and str(fp_dir))
+            fp = fp_dir and str(fp_dir)
+            spec = dataclasses.replace(
+                spec,
+                init_from=fp if spec.init_from == "fp" else spec.init_from,
+                teacher=fp if spec.teacher == "fp" else spec.teacher,
+            )
+            if spec.teacher is None:
+                spec.distill = dataclasses.replace(spec.distill, loss="none")
         return _train_and_record(spec, config, run_dir, resume)
 
 
@@ -196,8 +231,11 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
             on_epoch,
             resume=resume,
             save=save,
+            objective=built.objective,
+            ema=built.ema,
         )
         final = final_metrics(spec, built.model, built.data, built.tracker, history)
+        final |= extra_metrics(spec, built)
         if built.init is not None:
             final["init"] = built.init
         save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)

@@ -221,7 +221,7 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
                     Accel(),
                     step,
                     total,
-                    loss_fn=lambda out, target: F.mse_loss(out.squeeze(-1), target),
+                    objective=lambda out, _, target: F.mse_loss(out.squeeze(-1), target),
                 )
                 step += 1
         layer = model[0]

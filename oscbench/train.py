@@ -5,61 +5,25 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
-import math
 from collections.abc import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from oscbench.accel import Accel
 from oscbench.checkpoint import CHECKPOINT, rng_state, set_rng_state
 from oscbench.config import TrainerConfig
 from oscbench.data.base import Data
+from oscbench.distill import CROSS_ENTROPY, Objective, prediction
 from oscbench.evaluation import evaluate
 from oscbench.files import DamagedFile
+from oscbench.optim import Optimizers, build_optimizers
 from oscbench.oscillation.policy import Policy, Schedule
 from oscbench.oscillation.tracker import OscillationTracker
-from oscbench.quant.modules import quantized_layers, quantizer_parameters
+from oscbench.quant.modules import quantized_layers
 
 PROBE_STREAM = 1 << 20  # batches of Policy.on_epoch_start's probes: epochs apart from training's
-
-
-def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    """Named parameter groups (policies address them by name): "other" (every parameter
-    that is neither a quantized layer's weight nor a quantizer's) and "latent" (the
-    quantized layers' weights), both at `lr` with weight decay, and "quantizer" at
-    `quant_lr` without. Empty groups are left out."""
-    qparams = quantizer_parameters(model)
-    latent = [layer.weight for _, layer in quantized_layers(model)]
-    taken = {id(p) for p in qparams} | {id(p) for p in latent}
-    groups = [
-        {
-            "name": "other",
-            "params": [p for p in model.parameters() if id(p) not in taken],
-            "lr": cfg.lr,
-            "weight_decay": cfg.weight_decay,
-        },
-        {"name": "latent", "params": latent, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"name": "quantizer", "params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
-
-
-def cosine_with_warmup(
-    opt: torch.optim.Optimizer, total: int, warmup: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (per step)."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def train_step(
@@ -67,13 +31,13 @@ def train_step(
     forward: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
     y: torch.Tensor,
-    opt: torch.optim.Optimizer,
+    opt: Optimizers,
     policies: list[Policy],
     tracker: OscillationTracker | None,
     accel: Accel,
     step: int,
     total: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    objective: Callable[..., torch.Tensor] = CROSS_ENTROPY,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
     losses -> backward -> after_backward -> optimizer step (inside the policies'
@@ -85,8 +49,10 @@ def train_step(
     for p in policies:
         p.on_step_start(step, total)
     with accel.autocast(x.device):
-        logits = forward(accel.input(x))
-        loss = loss_fn(logits.float(), y)
+        x = accel.input(x)
+        out = forward(x)
+        loss = objective(out, x, y)  # a teacher runs here: under the student's autocast
+        logits = prediction(out)
         extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
     extra = sum(extras) if extras else None
     opt.zero_grad(set_to_none=True)
@@ -106,7 +72,7 @@ def train_step(
     return loss.detach(), None if extra is None else extra.detach(), logits.detach()
 
 
-def _wrapped(policy: Policy, opt: torch.optim.Optimizer, inner: Callable) -> Callable[[], None]:
+def _wrapped(policy: Policy, opt: Optimizers, inner: Callable) -> Callable[[], None]:
     return lambda: policy.optimizer_step(opt, inner)
 
 
@@ -116,10 +82,11 @@ def probe_steps(
     *,
     model: nn.Module,
     forward: Callable[[torch.Tensor], torch.Tensor],
-    opt: torch.optim.Optimizer,
+    opt: Optimizers,
     data: Data,
     cfg: TrainerConfig,
     accel: Accel,
+    objective: Objective,
     epoch: int,
     step: int,
     total: int,
@@ -136,12 +103,28 @@ def probe_steps(
     )
     try:
         for i, (x, y) in zip(range(n), batches, strict=False):
-            train_step(model, forward, x, y, opt, [policy], None, accel, step, total)
+            train_step(model, forward, x, y, opt, [policy], None, accel, step, total, objective)
             yield i
     finally:
         for x, state in zip((model, opt, policy), saved, strict=True):
             x.load_state_dict(state)
         set_rng_state(rng)
+
+
+def build_ema(model: nn.Module, cfg: TrainerConfig) -> ModelEmaV3 | None:
+    """timm's model EMA of the whole model (latent weights, quantizer parameters and, with
+    `ema_buffers: average`, float buffers such as BN statistics; `copy` takes the live
+    model's buffers, so no code or mask a policy keeps in a buffer is averaged), updated
+    after every optimizer step, at `ema_decay` (with timm's warm-up if `ema_warmup`).
+    Evaluating the copy quantizes its own latent weights with its own quantizers."""
+    if cfg.ema_decay is None:
+        return None
+    return ModelEmaV3(
+        model,
+        decay=cfg.ema_decay,
+        use_warmup=cfg.ema_warmup,
+        exclude_buffers=cfg.ema_buffers == "copy",
+    )
 
 
 def schedule(data: Data, cfg: TrainerConfig) -> Schedule:
@@ -161,30 +144,33 @@ def train(
     on_epoch: Callable[[dict], None],
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
+    objective: Objective = CROSS_ENTROPY,
+    ema: ModelEmaV3 | None = None,
 ) -> list[dict]:
     """Train for `cfg.epochs`, then `cfg.extra_epochs` at the constant `cfg.extra_lr` (or
     where the schedule ended); after each epoch `save(state)` a checkpoint, then
     `on_epoch(record)`. With `resume` (a checkpoint), continue after its epoch. Returns the
-    whole history. Each optimizer step is `train_step`, then the schedule's step."""
+    whole history. Each optimizer step is `train_step` on `objective`, then the schedule's
+    step, then the `ema` copy's update (its test accuracy is `ema_acc` in each record)."""
     steps = schedule(data, cfg)
     device = data.device
     accel = Accel.resolve(cfg, device)
     if accel.channels_last:
         model.to(memory_format=torch.channels_last)
     forward = torch.compile(model) if cfg.compile else model
-    opt = build_optimizer(model, cfg)
-    sched = cosine_with_warmup(opt, steps.main, round(cfg.warmup_fraction * steps.main))
+    opt = build_optimizers(model, cfg, steps.main)
     history: list[dict] = []
     step = start = 0
     if resume is not None:
         try:
             model.load_state_dict(resume["model"])
             opt.load_state_dict(resume["optimizer"])
-            sched.load_state_dict(resume["scheduler"])
             for p, state in zip(policies, resume["policies"], strict=True):
                 p.load_state_dict(state)
             if tracker is not None:
                 tracker.load_state_dict(resume["tracker"])
+            if ema is not None:
+                ema.load_state_dict(resume["ema"])
         except (RuntimeError, ValueError, KeyError) as e:  # e.g. from an older oscbench
             raise DamagedFile(
                 f"the run directory's {CHECKPOINT} does not fit this run ({type(e).__name__}: "
@@ -212,6 +198,7 @@ def train(
             data=data,
             cfg=cfg,
             accel=accel,
+            objective=objective,
             epoch=epoch,
             step=step,
             total=steps.total,
@@ -220,10 +207,12 @@ def train(
             p.on_epoch_start(epoch, probe)
         for x, y in data.train_batches(epoch, cfg.batch_size):
             loss, extra, logits = train_step(
-                model, forward, x, y, opt, policies, tracker, accel, step, steps.total
+                model, forward, x, y, opt, policies, tracker, accel, step, steps.total, objective
             )
             if step + 1 < steps.main:
-                sched.step()
+                opt.schedule_step()
+            if ema is not None:
+                ema.update(model, step + 1 if cfg.ema_warmup else None)
             with torch.no_grad():
                 loss_sum += loss * len(y)
                 if extra is not None:
@@ -246,6 +235,8 @@ def train(
             "val_loss": val["loss"],
             "val_acc": val["acc"],
         }
+        if ema is not None:
+            record["ema_acc"] = evaluate(ema.module, data, cfg.eval_batch_size, accel)["acc"]
         if policies:
             record["extra_loss"] = extra_sum.item() / seen
             for p in policies:
@@ -259,9 +250,9 @@ def train(
                 {
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
                     "policies": [p.state_dict() for p in policies],
                     "tracker": tracker.state_dict() if tracker is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None,
                     "rng": rng_state(),
                     "epoch": epoch + 1,
                     "step": step,

@@ -84,4 +84,6 @@ def fit(spec, built, extra_policies=()) -> list[dict]:
         built.tracker,
         spec.oscillation.threshold,
         on_epoch=lambda record: None,
+        objective=built.objective,
+        ema=built.ema,
     )

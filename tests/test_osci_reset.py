@@ -139,7 +139,6 @@ def test_the_preset_resets_weights_in_a_digits_run(tmp_path):
     assert sum(h["osci_reset/reset_share"] for h in history) > 0
 
 
-
 @pytest.mark.parametrize(
     ("detect", "period", "first"),
     [("ratio", 40, 89), ("ratio", 50, 109), ("bin_edge", 40, 80), ("bin_edge", 50, 100)],

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from oscbench.accel import Accel
+from oscbench.optim import build_optimizers
 from oscbench.oscillation.osc_reg import OscReg, OscRegConfig
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.qkr import QKRAttention
-from oscbench.train import build_optimizer, train_step
+from oscbench.train import train_step
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, build_config, fit
 from tests.test_qkr import DEIT
@@ -74,7 +75,7 @@ def test_the_tracker_sees_frozen_weights_at_their_frozen_code():
     with torch.no_grad():  # half the layer frozen at its current codes
         st.frozen.view(-1)[::2] = True
         st.code.copy_(tr.code)
-    opt = build_optimizer(built.model, spec.trainer)  # lr 0.05 x decay 9: w -> 0.55 w
+    opt = build_optimizers(built.model, spec.trainer, 100)  # lr 0.05 x decay 9: w -> 0.55 w
     x, y = next(built.data.train_batches(0, 64))
     tracker = built.tracker
     train_step(built.model, built.model, x, y, opt, [freeze], tracker, Accel(), step=0, total=100)

@@ -100,7 +100,7 @@ def test_checkpoint_holds_everything_a_resume_needs(tmp_path):
     assert {
         "model",
         "optimizer",
-        "scheduler",
+        "ema",
         "policies",
         "tracker",
         "rng",
@@ -122,11 +122,11 @@ class _Killed(BaseException):
     real, once; here every preset goes through the same path in-process)."""
 
 
-@pytest.mark.parametrize("method", [p.name for p in presets()])
-def test_every_preset_resumes_after_a_kill_to_the_same_final_numbers(method, tmp_path, monkeypatch):
+def kill_and_resume(args: list[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """Run `args` whole, and again killed after its first epoch's checkpoint and resumed:
+    the same history and final numbers."""
     import oscbench.run
 
-    args = [f"method={method}", "bits=2", "trainer.epochs=2", "logger=none", "device=cpu"]
     whole = run_config(args, tmp_path / "whole")
     real_train = oscbench.run.train
 
@@ -147,3 +147,9 @@ def test_every_preset_resumes_after_a_kill_to_the_same_final_numbers(method, tmp
     assert a["resumed_at_epoch"] == 1 and a["status"] == "completed"
     assert a["history"] == b["history"]
     assert _comparable(resumed) == _comparable(whole)
+
+
+@pytest.mark.parametrize("method", [p.name for p in presets()])
+def test_every_preset_resumes_after_a_kill_to_the_same_final_numbers(method, tmp_path, monkeypatch):
+    args = [f"method={method}", "bits=2", "trainer.epochs=2", "logger=none", "device=cpu"]
+    kill_and_resume(args, tmp_path, monkeypatch)

@@ -4,15 +4,15 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from oscbench.config import validate
 from oscbench.data.base import build_data
 from oscbench.evaluation import reestimate_bn
 from oscbench.models.base import build_model
+from oscbench.optim import build_optimizers, lr_factor
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.modules import QuantPlan, calibrate, quantize_model, quantizer_factory
-from oscbench.train import build_optimizer, cosine_with_warmup, train
+from oscbench.train import train
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import compose_config
 
@@ -46,10 +46,10 @@ def test_digits_split_is_stratified_normalised_and_fixed():
 
 def test_optimizer_groups_are_named_and_quantizer_steps_have_no_weight_decay():
     spec, _, model, _ = _setup(["trainer.quant_lr=0.003"])
-    opt = build_optimizer(model, spec.trainer)
+    opt = build_optimizers(model, spec.trainer, 100)
     other, latent, q_group = opt.param_groups
     assert [g["name"] for g in opt.param_groups] == ["other", "latent", "quantizer"]
-    assert q_group["lr"] == 0.003 and q_group["weight_decay"] == 0.0
+    assert q_group["initial_lr"] == 0.003 and q_group["weight_decay"] == 0.0  # before warm-up
     assert other["weight_decay"] == latent["weight_decay"] == spec.trainer.weight_decay
     assert len(q_group["params"]) == 8  # 4 layers x (weight step + input step)
     quantized = [m.weight for m in model.modules() if hasattr(m, "weight_quantizer")]
@@ -60,15 +60,44 @@ def test_optimizer_groups_are_named_and_quantizer_steps_have_no_weight_decay():
 
 
 def test_cosine_schedule_with_warmup():
-    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = cosine_with_warmup(opt, total=100, warmup=10)
-    lrs = []
-    for _ in range(100):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = [lr_factor("cosine", 100, 10)(t) for t in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[55] == pytest.approx(0.5, abs=1e-6) and lrs[-1] < 1e-3
+
+
+def test_linear_schedule_decays_to_zero_after_the_warmup():
+    lrs = [lr_factor("linear", 100, 10)(t) for t in range(101)]
+    assert lrs[9] == 1.0 and lrs[10] == 1.0 and lrs[55] == 0.5 and lrs[100] == 0.0
+    assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_quantizer_steps_get_an_optimizer_of_their_own(kind):
+    """Nagel et al.'s --sep-quant-optimizer: the steps in their own optimizer at quant_lr,
+    with a constant learning rate (quant_schedule=constant) or the main schedule."""
+    overrides = [f"trainer.quant_optimizer={kind}", "trainer.quant_lr=1e-5"]
+    spec, _, model, _ = _setup([*overrides, "trainer.quant_schedule=constant"])
+    opt = build_optimizers(model, spec.trainer, 100)
+    main, quant = opt.optimizers
+    assert isinstance(main, torch.optim.SGD)
+    assert isinstance(quant, torch.optim.Adam if kind == "adam" else torch.optim.SGD)
+    assert [g["name"] for g in opt.param_groups] == ["other", "latent", "quantizer"]
+    for _ in range(50):
+        opt.step()  # no gradients: nothing moves
+        opt.schedule_step()
+    assert quant.param_groups[0]["lr"] == 1e-5  # quant_schedule=constant
+    assert main.param_groups[0]["lr"] < spec.trainer.lr
+    spec, _, model, _ = _setup([*overrides, "trainer.quant_schedule=main"])
+    opt = build_optimizers(model, spec.trainer, 100)
+    for _ in range(50):
+        opt.step()
+        opt.schedule_step()
+    ratio = opt.optimizers[1].param_groups[0]["lr"] / 1e-5
+    assert ratio == pytest.approx(opt.optimizers[0].param_groups[0]["lr"] / spec.trainer.lr)
+    saved = opt.state_dict()
+    again = build_optimizers(model, spec.trainer, 100)
+    again.load_state_dict(saved)
+    assert again.optimizers[1].param_groups[0]["lr"] == opt.optimizers[1].param_groups[0]["lr"]
 
 
 def test_bn_reestimation_is_a_plain_average_of_batch_statistics():
@@ -159,8 +188,8 @@ def test_loop_hooks_run_in_order_and_policies_wrap_the_optimizer_step():
         def on_step_end(self, model):
             events.append(f"{self.name}.end")
 
-    opt = build_optimizer(model, spec.trainer)
-    opt.register_step_post_hook(lambda *args: events.append("opt.step"))
+    opt = build_optimizers(model, spec.trainer, 10)
+    opt.optimizers[0].register_step_post_hook(lambda *args: events.append("opt.step"))
     layer = next(m for _, m in quantized_layers(model))
     layer.weight_quantizer.after_step = lambda w: events.append("after_step")
     real_update = tracker.update

@@ -87,6 +87,8 @@ class Ramping(Policy):
       as `_single_tensor_adamwNew`, but branch-free (no per-step host synchronisation)
       and without its check for non-finite gradients (their loss scaler skips such steps
       before the optimizer sees them; a diverging run stops at the epoch's loss check).
+    - Adam (our transfer): the same, with torch.optim.Adam's weight decay, added to the
+      mean gradient where it is applied, instead of the decoupled one.
     - SGD (our transfer, for the common recipe): where updated, g = mean gradient + weight
       decay x w, momentum buffer = momentum x buffer + g, and w -= lr x step_acc x
       (g + momentum x buffer with Nesterov, else the buffer).
@@ -161,7 +163,10 @@ class Ramping(Policy):
         if self.adam:
             beta1, beta2 = group["betas"]
             t = self.steps + 1
-            w.mul_(1 - lr * wd)
+            if group["decoupled_weight_decay"]:  # AdamW (TetraJet's)
+                w.mul_(1 - lr * wd)
+            else:  # Adam: weight decay in the gradient, as torch.optim.Adam
+                mean.add_(w, alpha=wd)
             st.exp_avg.add_(due * (1 - beta1) * (mean - st.exp_avg))
             st.exp_avg_sq.add_(due * (1 - beta2) * (mean * mean - st.exp_avg_sq))
             denom = (st.exp_avg_sq.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])

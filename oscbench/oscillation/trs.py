@@ -41,9 +41,7 @@ class TRSConfig:
         check(0 <= self.rate_end <= 1, "rate_end", self.rate_end, "0 <= x <= 1")
         check(self.gamma > 0, "gamma", self.gamma, "> 0")
         check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
-        check(
-            self.lr_start is None or self.lr_start > 0, "lr_start", self.lr_start, "null or > 0"
-        )
+        check(self.lr_start is None or self.lr_start > 0, "lr_start", self.lr_start, "null or > 0")
         check(
             self.steer in ("latent", "latent_and_steps"),
             "steer",

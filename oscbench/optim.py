@@ -1,0 +1,111 @@
+"""The run's optimizers and learning-rate schedules.
+
+Parameters fall in named groups (policies address them by name): "other" (every parameter
+that is neither a quantized layer's weight nor a quantizer's), "latent" (the quantized
+layers' weights), both at `trainer.lr` with weight decay, and "quantizer" at
+`trainer.quant_lr` without. The quantizer group is a group of the main optimizer
+(`quant_optimizer: shared`), or has an optimizer of its own (`adam`, `sgd`): Nagel et al.'s
+`--sep-quant-optimizer` (Qualcomm-AI-research/oscillations-qat, `main.py`,
+`bash/train_*.sh`: Adam at 1e-5, weight decay 0, no schedule = `quant_schedule: constant`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from oscbench.config import TrainerConfig
+from oscbench.quant.modules import quantized_layers, quantizer_parameters
+
+
+def _optimizer(kind: str, groups: list[dict], cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """`sgd` (momentum, Nesterov), `adam` (weight decay added to the gradient, as
+    torch.optim.Adam) or `adamw` (decoupled weight decay); Adam's beta1 is `momentum`."""
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    adam = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
+    return adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
+
+
+def lr_factor(kind: str, total: int, warmup: int) -> Callable[[int], float]:
+    """The learning rate's factor at each step: a linear warm-up over `warmup` steps, then
+    `cosine` or `linear` decay to 0 at `total`, or `constant`."""
+
+    def factor(step: int) -> float:
+        if kind == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1.0 - t
+
+    return factor
+
+
+class Optimizers:
+    """One or two optimizers, each with its schedule, seen as one by the loop and the
+    policies: `param_groups` (all groups, named), `step`, `zero_grad`, `schedule_step`,
+    `state_dict` and `load_state_dict` (optimizers and schedules together)."""
+
+    def __init__(self, pairs: list[tuple[torch.optim.Optimizer, Callable[[int], float]]]) -> None:
+        self.optimizers = [o for o, _ in pairs]
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(o, f) for o, f in pairs]
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def schedule_step(self) -> None:
+        for s in self.schedulers:
+            s.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "optimizers": [o.state_dict() for o in self.optimizers],
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["optimizers"]) != len(self.optimizers):
+            raise ValueError(
+                f"{len(state['optimizers'])} optimizers saved, this run has "
+                f"{len(self.optimizers)} (trainer.quant_optimizer differs)"
+            )
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for o, s in zip(self.schedulers, state["schedulers"], strict=True):
+            o.load_state_dict(s)
+
+
+def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimizers:
+    """The run's optimizers over `total` main steps (empty groups are left out)."""
+    qparams = quantizer_parameters(model)
+    latent = [layer.weight for _, layer in quantized_layers(model)]
+    taken = {id(p) for p in qparams} | {id(p) for p in latent}
+    other = [p for p in model.parameters() if id(p) not in taken]
+    main = [
+        {"name": "other", "params": other, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        {"name": "latent", "params": latent, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+    ]
+    quant = [{"name": "quantizer", "params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0}]
+    warmup = round(cfg.warmup_fraction * total)
+    main_factor = lr_factor(cfg.schedule, total, warmup)
+    if cfg.quant_optimizer == "shared":
+        groups = [g for g in main + quant if g["params"]]
+        return Optimizers([(_optimizer(cfg.optimizer, groups, cfg), main_factor)])
+    pairs = [(_optimizer(cfg.optimizer, [g for g in main if g["params"]], cfg), main_factor)]
+    if qparams:
+        quant_factor = main_factor if cfg.quant_schedule == "main" else lr_factor("constant", 0, 0)
+        pairs.append((_optimizer(cfg.quant_optimizer, quant, cfg), quant_factor))
+    return Optimizers(pairs)
