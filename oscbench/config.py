@@ -310,7 +310,7 @@ def check_combination(spec: RunSpec) -> None:
     it cannot run and what would, from the plugins' declarations."""
     q = spec.quantizer.name
     caps = capabilities(q)
-    if spec.act_quantizer.options is not None and spec.act_quantizer.options.per_channel:
+    if getattr(spec.act_quantizer.options, "per_channel", False):
         raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
     for policy in spec.policies:
         required = POLICIES.get(policy.name).declares("requires", frozenset())

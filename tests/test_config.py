@@ -51,6 +51,13 @@ def test_weight_only_quantizer_is_not_offered_for_activations():
     assert "act_quantizer/statsq" in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["ltq", "lsq_plus"])
+def test_activation_only_quantizers_are_not_offered_for_weights(name):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_config([f"quantizer={name}"])
+    assert f"quantizer/{name}" in str(err.value)
+
+
 def test_unknown_method_lists_the_available_ones():
     with pytest.raises(ConfigCompositionException) as err:
         compose_config(["method=nosuch"])

@@ -8,7 +8,14 @@ import torch
 from oscbench.compose import compose, presets
 from oscbench.config import Component, check_combination, validate
 from oscbench.oscillation.policy import POLICIES
-from oscbench.quant.base import ACTIVATIONS, FIXED_GRID, QUANTIZERS, capabilities
+from oscbench.quant.base import (
+    ACTIVATIONS,
+    FIXED_GRID,
+    FULL_PRECISION,
+    QUANTIZED,
+    QUANTIZERS,
+    capabilities,
+)
 from oscbench.quant.modules import quantizer_factory
 from oscbench.registry import ConfigError
 from tests.bounds import unit_roundoff
@@ -39,8 +46,9 @@ def _quantizer(group: str, name: str, bits: int, x: torch.Tensor):
 
 
 def _cases(group: str):
+    need = ACTIVATIONS if group == "act_quantizer" else QUANTIZED
     for name in QUANTIZER_NAMES:
-        if group == "act_quantizer" and ACTIVATIONS not in capabilities(name):
+        if need not in capabilities(name):
             continue
         for bits in QUANTIZERS.get(name).declares("bit_range", range(2, 9)):
             yield name, bits
@@ -48,6 +56,24 @@ def _cases(group: str):
 
 def _data(group: str) -> torch.Tensor:
     return torch.randn(16, 8, 3, 3) * 0.1 if group == "quantizer" else torch.rand(16, 8, 3, 3)
+
+
+def _activation_grid(q, x, codes, levels, thresholds, name, bits):  # noqa: ANN001
+    """An activation-only quantizer (LTQ's levels are not in its input's units): codes in
+    range, ascending levels and thresholds, one more level than thresholds, the code steps
+    up where its input passes a threshold, and the forward lands on the code's level."""
+    u = unit_roundoff()
+    assert levels.shape[-1] == thresholds.shape[-1] + 1, (name, bits)
+    assert (levels[1:] > levels[:-1]).all() and (thresholds[1:] > thresholds[:-1]).all()
+    assert codes.min() >= 0 and codes.max() <= len(levels) - 1
+    steps = (x[..., None] > thresholds).sum(-1).float()
+    far = (x[..., None] - thresholds).abs() > 4 * u * (x[..., None].abs() + thresholds.abs())
+    far = far.all(-1)  # codes may differ only within a few roundings of a threshold
+    assert far.float().mean() > 0.9 and torch.equal(codes[far], steps[far]), (name, bits)
+    centre = q.code_centre(codes, x)
+    assert torch.equal(centre, levels[codes.long()]), (name, bits)
+    out = q(x).detach()
+    assert ((out - centre).abs() <= 4 * u * centre.abs()).all(), (name, bits)
 
 
 @pytest.mark.parametrize("group", ["quantizer", "act_quantizer"])
@@ -59,6 +85,9 @@ def test_every_quantizer_describes_its_grid_consistently(group):
         q = _quantizer(group, name, bits, x)
         codes = q.to_int(x)
         levels, thresholds = q.levels(x), q.thresholds(x)
+        if QUANTIZED not in capabilities(name):  # activations only: levels, codes, forward
+            _activation_grid(q, x, codes, levels, thresholds, name, bits)
+            continue
         index = (codes - q.grid(x).n).long()  # a code's centre is its level
         rows = levels if levels.dim() == 1 else levels.gather(1, index.flatten(1))
         level = rows[index] if levels.dim() == 1 else rows.view_as(codes)
@@ -91,9 +120,10 @@ def test_every_quantizer_restores_itself_from_its_state(group):
 
 
 def _compatible():
+    weights = [n for n in QUANTIZERS.names() if capabilities(n) & {QUANTIZED, FULL_PRECISION}]
     for policy in POLICIES.entries():
         needs = policy.declares("requires", frozenset())
-        for quantizer in QUANTIZERS.names():
+        for quantizer in weights:
             yield policy.name, quantizer, needs <= capabilities(quantizer)
 
 

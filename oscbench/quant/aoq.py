@@ -71,6 +71,7 @@ class AOQQuantizer(Quantizer):
     bit_range = range(2, 5)
     bit_note = "AOQ is defined here for 2..4-bit weights (its public code does 2)"
     capabilities = frozenset({QUANTIZED, FIXED_GRID, DECOUPLED})
+    extra_state = ("g",)
 
     def __init__(self, cfg: AOQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
@@ -89,13 +90,6 @@ class AOQQuantizer(Quantizer):
         self.s0.copy_(s)
         self.g = 1 / math.sqrt(x.numel() * self.half) if self.grad_scale else 1.0
         self.ready = True
-
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "g": self.g}
-
-    def set_extra_state(self, state: dict) -> None:
-        super().set_extra_state(state)
-        self.g = state["g"]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         """Also keeps the detached level coefficients as `last_coef` for the schedule's

@@ -22,7 +22,7 @@ from torch import nn
 from oscbench.registry import Entry, Registry
 
 # What a quantizer can do, and what policies may require (Policy.requires):
-QUANTIZED = "quantized"  # quantizes the weights during training (every quantizer)
+QUANTIZED = "quantized"  # quantizes weights during training (all but the activation-only ones)
 FULL_PRECISION = "full_precision"  # trains in full precision (quantizer: none)
 FIXED_GRID = "fixed_grid"  # its grid does not move with the weights it quantizes
 ACTIVATIONS = "activations"  # can quantize activations as well as weights
@@ -115,8 +115,8 @@ class Quantizer(nn.Module):
     `bounds`, `threshold_distance` and `code_centre` follow; `after_step(x)`, the loop's
     call after each optimizer step. A quantizer whose scale comes from data is set up by
     `init_from(x)` once (weights at swap time, activations on a calibration batch); `ready`
-    says whether that happened. Non-tensor state (`ready`, data-dependent constants)
-    travels in the module's extra state, so `load_state_dict` restores it.
+    says whether that happened. Non-tensor state (`ready`, and the attributes a subclass
+    names in `extra_state`) travels in the module's extra state, so `load_state_dict` restores it.
 
     Declarations read by the configuration check (class attributes): `bit_range`,
     `capabilities`, and `bit_note`, said when `bits` is out of range.
@@ -125,6 +125,7 @@ class Quantizer(nn.Module):
     bit_range: range = range(2, 9)
     bit_note: str = ""
     capabilities: frozenset[str] = frozenset({QUANTIZED})
+    extra_state: tuple[str, ...] = ()  # attributes saved with the state dict, besides `ready`
     bits: int
     signed: bool
     per_channel: bool
@@ -182,10 +183,12 @@ class Quantizer(nn.Module):
         return self.grid(x).code_centre(codes)
 
     def get_extra_state(self) -> dict:
-        return {"ready": self.ready}
+        return {"ready": self.ready, **{k: getattr(self, k) for k in self.extra_state}}
 
     def set_extra_state(self, state: dict) -> None:
         self.ready = state["ready"]
+        for k in self.extra_state:
+            setattr(self, k, state[k])
 
     def _check_ready(self) -> None:
         if not self.ready:

@@ -113,6 +113,7 @@ class LSQQuantizer(Quantizer):
     """
 
     capabilities = frozenset({QUANTIZED, FIXED_GRID, ACTIVATIONS})
+    extra_state = ("signed", "g")
 
     def __init__(self, cfg: LSQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         """`channels`: output channels for a per-channel weight quantizer, else None."""
@@ -141,12 +142,8 @@ class LSQQuantizer(Quantizer):
         self.g = 1.0 / math.sqrt(numel * self.p) if self.cfg.grad_scale else 1.0
         self.ready = True
 
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "signed": self.signed, "g": self.g}
-
     def set_extra_state(self, state: dict) -> None:
         super().set_extra_state(state)
-        self.signed, self.g = state["signed"], state["g"]
         self.n, self.p = int_range(self.bits, self.signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

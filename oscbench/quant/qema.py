@@ -93,6 +93,7 @@ class QEMAQuantizer(LSQQuantizer):
     """
 
     capabilities = frozenset({QUANTIZED})
+    extra_state = (*LSQQuantizer.extra_state, "updates")
 
     def __init__(self, cfg: QEMAConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(cfg, bits, channels, is_weight)
@@ -113,13 +114,6 @@ class QEMAQuantizer(LSQQuantizer):
     def after_step(self, x: torch.Tensor) -> None:
         self.ema.mul_(self.cfg.decay).add_(x.detach(), alpha=1 - self.cfg.decay)
         self.updates += 1
-
-    def get_extra_state(self) -> dict:
-        return {**super().get_extra_state(), "updates": self.updates}
-
-    def set_extra_state(self, state: dict) -> None:
-        super().set_extra_state(state)
-        self.updates = state["updates"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
