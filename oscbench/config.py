@@ -26,6 +26,7 @@ from oscbench.naming import bits_label, method_label
 from oscbench.oscillation.policy import POLICIES
 from oscbench.oscillation.tracker import TrackerConfig
 from oscbench.quant.base import ACTIVATIONS, CAPABILITIES, QUANTIZERS, capabilities
+from oscbench.quant.modules import QuantPlan
 from oscbench.registry import ConfigError, Registry, check, parse
 
 BITS_RANGE = range(2, 9)
@@ -170,6 +171,7 @@ class RunSpec:
     preset: str  # the `method=` preset the configuration started from
     bits: int
     act_bits: int
+    first_last: str  # bits (at first_last_bits) | fp (full precision) | same (like the rest)
     first_last_bits: int
     seed: int
     device: str
@@ -188,6 +190,13 @@ class RunSpec:
     qkr: str  # never | auto (for attention models) | always (refused without attention)
     teacher: str | None  # distil from: fp (the sweep's fp run), a run dir, checkpoint, weights
     distill: DistillConfig
+
+    @property
+    def plan(self) -> QuantPlan:
+        """The bit-widths of the quantized model, its first and last layer's included."""
+        same = self.first_last == "same"
+        fp = self.first_last == "fp"
+        return QuantPlan(self.bits, self.act_bits, None if same else self.first_last_bits, fp)
 
     @property
     def quantized(self) -> bool:
@@ -252,6 +261,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         preset=str(method.name),
         bits=_bits(cfg, "bits"),
         act_bits=_bits(cfg, "act_bits"),
+        first_last=str(cfg.first_last),
         first_last_bits=_bits(cfg, "first_last_bits"),
         seed=cfg.seed,
         device=device,
@@ -275,6 +285,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         distill=parse(DistillConfig, cfg.distill, "distill"),
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
+    ends = ("bits", "fp", "same")
+    check(spec.first_last in ends, "first_last", spec.first_last, ", ".join(ends))
     if (spec.teacher is None) != (spec.distill.loss == "none"):
         raise ConfigError(
             f"teacher={spec.teacher} with distill.loss={spec.distill.loss}: distillation needs "

@@ -64,10 +64,10 @@ def _rtn(bits: int) -> RTNQuantizer:
     return RTNQuantizer(RTNConfig(per_channel=False, scale_grad=False), bits, None, True)
 
 
-def with_weight_bits(model: nn.Module, bits: int, first_last_bits: int) -> nn.Module:
-    """A copy of `model` whose weights are rounded to nearest at `bits`; the ends at
-    `first_last_bits`. A full-precision model gets weight-only PTQ; a QAT model keeps its
-    trained activation quantizers."""
+def with_weight_bits(model: nn.Module, bits: int, plan: QuantPlan) -> nn.Module:
+    """A copy of `model` whose weights are rounded to nearest at `bits`, the first and last
+    layer as `plan` sets them. A full-precision model gets weight-only PTQ; a QAT model
+    keeps its trained activation quantizers."""
     m = copy.deepcopy(model)
     layers = list(quantized_layers(m))
     if not layers:
@@ -75,28 +75,28 @@ def with_weight_bits(model: nn.Module, bits: int, first_last_bits: int) -> nn.Mo
             m,
             lambda b, channels, is_weight: _rtn(b) if is_weight else None,
             lambda *a: None,
-            QuantPlan(bits, bits, first_last_bits),
+            QuantPlan(bits, bits, plan.first_last_bits, plan.first_last_fp),
         )
     for _, layer in layers:
-        layer.weight_quantizer = _rtn(first_last_bits if layer.is_first_or_last else bits)
+        layer.weight_quantizer = _rtn(plan.first_last_bits if layer.is_first_or_last else bits)
     return m
 
 
 def cross_bit_accuracy(
-    model: nn.Module, data: Data, bits: list[int], first_last_bits: int, cfg: TrainerConfig
+    model: nn.Module, data: Data, bits: list[int], plan: QuantPlan, cfg: TrainerConfig
 ) -> dict[str, float]:
     """`acc@Nbit` for each N: weights rounded to nearest at N bits, BN statistics
     re-estimated as for the main result (trainer.bn_reestimate_batches)."""
     out = {}
     for b in sorted(set(bits)):
-        q = with_weight_bits(model, b, first_last_bits)
+        q = with_weight_bits(model, b, plan)
         reestimate_bn(q, data, cfg.bn_reestimate_batches, cfg.batch_size)
         out[f"acc@{b}bit"] = evaluate(q, data, cfg.eval_batch_size)["acc"]
     return out
 
 
 @torch.no_grad()
-def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: int) -> dict:
+def threshold_distance_histogram(model: nn.Module, bits: int, plan: QuantPlan) -> dict:
     """Histogram of |w - nearest threshold| / step over the low-bit layers' latent weights
     (the 8-bit ends excluded), on each layer's own grid, or for a full-precision model on
     the round-to-nearest grid at `bits`. The last bin collects weights beyond the grid.
@@ -106,7 +106,7 @@ def threshold_distance_histogram(model: nn.Module, bits: int, first_last_bits: i
     if not layers:
         layers = [
             m
-            for _, m in quantized_layers(with_weight_bits(model, bits, first_last_bits))
+            for _, m in quantized_layers(with_weight_bits(model, bits, plan))
             if not m.is_first_or_last
         ]
     dists, to_level = [], []
@@ -147,10 +147,8 @@ def final_metrics(
     reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
     final["acc_bn"] = evaluate(model, data, cfg.eval_batch_size)["acc"]
     ptq_bits = [spec.bits] if spec.ptq else []
-    final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.first_last_bits, cfg)
-    final["threshold_distance"] = threshold_distance_histogram(
-        model, spec.bits, spec.first_last_bits
-    )
+    final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.plan, cfg)
+    final["threshold_distance"] = threshold_distance_histogram(model, spec.bits, spec.plan)
     osc = history[-1].get("osc")
     if osc:
         final |= {

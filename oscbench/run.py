@@ -29,7 +29,7 @@ from oscbench.naming import run_dir_name
 from oscbench.oscillation.policy import Policy, RunContext, build_policies
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.preflight import reject, remove_if_unused
-from oscbench.quant.modules import QuantPlan, calibrate, quantize_model, quantizer_factory
+from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
@@ -90,7 +90,7 @@ def build(spec: RunSpec) -> Built:
     steps = schedule(data, spec.trainer)
     tracker = None
     if spec.quantized:
-        plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
+        plan = spec.plan
         weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
         if spec.qkr != "never":
             if has_attention(model):

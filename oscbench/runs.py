@@ -24,7 +24,7 @@ RESULTS = "results.json"
 # which are in the config themselves: quantizer, policy, ptq)
 NOT_RESULTS = ("logger", "trainer.resume", "device", "data_dir", "method", "init_strict")
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
-BITS = ("bits", "act_bits", "first_last_bits")
+BITS = ("bits", "act_bits", "first_last", "first_last_bits")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -49,6 +49,8 @@ def fingerprint(config: dict) -> dict[str, Any]:
         flat = _drop(flat, FP_UNUSED)
         if config.get("init_from") in (None, "fp"):  # init_from=fp applies to quantized runs
             flat.pop("init_from", None)
+        if config.get("teacher") in (None, "fp"):  # so does teacher=fp: fp runs train alone
+            flat = _drop(flat, ("teacher", "distill"))
         if bits_free(config):
             flat = _drop(flat, BITS)
     elif config.get("act_quantizer", {}).get("name") == "none":

@@ -9,7 +9,6 @@ from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.modules import (
     QConv2d,
     QLinear,
-    QuantPlan,
     calibrate,
     quantize_model,
     quantized_layers,
@@ -23,9 +22,8 @@ def _quantized(overrides=()):
     torch.manual_seed(0)
     model = build_model(spec.model, num_classes=10, in_channels=1, image_size=8)
     fp_params = {n: p for n, p in model.named_parameters()}
-    plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
     quantize_model(
-        model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan
+        model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), spec.plan
     )
     return spec, model, fp_params
 
@@ -76,3 +74,19 @@ def test_trackers_skip_the_8bit_ends_and_observe_weight_changes():
     model.eval()
     tracker.update()  # eval mode: no update
     assert tracker.stats(threshold=0.0)["crossings"] == 0
+
+
+def test_the_first_and_last_layer_at_8_bits_in_full_precision_or_like_the_rest():
+    _, model, _ = _quantized(["bits=2"])  # first_last=bits, first_last_bits=8
+    layers = list(quantized_layers(model))
+    ends = [m for _, m in layers if m.is_first_or_last]
+    assert [m.weight_quantizer.bits for m in ends] == [8, 8] and len(layers) == 4
+    assert [m.input_quantizer.bits for m in ends] == [8, 8]
+    _, model, _ = _quantized(["bits=2", "first_last=fp"])  # AOQ: the ends stay as they are
+    layers = list(quantized_layers(model))
+    assert len(layers) == 2 and not any(m.is_first_or_last for _, m in layers)
+    assert type(model[0]) is nn.Conv2d and type(model[-1]) is nn.Linear
+    _, model, _ = _quantized(["bits=2", "first_last=same"])
+    layers = list(quantized_layers(model))
+    assert len(layers) == 4 and not any(m.is_first_or_last for _, m in layers)
+    assert {m.weight_quantizer.bits for _, m in layers} == {2}

@@ -11,7 +11,7 @@ from oscbench.evaluation import reestimate_bn
 from oscbench.models.base import build_model
 from oscbench.optim import build_optimizers, lr_factor
 from oscbench.oscillation.tracker import OscillationTracker
-from oscbench.quant.modules import QuantPlan, calibrate, quantize_model, quantizer_factory
+from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
 from oscbench.train import train
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import compose_config
@@ -24,7 +24,7 @@ def _setup(overrides):
     torch.manual_seed(spec.seed)
     data = build_data(spec.dataset, seed=spec.seed, device=torch.device("cpu"))
     model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
-    plan = QuantPlan(spec.bits, spec.act_bits, spec.first_last_bits)
+    plan = spec.plan
     quantize_model(
         model, quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer), plan
     )

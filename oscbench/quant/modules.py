@@ -76,11 +76,13 @@ _SWAP: dict[type, type[QuantizedLayer]] = {nn.Conv2d: QConv2d, nn.Linear: QLinea
 @dataclass
 class QuantPlan:
     """Bit-widths of a quantized model; first/last layers keep their own (papers: 8), or,
-    with `first_last_bits=None`, are quantized like every other layer."""
+    with `first_last_bits=None`, are quantized like every other layer, or with
+    `first_last_fp` stay in full precision (AOQ)."""
 
     bits: int
     act_bits: int
     first_last_bits: int | None
+    first_last_fp: bool = False
 
 
 def quantizer_factory(component) -> QuantizerFactory:  # noqa: ANN001
@@ -104,15 +106,19 @@ def quantize_model(
     """Replace every Conv2d/Linear by its quantized twin, sharing the same parameters.
 
     The first and last such layer (in module order) use `plan.first_last_bits` for both
-    weights and inputs. Weight quantizers are initialised from the weights here; input
-    quantizers on the first forward (see `calibrate`).
+    weights and inputs, or stay as they are (`plan.first_last_fp`). Weight quantizers are
+    initialised from the weights here; input quantizers on the first forward (see
+    `calibrate`).
     """
     layers = [(n, m) for n, m in model.named_modules() if type(m) in _SWAP]
     if not layers:
         raise ValueError("quantize_model: the model has no Conv2d or Linear layer to quantize")
-    edge = set() if plan.first_last_bits is None else {layers[0][0], layers[-1][0]}
+    ends = plan.first_last_bits is not None or plan.first_last_fp
+    edge = {layers[0][0], layers[-1][0]} if ends else set()
     for name, layer in layers:
         is_edge = name in edge
+        if is_edge and plan.first_last_fp:
+            continue
         wbits = plan.first_last_bits if is_edge else plan.bits
         abits = plan.first_last_bits if is_edge else plan.act_bits
         wq = weight_q(wbits, layer.weight.shape[0], True)
