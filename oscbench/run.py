@@ -19,7 +19,7 @@ from oscbench.accel import deterministic_cpu
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
 from oscbench.compose import CONF_DIR, compose, method_free, presets
 from oscbench.config import RunSpec, resolved, validate
-from oscbench.console import epoch_line, say
+from oscbench.console import epoch_line, say, warn
 from oscbench.data.base import Data, build_data
 from oscbench.distill import Objective, build_teacher, kl_to_teacher
 from oscbench.evaluation import evaluate, final_metrics, reestimate_bn
@@ -30,7 +30,7 @@ from oscbench.oscillation.policy import Policy, RunContext, build_policies
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.preflight import reject, remove_if_unused
 from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
-from oscbench.quant.qkr import apply_qkr, has_attention
+from oscbench.quant.qkr import apply_qkr, has_attention, has_window_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
 from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
@@ -92,6 +92,14 @@ def build(spec: RunSpec) -> Built:
     if spec.quantized:
         plan = spec.plan
         weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
+        if spec.qkr != "never" and has_window_attention(model):
+            note = (
+                f"qkr={spec.qkr}: model={spec.model.name} has Swin's window attention, which "
+                "oscbench's QKR (OFQ's, for global attention as in DeiT) does not reparameterise"
+            )
+            if spec.qkr == "always":
+                raise ConfigError(f"{note}; use qkr=never (or qkr=auto, which leaves it as is)")
+            warn(f"{note}: its attention stays as it is")
         if spec.qkr != "never":
             if has_attention(model):
                 apply_qkr(model, spec.bits, spec.act_bits, act_q)

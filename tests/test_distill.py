@@ -157,3 +157,21 @@ def test_teacher_fp_in_a_sweep_trains_the_fp_run_once(tmp_path, launcher):
         assert r["final"]["kl_to_teacher"] > 0
     assert "kl_to_teacher" not in recs[fp[0]]["final"]  # the fp run trains alone
     assert load_results(tmp_path / fp[0])["status"] == "completed"
+
+
+def test_soft_plus_hard_trains_deits_distillation_head_from_the_teacher(tmp_path):
+    deit = ["model=deit_tiny", "model.img_size=8", "model.patch_size=2", "model.distilled=true"]
+    run_config(["method=fp", "trainer.epochs=1", *deit, *QUICK], tmp_path / "fp")
+    overrides = [*deit, "bits=4", f"teacher={tmp_path / 'fp'}", "distill.loss=soft+hard"]
+    spec, built = build_config([*overrides, "trainer.epochs=1"])
+    model = built.model
+    model.train()
+    x, y = next(built.data.train_batches(0, 8))
+    cls_head, dist_head = model(x)  # in training: (class head, distillation head)
+    loss = built.objective((cls_head, dist_head), x, y)
+    loss.backward()
+    assert model.head_dist.weight.grad.abs().sum() > 0 and model.head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    before = model.head_dist.weight.detach().clone()
+    fit(spec, built)
+    assert not torch.equal(before, model.head_dist.weight)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from oscbench.quant.modules import QConv2d, QLinear, quantized_layers
+from oscbench.registry import ConfigError
 from tests.conftest import build_config, fit
 
 CASES = {
@@ -19,6 +20,15 @@ CASES = {
     "deit_tiny": (["model=deit_tiny", "model.img_size=224", "model.patch_size=16"], 224),
     "deit_tiny_cifar": (["model=deit_tiny"], 32),
     "deit_small_cifar": (["model=deit_small"], 32),
+    "deit_tiny_distilled": (["model=deit_tiny", "model.distilled=true"], 32),
+    "mobilenetv3_small": (["model=mobilenetv3"], 224),
+    "efficientnet_lite0": (["model=efficientnet_lite0"], 224),
+    "swin_tiny": (
+        ["model=swin_tiny", "model.img_size=224", "model.patch_size=4", "model.window_size=7"],
+        224,
+    ),
+    "vit_tiny": (["model=vit_tiny", "model.img_size=224", "model.patch_size=16"], 224),
+    "resnet110": (["model=resnet110"], 32),
 }
 
 
@@ -43,11 +53,14 @@ def test_model_quantizes_and_trains_a_step(case):
     layers = [m for _, m in quantized_layers(model)]
     assert [m.weight_quantizer.bits for m in (layers[0], layers[-1])] == [8, 8]
     assert all(m.weight_quantizer.bits == 4 for m in layers[1:-1])
-    if "mobilenetv2" in case:  # depthwise convolutions are quantized too
+    if "mobilenet" in case or "efficientnet" in case:  # depthwise convolutions too
         assert any(isinstance(m, QConv2d) and m.groups == m.in_channels > 1 for m in layers)
-    if "deit" in case:  # attention projections too
+    if "deit" in case or "vit" in case:  # attention projections too
         names = [n for n, m in quantized_layers(model) if isinstance(m, QLinear)]
         assert "blocks.0.attn.qkv" in names and "blocks.0.attn.proj" in names
+    if "swin" in case:
+        names = [n for n, m in quantized_layers(model) if isinstance(m, QLinear)]
+        assert "layers.0.blocks.0.attn.qkv" in names
     before = {id(m): m.weight.detach().clone() for m in layers}
     history = fit(spec, built)
     assert math.isfinite(history[0]["train_loss"])
@@ -61,3 +74,21 @@ def test_resnet20_has_the_he_et_al_shape():
     assert len(convs) == 19  # 1 + 3 stages x 3 blocks x 2; option A: parameter-free shortcuts
     n_params = sum(p.numel() for n, p in built.model.named_parameters() if "quantizer" not in n)
     assert 0.26e6 < n_params < 0.28e6  # 0.27M, as in He et al. Table 6
+
+
+def test_the_cifar_resnets_have_he_et_al_depths_and_aoqs_shortcuts():
+    for depth in (32, 44, 56, 110):
+        _, built = build_config([f"model=resnet{depth}", "dataset=synthetic", "act_quantizer=none"])
+        convs = [m for m in built.model.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == depth - 1 + 2  # the stem, 2 per block, two 1x1 shortcuts (B)
+    with pytest.raises(ConfigError, match="model=resnet32 with model.depth=20"):
+        build_config(["model=resnet32", "model.depth=20", "dataset=synthetic"])
+
+
+def test_qkr_on_swin_is_refused_by_always_and_left_alone_by_auto(capsys):
+    swin = ["model=swin_tiny", "dataset=synthetic", "dataset.image_size=32", "bits=4"]
+    with pytest.raises(ConfigError, match="window attention"):
+        build_config([*swin, "qkr=always"])
+    _, built = build_config([*swin, "qkr=auto"])
+    assert "its attention stays as it is" in capsys.readouterr().err
+    assert not any(type(m).__name__ == "QKRAttention" for m in built.model.modules())

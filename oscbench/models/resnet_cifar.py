@@ -1,4 +1,6 @@
-"""`resnet20`: the CIFAR ResNet of He et al. (CVPR 2016, Sec. 4.2), used in AOQ's experiments."""
+"""The CIFAR ResNets of He et al. (CVPR 2016, Sec. 4.2): `resnet20`, `resnet32`, `resnet44`,
+`resnet56`, `resnet110`, used in AOQ's experiments (muzenc/AOQ: option-B, 1x1-conv
+shortcuts, `model.shortcut: B`; He et al.'s own CIFAR nets: option A)."""
 
 from __future__ import annotations
 
@@ -9,17 +11,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from oscbench.models.base import MODELS
-from oscbench.registry import check
+from oscbench.registry import ConfigError, check
 
 
 @dataclass
 class ResNetCifarConfig:
-    depth: int  # 6n + 2: 20, 32, 44, 56
+    depth: int  # 6n + 2: 20, 32, 44, 56, 110
     width: int  # channels of the first stage (16); the next two have 2x and 4x
     shortcut: str  # A: parameter-free (subsample + zero channels), as He et al.; B: 1x1 conv
 
     def __post_init__(self) -> None:
-        check((self.depth - 2) % 6 == 0, "depth", self.depth, "6n + 2: 20, 32, 44, 56")
+        check((self.depth - 2) % 6 == 0, "depth", self.depth, "6n + 2: 20, 32, 44, 56, 110")
         check(self.shortcut in ("A", "B"), "shortcut", self.shortcut, "A, B")
 
 
@@ -49,10 +51,7 @@ class Block(nn.Module):
         return F.relu(out + x)
 
 
-@MODELS.register("resnet20", ResNetCifarConfig)
-def resnet20(
-    cfg: ResNetCifarConfig, num_classes: int, in_channels: int, image_size: int
-) -> nn.Module:
+def resnet_cifar(cfg: ResNetCifarConfig, num_classes: int, in_channels: int) -> nn.Module:
     n, w = (cfg.depth - 2) // 6, cfg.width
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, w, 3, 1, 1, bias=False),
@@ -70,3 +69,21 @@ def resnet20(
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     return model
+
+
+def _named(depth: int) -> None:
+    """`resnet<depth>`: the builder at that depth (model.depth must agree with the name)."""
+
+    def build(cfg: ResNetCifarConfig, num_classes: int, in_channels: int, image_size: int):  # noqa: ANN202
+        if cfg.depth != depth:
+            raise ConfigError(
+                f"model=resnet{depth} with model.depth={cfg.depth}; use model=resnet{cfg.depth} "
+                f"if it exists, or model.depth={depth}"
+            )
+        return resnet_cifar(cfg, num_classes, in_channels)
+
+    MODELS.register(f"resnet{depth}", ResNetCifarConfig)(build)
+
+
+for _depth in (20, 32, 44, 56, 110):
+    _named(_depth)

@@ -1,6 +1,9 @@
 """ImageNet-family models built by timm (never `pretrained=True`: nothing is downloaded;
 start from local weights with `init_from=`). `stem: cifar` adapts the convolutional
-stems to 32x32 inputs; DeiT takes its image and patch size from the config."""
+stems to 32x32 inputs; the transformers take their image and patch size from the config.
+The papers' models: ResNet-18, MobileNetV2, MobileNetV3-Small and EfficientNet-lite0
+(Nagel et al.), DeiT-T/S (OFQ; `distilled: true` gives DeiT's distillation token and
+head), Swin-T (OFQ), ViT-Tiny (Wenshoj et al.)."""
 
 from __future__ import annotations
 
@@ -21,6 +24,15 @@ class ConvNetConfig:
 
 
 @dataclass
+class MobileNetV3Config(ConvNetConfig):
+    variant: str  # small (Nagel et al.'s MobileNetV3-Small) | large
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.variant in ("small", "large"), "variant", self.variant, "small, large")
+
+
+@dataclass
 class ViTConfig:
     img_size: int  # 224 for ImageNet, 32 for CIFAR
     patch_size: int  # 16 for ImageNet, 4 for CIFAR
@@ -32,6 +44,16 @@ class ViTConfig:
             self.patch_size,
             f"a divisor of model.img_size ({self.img_size})",
         )
+
+
+@dataclass
+class DeiTConfig(ViTConfig):
+    distilled: bool  # DeiT's distillation token and head (distill.loss=soft+hard trains it)
+
+
+@dataclass
+class SwinConfig(ViTConfig):
+    window_size: int  # 7 at 224 x 224 with 4 x 4 patches (timm pads or shrinks windows to fit)
 
 
 @MODELS.register("resnet18", ConvNetConfig)
@@ -57,8 +79,33 @@ def mobilenetv2(
     return model
 
 
-def _deit(
-    arch: str, cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int
+@MODELS.register("mobilenetv3", MobileNetV3Config)
+def mobilenetv3(
+    cfg: MobileNetV3Config, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    import timm
+
+    arch = f"mobilenetv3_{cfg.variant}_100"
+    model = timm.create_model(arch, num_classes=num_classes, in_chans=in_channels)
+    if cfg.stem == "cifar":
+        model.conv_stem.stride = (1, 1)
+    return model
+
+
+@MODELS.register("efficientnet_lite0", ConvNetConfig)
+def efficientnet_lite0(
+    cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    import timm
+
+    model = timm.create_model("efficientnet_lite0", num_classes=num_classes, in_chans=in_channels)
+    if cfg.stem == "cifar":
+        model.conv_stem.stride = (1, 1)
+    return model
+
+
+def _transformer(
+    arch: str, cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int, **kw
 ) -> nn.Module:
     import timm
 
@@ -74,17 +121,40 @@ def _deit(
         in_chans=in_channels,
         img_size=cfg.img_size,
         patch_size=cfg.patch_size,
+        **kw,
     )
 
 
-@MODELS.register("deit_tiny", ViTConfig)
-def deit_tiny(cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _deit("deit_tiny_patch16_224", cfg, num_classes, in_channels, image_size)
+def _deit(size: str, cfg: DeiTConfig, *args: int) -> nn.Module:
+    arch = f"deit_{size}_distilled_patch16_224" if cfg.distilled else f"deit_{size}_patch16_224"
+    return _transformer(arch, cfg, *args)
 
 
-@MODELS.register("deit_small", ViTConfig)
-def deit_small(cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    return _deit("deit_small_patch16_224", cfg, num_classes, in_channels, image_size)
+@MODELS.register("deit_tiny", DeiTConfig)
+def deit_tiny(cfg: DeiTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return _deit("tiny", cfg, num_classes, in_channels, image_size)
+
+
+@MODELS.register("deit_small", DeiTConfig)
+def deit_small(cfg: DeiTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return _deit("small", cfg, num_classes, in_channels, image_size)
+
+
+@MODELS.register("vit_tiny", ViTConfig)
+def vit_tiny(cfg: ViTConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return _transformer("vit_tiny_patch16_224", cfg, num_classes, in_channels, image_size)
+
+
+@MODELS.register("swin_tiny", SwinConfig)
+def swin_tiny(cfg: SwinConfig, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    return _transformer(
+        "swin_tiny_patch4_window7_224",
+        cfg,
+        num_classes,
+        in_channels,
+        image_size,
+        window_size=cfg.window_size,
+    )
 
 
 def _patch_for(image_size: int) -> int:

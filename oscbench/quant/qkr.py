@@ -110,3 +110,11 @@ def apply_qkr(model: nn.Module, bits: int, act_bits: int, act_q) -> int:  # noqa
 
 def has_attention(model: nn.Module) -> bool:
     return bool(_attention_blocks(model))
+
+
+def has_window_attention(model: nn.Module) -> bool:
+    """Swin's window attention: a relative position bias per window inside shifted windows,
+    which QKR here (OFQ's form for global attention, DeiT) does not reparameterise."""
+    from timm.models.swin_transformer import WindowAttention
+
+    return any(isinstance(m, WindowAttention) for m in model.modules())
