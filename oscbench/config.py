@@ -322,8 +322,6 @@ def check_combination(spec: RunSpec) -> None:
     it cannot run and what would, from the plugins' declarations."""
     q = spec.quantizer.name
     caps = capabilities(q)
-    if getattr(spec.act_quantizer.options, "per_channel", False):
-        raise ConfigError("act_quantizer.per_channel=true is not supported: one step per tensor")
     for policy in spec.policies:
         required = POLICIES.get(policy.name).declares("requires", frozenset())
         missing = [c for c in CAPABILITIES if c in required - caps]  # the most basic first

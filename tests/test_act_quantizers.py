@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from oscbench.checkpoint import FINAL_MODEL
-from oscbench.quant.lsq import LSQConfig, LSQQuantizer
+from oscbench.quant.lsq import LSQConfig, LSQQuantizer, lsq_quantize
 from oscbench.quant.lsq_plus import LSQPlusConfig, LSQPlusQuantizer
 from oscbench.quant.ltq import LTQConfig, LTQQuantizer
 from tests.bounds import assert_within, gamma
@@ -179,3 +179,46 @@ def test_a_run_with_the_activation_quantizer_trains_end_to_end(act, tmp_path):
     assert learned
     if act == "ltq":  # the intervals, all u = 2/3 at the start, have learned
         assert all(not torch.allclose(a, torch.full_like(a, 2 / 3)) for a in learned)
+
+
+@pytest.mark.numeric
+def test_lsq_activations_per_channel_have_ofqs_steps_and_gradients():
+    """One step per channel of dim 1, from the calibration batch; g = 1/sqrt(N p) with N the
+    elements per channel (OFQ); each channel quantized exactly as per-tensor LSQ would with
+    its own step; the step's gradient a sum over that channel's elements."""
+    torch.manual_seed(3)
+    q = LSQQuantizer(LSQConfig(True, "lsq", True, "auto"), 3, None, False)
+    x = torch.relu(torch.randn(8, 6, 5, 5)) * torch.arange(1.0, 7.0).view(1, 6, 1, 1)
+    q.init_from(x)
+    assert q.s.shape == (6,) and q.per_channel and not q.signed
+    mean = x.double().transpose(0, 1).flatten(1).abs().mean(1)
+    assert_within(q.s, 2 * mean / 7**0.5, gamma(200 + 4) * 2 * mean / 7**0.5)
+    assert q.g == 1 / (8 * 25 * 7) ** 0.5
+    xg = x.clone().requires_grad_()
+    out = q(xg)
+    g = torch.randn_like(x)
+    (out * g).sum().backward()
+    for c in range(6):
+        xc = x[:, c].clone().requires_grad_()
+        sc = q.s.detach()[c].clone().requires_grad_()
+        ref = lsq_quantize(xc, sc, q.n, q.p, q.g)
+        assert torch.equal(out[:, c].detach(), ref.detach())
+        (ref * g[:, c]).sum().backward()
+        assert torch.equal(xg.grad[:, c], xc.grad)
+        t = x[:, c].double() / q.s.double()[c]
+        ds = (t.round().clamp(q.n, q.p) - t * ((t.round() >= q.n) & (t.round() <= q.p))).abs()
+        bound = gamma(x[:, c].numel() + 4) * q.g * (g[:, c].double().abs() * (ds + 1)).sum()
+        assert_within(q.s.grad[c], sc.grad, bound)
+    tokens = LSQQuantizer(LSQConfig(True, "lsq", True, "auto"), 3, None, False)
+    tokens.init_from(torch.rand(4, 9, 16))  # (batch, tokens, features): a step per token (OFQ)
+    assert tokens.s.shape == (9,)
+    head = LSQQuantizer(LSQConfig(True, "lsq", True, "auto"), 3, None, False)
+    head.init_from(torch.rand(4, 16))  # the classifier's input: one step
+    assert head.s.shape == () and not head.per_channel
+
+
+def test_a_run_with_per_channel_lsq_activations_resumes(tmp_path, monkeypatch):
+    from tests.test_resume import kill_and_resume
+
+    args = ["act_quantizer.per_channel=true", *QUICK, "trainer.epochs=2"]
+    kill_and_resume(args, tmp_path, monkeypatch)

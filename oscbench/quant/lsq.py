@@ -73,6 +73,8 @@ class _LSQRound(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if len(ctx.s_shape) == 0 or ctx.s_shape.numel() == 1:
                 grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(ctx.s_shape)
+            elif ctx.s_shape[0] == 1:  # one step per input channel (dim 1) of an activation
+                grad_s = (grad * ds).sum_to_size(ctx.s_shape)
             else:  # one step per output channel (dim 0)
                 grad_s = torch.linalg.vecdot(grad.flatten(1), ds.flatten(1)).reshape(ctx.s_shape)
             grad_s = grad_s * ctx.g
@@ -110,20 +112,30 @@ class LSQQuantizer(Quantizer):
     which is a choice of ours (Esser et al. quantize only post-ReLU activations as unsigned).
     The step's gradient is scaled by g = 1/sqrt(N p), N = the number of weights (per
     channel when per-channel) or, for activations, of features per sample (Esser et al.).
+
+    Activations per channel (`per_channel: true`, OFQ's `--aq-per-channel`: nbasyl/OFQ at
+    e1c8d1d6, `src/quantization/quantizer/lsq.py`: `LsqQuantizer4img` for conv inputs,
+    `LsqQuantizer` for token inputs): one step per index of dim 1 (a conv input's channels;
+    for (batch, tokens, features) inputs, OFQ's choice, each token position), sized and set
+    from the calibration batch, 2 mean|x| / sqrt(p) per channel (OFQ uses 4 mean|x| for
+    unsigned inputs: LSQ's rule is kept), g = 1/sqrt(N p) with N the elements per channel
+    in that batch (OFQ's); a 2-D input (the classifier's) keeps one step (OFQ's
+    `LsqQuantizer4head_input`). OFQ's learnable shifts around the quantizer are not here.
     """
 
     capabilities = frozenset({QUANTIZED, FIXED_GRID, ACTIVATIONS})
-    extra_state = ("signed", "g")
+    extra_state = ("signed", "g", "per_channel")
 
     def __init__(self, cfg: LSQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         """`channels`: output channels for a per-channel weight quantizer, else None."""
         super().__init__(bits)
         self.cfg = cfg
         self.is_weight = is_weight
-        self.per_channel = cfg.per_channel and channels is not None
+        self.per_channel = cfg.per_channel and (channels is not None or not is_weight)
         self.signed = is_weight if cfg.signed == "auto" else cfg.signed == "signed"
         self.n, self.p = int_range(bits, self.signed)
-        self.s = nn.Parameter(torch.ones(channels) if self.per_channel else torch.ones(()))
+        per_row = self.per_channel and is_weight
+        self.s = nn.Parameter(torch.ones(channels) if per_row else torch.ones(()))
         self.g = 1.0
 
     def init_from(self, x: torch.Tensor) -> None:
@@ -131,12 +143,17 @@ class LSQQuantizer(Quantizer):
         if self.cfg.signed == "auto" and not self.is_weight:
             self.signed = bool((x < 0).any())
             self.n, self.p = int_range(self.bits, self.signed)
+        if self.per_channel and not self.is_weight:
+            self.per_channel = x.dim() > 2  # the classifier's input keeps one step
+            x = x.transpose(0, 1) if self.per_channel else x  # channels first
         if self.cfg.init == "mse":
             s = mse_step(x, self.n, self.p, self.per_channel)
         elif self.per_channel:
             s = 2 * x.abs().flatten(1).mean(dim=1) / math.sqrt(self.p)
         else:
             s = 2 * x.abs().mean() / math.sqrt(self.p)
+        if self.s.shape != s.shape:  # an activation's channels, known from its first batch
+            self.s = nn.Parameter(torch.empty_like(s))
         self.s.data.copy_(s.clamp_min(1e-8))
         numel = x[0].numel() if (self.per_channel or not self.is_weight) else x.numel()
         self.g = 1.0 / math.sqrt(numel * self.p) if self.cfg.grad_scale else 1.0
@@ -151,18 +168,25 @@ class LSQQuantizer(Quantizer):
         exact (bf16 holds 8 significant bits: x / s would round before `round`)."""
         self._check_ready()
         x = x.float()
-        return lsq_quantize(x, channel_view(self.s, x, self.per_channel), self.n, self.p, self.g)
+        return lsq_quantize(x, self._view(self.s, x), self.n, self.p, self.g)
+
+    def _view(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The step broadcast against x: per output channel (dim 0) of a weight, per
+        channel (dim 1) of an activation, or one."""
+        if self.per_channel and not self.is_weight:
+            return s.view(1, -1, *([1] * (x.dim() - 2)))
+        return channel_view(s, x, self.per_channel)
 
     @torch.no_grad()
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
-        s = channel_view(self.s, x, self.per_channel)
+        s = self._view(self.s, x)
         return (x.float() * s.reciprocal()).round_().clamp_(self.n, self.p)
 
     def grid(self, x: torch.Tensor) -> UniformGrid:
-        return UniformGrid(channel_view(self.s.detach(), x, self.per_channel), self.n, self.p)
+        return UniformGrid(self._view(self.s.detach(), x), self.n, self.p)
 
     def live_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """n s and p s, whose gradient reaches s scaled by g (the value is exactly s's)."""
-        s = channel_view(self.s, x, self.per_channel)
+        s = self._view(self.s, x)
         s = s.detach() + (s * self.g - (s * self.g).detach())
         return s * self.n, s * self.p
