@@ -25,9 +25,26 @@ def compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra.compose("config", overrides, return_hydra_config=hydra_node)
+            cfg = hydra.compose("config", overrides, return_hydra_config=hydra_node)
     finally:
         Singleton.set_state(state)
+    return resolve_recipe(cfg, overrides, hydra_node)
+
+
+def paper_recipe(cfg: DictConfig) -> str:
+    """The recipe `recipe=paper` stands for: the one the method's preset names
+    (`method.paper`), or `common` for a method of no seed paper."""
+    return cfg.method.get("paper") or "common"
+
+
+def resolve_recipe(cfg: DictConfig, overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """`recipe=paper` composed again as `recipe=<the method's paper recipe>`: Hydra cannot
+    choose a config group (a paper's activation quantizer) from a value, so the choice is
+    made here, and the record holds the recipe that ran."""
+    if cfg.recipe.name != "paper":
+        return cfg
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
+    return compose([*kept, f"recipe={paper_recipe(cfg)}"], hydra_node)
 
 
 @dataclass(frozen=True)

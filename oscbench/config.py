@@ -47,6 +47,7 @@ class TrainerConfig:
     extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
     extra_lr: float | None  # their constant learning rate; null: where the schedule ended
     quant_lr: float  # learning rate of quantizer parameters (their own group)
+    act_quant_lr: float | None  # input quantizers' parameters; null: at quant_lr, one group
     quant_optimizer: str  # shared: a group of the main optimizer | adam | sgd: their own
     quant_schedule: str  # an own quantizer optimizer's: main (the same schedule) | constant
     ema_decay: float | None  # an EMA copy of the model (timm's ModelEmaV3); null = none
@@ -89,6 +90,12 @@ class TrainerConfig:
         )
         check(self.lr > 0, "lr", self.lr, "a number > 0")
         check(self.quant_lr >= 0, "quant_lr", self.quant_lr, "a number >= 0")
+        check(
+            self.act_quant_lr is None or self.act_quant_lr >= 0,
+            "act_quant_lr",
+            self.act_quant_lr,
+            "null (quant_lr) or a number >= 0",
+        )
         check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check(
@@ -188,6 +195,7 @@ class RunSpec:
     init_from: str | None
     init_strict: bool  # init_from must fill every tensor but a classifier of another shape
     qkr: str  # never | auto (for attention models) | always (refused without attention)
+    recipe: str  # the training recipe that ran: common, nagel2022, ofq2023, aoq2025, wenshoj2025
     teacher: str | None  # distil from: fp (the sweep's fp run), a run dir, checkpoint, weights
     distill: DistillConfig
 
@@ -216,6 +224,8 @@ CONFIG_ONLY = ("data_dir",)
 def _component(registry: Registry, node: Any, path: str) -> Component:
     if not isinstance(node, (dict, DictConfig)) or "name" not in node:
         raise ConfigError(f"{path}: expected a config with a 'name'; choose with {path}=NAME")
+    if node["name"] == "none" and path in ("quantizer", "act_quantizer"):
+        return Component("none", None)  # a recipe's quantizer settings: not for FP layers
     return Component(node["name"], registry.parse(node, path))
 
 
@@ -281,6 +291,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         init_from=None if cfg.init_from is None else str(cfg.init_from),
         init_strict=cfg.init_strict,
         qkr=str(cfg.qkr),
+        recipe=str(cfg.recipe.name),
         teacher=None if cfg.teacher is None else str(cfg.teacher),
         distill=parse(DistillConfig, cfg.distill, "distill"),
     )

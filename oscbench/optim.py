@@ -3,7 +3,9 @@
 Parameters fall in named groups (policies address them by name): "other" (every parameter
 that is neither a quantized layer's weight nor a quantizer's), "latent" (the quantized
 layers' weights), both at `trainer.lr` with weight decay, and "quantizer" at
-`trainer.quant_lr` without. The quantizer group is a group of the main optimizer
+`trainer.quant_lr` without (with `trainer.act_quant_lr` set, the input quantizers'
+parameters are a group "act_quantizer" at that rate: AOQ trains LTQ at the main rate and
+its weight steps at 1/200 of it). The quantizer group is a group of the main optimizer
 (`quant_optimizer: shared`), or has an optimizer of its own (`adam`, `sgd`): Nagel et al.'s
 `--sep-quant-optimizer` (Qualcomm-AI-research/oscillations-qat, `main.py`,
 `bash/train_*.sh`: Adam at 1e-5, weight decay 0, no schedule = `quant_schedule: constant`).
@@ -99,6 +101,26 @@ def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimi
         {"name": "latent", "params": latent, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
     ]
     quant = [{"name": "quantizer", "params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0}]
+    if cfg.act_quant_lr is not None:  # the input quantizers' parameters at a rate of their own
+        weights = {
+            id(p)
+            for _, layer in quantized_layers(model)
+            for p in layer.weight_quantizer.parameters()
+        }
+        quant = [
+            {
+                "name": "quantizer",
+                "params": [p for p in qparams if id(p) in weights],
+                "lr": cfg.quant_lr,
+                "weight_decay": 0.0,
+            },
+            {
+                "name": "act_quantizer",
+                "params": [p for p in qparams if id(p) not in weights],
+                "lr": cfg.act_quant_lr,
+                "weight_decay": 0.0,
+            },
+        ]
     warmup = round(cfg.warmup_fraction * total)
     main_factor = lr_factor(cfg.schedule, total, warmup)
     if cfg.quant_optimizer == "shared":
@@ -107,5 +129,6 @@ def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimi
     pairs = [(_optimizer(cfg.optimizer, [g for g in main if g["params"]], cfg), main_factor)]
     if qparams:
         quant_factor = main_factor if cfg.quant_schedule == "main" else lr_factor("constant", 0, 0)
+        quant = [g for g in quant if g["params"]]
         pairs.append((_optimizer(cfg.quant_optimizer, quant, cfg), quant_factor))
     return Optimizers(pairs)

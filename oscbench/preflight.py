@@ -56,12 +56,13 @@ def remove_if_unused(run_dir: Path) -> None:
 
 class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from oscbench.compose import resolve_recipe
         from oscbench.config import validate
         from oscbench.registry import ConfigError
 
         task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
         try:
-            validate(task)
+            validate(resolve_recipe(task, list(config.hydra.overrides.task)))
         except ConfigError as e:
             reject(str(e))
         check_writable(Path(config.hydra.run.dir), "hydra.run.dir")

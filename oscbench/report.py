@@ -30,6 +30,7 @@ from oscbench.compose import presets  # noqa: E402
 from oscbench.console import warn  # noqa: E402
 from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
 
+RECIPE = "recipe.name"  # the setting that names a run's training recipe (conf/recipe/)
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
     "acc": ("Test accuracy (%) after BN re-estimation; ptq: rounded to the column's bits", 1.0, 2),
     "osc_share": ("Oscillating weights (%), last epoch", 100.0, 3),
@@ -128,14 +129,19 @@ def _expand_bits_free(df: pd.DataFrame) -> pd.DataFrame:
 
 def varying_settings(df: pd.DataFrame) -> list[str]:
     """Settings that differ between runs of the same method and bit-width (other than the
-    seed): the table shows them as columns, and never averages across them."""
+    seed): the table shows them as columns, and never averages across them. Runs under
+    different recipes differ in the recipe's many settings: `recipe.name` is then the one
+    column for them, and other settings count only where they vary within a recipe."""
+    exp = _expand_bits_free(df)
+    exp = exp.assign(recipe=[s.get(RECIPE, "common") for s in exp["settings"]])
+    by_recipe = any(g["recipe"].nunique() > 1 for _, g in exp.groupby(["method", "bits"]))
     varying: set[str] = set()
-    for _, g in _expand_bits_free(df).groupby(["method", "bits"]):
+    for _, g in exp.groupby(["method", "recipe", "bits"] if by_recipe else ["method", "bits"]):
         keys = set().union(*g["settings"])
         for k in keys:
             if len({json.dumps(s.get(k, "-"), default=str) for s in g["settings"]}) > 1:
                 varying.add(k)
-    return sorted(varying - {"bits"})
+    return [RECIPE] * by_recipe + sorted(varying - {"bits", RECIPE})
 
 
 def _with_setting_columns(df: pd.DataFrame, varying: list[str]) -> pd.DataFrame:
@@ -177,6 +183,37 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     return stats.sort_index(
         key=lambda idx: idx.map(order.get) if idx.name == "method" else idx.map(str)
     )
+
+
+def recipe_differences(stats: pd.DataFrame) -> str:
+    """Each method under its paper's recipe against the common one: the difference of the
+    means per bit-width, for accuracy and the oscillating share (empty without recipes)."""
+    if RECIPE not in stats.index.names:
+        return ""
+    bits = sorted(stats.index.get_level_values("bits").unique())
+    metrics = ("acc", "osc_share")
+    head = [f"Δ{m} {b}-bit" for m in ("acc", "osc") for b in bits]
+    out = [
+        "### Each paper's recipe against the common one\n",
+        "Difference of the means (the paper's recipe minus common) for the methods run under "
+        "both; the tables above give each with its spread over seeds.\n",
+        "| method | recipe | " + " | ".join(head) + " |",
+        "|---" * (2 + len(head)) + "|",
+    ]
+    flat = stats.reset_index()
+    for method, g in flat.groupby("method", sort=False):
+        common = g[g[RECIPE] == "common"].set_index("bits")
+        for recipe, h in g[g[RECIPE] != "common"].groupby(RECIPE):
+            h = h.set_index("bits")
+            cells = []
+            for metric in metrics:
+                _, scale, decimals = METRICS[metric]
+                for b in bits:
+                    col = f"{metric}_mean"
+                    d = h[col].get(b, math.nan) - common[col].get(b, math.nan)
+                    cells.append("-" if math.isnan(d) else f"{d * scale:+,.{decimals}f}")
+            out.append(f"| {method} | {recipe} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 def _cell(mean: float, std: float, n: int, scale: float, decimals: int) -> str:
@@ -382,7 +419,7 @@ def write_report(records: list[dict], out: Path) -> dict[str, Path]:
         raise SystemExit("oscbench.report: no results.json found")
     out.mkdir(parents=True, exist_ok=True)
     stats = summary(df)
-    (out / "table.md").write_text(markdown(stats, df))
+    (out / "table.md").write_text(markdown(stats, df) + recipe_differences(stats))
     stats.to_csv(out / "table.csv")
     varying = varying_settings(df)
     runs = _with_setting_columns(df, varying).drop(columns=["settings"])

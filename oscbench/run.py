@@ -17,7 +17,7 @@ from torch import nn
 
 from oscbench.accel import deterministic_cpu
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
-from oscbench.compose import CONF_DIR, compose, method_free, presets
+from oscbench.compose import CONF_DIR, compose, method_free, presets, resolve_recipe
 from oscbench.config import RunSpec, resolved, validate
 from oscbench.console import epoch_line, say, warn
 from oscbench.data.base import Data, build_data
@@ -259,6 +259,7 @@ def main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)
     try:
+        cfg = resolve_recipe(cfg, overrides)
         spec = validate(cfg)
         config = resolved(cfg)
         if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs

@@ -1,0 +1,96 @@
+"""Recipes (conf/recipe/): each paper's, `paper` resolved to the method's own, every key a
+recipe sets a key that exists, and every (method, recipe) pair it applies to trains."""
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from oscbench.compose import CONF_DIR, compose, presets
+from oscbench.config import validate
+from oscbench.record import load_results
+from tests.conftest import run_config
+
+RECIPES = sorted(p.stem for p in Path(CONF_DIR, "recipe").glob("*.yaml"))
+PAPERS = [r for r in RECIPES if r not in ("common", "paper")]
+QUICK = ["logger=none", "device=cpu", "trainer.epochs=2", "bits=2"]
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _leaves(value, path + ".")
+        else:
+            yield path
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_key_a_recipe_sets_exists_without_it(recipe):
+    """Compose the defaults with only the recipe's own group choices: every key the recipe
+    sets must already be there (a misspelt key would otherwise be added silently)."""
+    node = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR, "recipe", f"{recipe}.yaml")))
+    groups = [
+        f"{k.split('/')[-1]}={v}" for entry in node.pop("defaults", []) for k, v in entry.items()
+    ]
+    base = compose(groups)
+    for key in _leaves(node):
+        assert OmegaConf.select(base, key, default="<missing>") != "<missing>", (recipe, key)
+
+
+def test_paper_is_each_methods_own_recipe_and_the_record_says_which_ran(tmp_path):
+    owners = {p.name: compose([f"method={p.name}"]).method.get("paper") for p in presets()}
+    assert {owners[m] for m in ("lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg")} == set(PAPERS)
+    for method, paper in owners.items():
+        assert validate(compose([f"method={method}", "recipe=paper"])).recipe == (paper or "common")
+    aoq = validate(compose(["method=aoq", "recipe=paper"]))
+    assert aoq.act_quantizer.name == "ltq" and not aoq.act_quantizer.options.learn_start
+    assert aoq.trainer.optimizer == "adam" and aoq.trainer.schedule == "linear"
+    assert aoq.teacher == "fp" and aoq.distill.loss == "soft" and aoq.first_last == "fp"
+    nagel = validate(compose(["method=lsq_freeze", "recipe=paper"]))
+    assert nagel.trainer.quant_optimizer == "adam" and nagel.trainer.quant_lr == 1e-5
+    assert nagel.quantizer.options.init == "mse" and not nagel.quantizer.options.grad_scale
+    # a command-line override wins over the recipe
+    assert validate(compose(["method=aoq", "recipe=paper", "trainer.lr=0.02"])).trainer.lr == 0.02
+
+
+def _pairs():
+    for p in presets():
+        yield p.name, "paper"
+    for recipe in PAPERS:  # each paper's recipe with a method of another paper, where it fits
+        yield "lsq", recipe
+
+
+@pytest.mark.parametrize(("method", "recipe"), list(_pairs()))
+def test_every_method_trains_two_epochs_under_its_recipe(method, recipe, tmp_path):
+    run_dir = tmp_path / "method" / "run"  # teacher=fp, init_from=fp: the fp run below tmp_path
+    final = run_config([f"method={method}", f"recipe={recipe}", *QUICK], run_dir)
+    record = load_results(run_dir)
+    ran = record["config"]["recipe"]["name"]
+    assert ran != "paper" and (recipe == "paper" or ran == recipe)
+    assert final["acc_bn"] > 0 and record["status"] == "completed"
+    if record["config"]["teacher"] == "fp" and record["config"]["quantizer"]["name"] != "none":
+        assert final["teacher"].startswith(str(tmp_path / "fp")) and final["kl_to_teacher"] >= 0
+
+
+def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_path):
+    from oscbench import report
+    from tests.test_sweeps import records, sweep
+
+    args = ["experiment=compare_methods", "method=fp,aoq", "bits=2", "seed=0", "logger=none"]
+    out = sweep(tmp_path, *args, "trainer.epochs=1", "recipe=common,paper").stdout
+    ran = sorted(
+        (r["config"]["method"]["name"], r["config"]["recipe"]["name"])
+        for r in records(tmp_path).values()
+    )
+    assert ran == [("aoq", "aoq2025"), ("aoq", "common"), ("fp", "common")]
+    assert out.count("already holds this completed run") == 1  # fp under paper: fp's common
+    report.write_report(report.load_records(tmp_path), tmp_path / "report")
+    table = (tmp_path / "report" / "table.md").read_text()
+    assert "| method | recipe.name | 2-bit |" in table
+    assert "| aoq | aoq2025 |" in table and "| aoq | common |" in table
+    assert "### Each paper's recipe against the common one" in table
+    differences = table.split("### Each paper's recipe against the common one")[1]
+    line = next(x for x in differences.splitlines() if x.startswith("| aoq | aoq2025 | "))
+    cells = line.strip("|").split("|")[2:]
+    assert len(cells) == 2 and all(c.strip()[0] in "+-" for c in cells)
