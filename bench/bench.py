@@ -22,6 +22,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def late_step(steps: int, period: int = 200) -> int:
     return math.ceil(0.7 * steps / period) * period + 1
 
 
-def setup(model: str, method: str, bits: int):  # noqa: ANN201
+def setup(model: str, method: str, bits: int, extra: tuple[str, ...] = ()):  # noqa: ANN201
     """A built run and a closure that performs one real training step."""
     cfg = compose(
         [
@@ -70,6 +71,7 @@ def setup(model: str, method: str, bits: int):  # noqa: ANN201
             "logger=none",
             "device=cpu",
             "trainer.epochs=1000",
+            *extra,
         ]
     )
     spec = validate(cfg)
@@ -82,7 +84,17 @@ def setup(model: str, method: str, bits: int):  # noqa: ANN201
 
     def run_step(i: int) -> None:
         train_step(
-            built.model, built.model, x, y, opt, built.policies, built.tracker, Accel(), i, steps
+            built.model,
+            built.model,
+            x,
+            y,
+            opt,
+            built.policies,
+            built.tracker,
+            Accel(),
+            i,
+            steps,
+            built.objective,
         )
 
     run_step(at - 1)  # a step at a multiple of the period opens OsciReset's window
@@ -126,6 +138,26 @@ def step_times(min_run_time: float, rounds: int) -> dict:
                 del pair
         out[model] = {"fp": {"seconds": statistics.median(fp_all), "ratio": 1.0}, **rows}
         print(model, {k: round(v["ratio"], 2) for k, v in out[model].items()}, flush=True)
+    return out
+
+
+def teacher_cost(min_run_time: float, rounds: int) -> dict:
+    """A distilled step (distill.loss=soft, a frozen FP teacher of the same model: its
+    forward under no_grad) against the same step without a teacher, LSQ W4A4, alternating."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in MODELS:
+            weights = Path(tmp) / f"{model}.pt"
+            torch.save(setup(model, "fp", 4)[0].model.state_dict(), weights)
+            kd = (f"teacher={weights}", "distill.loss=soft")
+            pair = {"plain": setup(model, "lsq", 4)[1], "teacher": setup(model, "lsq", 4, kd)[1]}
+            times: dict[str, list[float]] = {"plain": [], "teacher": []}
+            for _ in range(rounds):
+                for key, step in pair.items():
+                    times[key].append(median_time(step, min_run_time))
+            plain, t = statistics.median(times["plain"]), statistics.median(times["teacher"])
+            out[model] = {"plain_s": plain, "teacher_s": t, "ratio": t / plain}
+            print("teacher", model, round(t / plain, 2), flush=True)
     return out
 
 
@@ -248,6 +280,10 @@ def write(results: dict, path_md: Path) -> None:
         "# oscbench benchmarks",
         "",
         f"Command: `{results['command']}` (`make bench`). Machine: {results['machine']}.",
+        *[
+            f"Section `{name}` measured again with `{cmd}`."
+            for name, cmd in results.get("section_runs", {}).items()
+        ],
         "",
         "Ratios are to the full-precision step of the same model in the same process:",
         "each method is timed against its own FP twin in alternating rounds (medians of",
@@ -282,6 +318,24 @@ def write(results: dict, path_md: Path) -> None:
         f"{t['movement_bytes_per_weight']:.1f} for d_Q/d_w (the previous latent weight) "
         f"({t['tracked_weights']:,} weights)",
         "",
+    ]
+    if "teacher" in results:
+        lines += [
+            "## Distillation: a step with a teacher (issue 14)",
+            "",
+            "LSQ W4A4, `distill.loss=soft` from a frozen FP teacher of the same model (its",
+            "forward under `no_grad`), against the same step without one, alternating rounds.",
+            "",
+            "| model | without | with a teacher | ratio |",
+            "|---|---|---|---|",
+        ]
+        for model, r in results["teacher"].items():
+            lines.append(
+                f"| {model} | {r['plain_s'] * 1e3:.1f} ms | {r['teacher_s'] * 1e3:.1f} ms | "
+                f"{r['ratio']:.2f}x |"
+            )
+        lines.append("")
+    lines += [
         "## LSQ forward + backward vs PyTorch's fused op",
         "",
         "| tensor | oscbench | fused | ratio |",
@@ -311,6 +365,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved FP/method rounds")
     parser.add_argument("--threads", type=int, default=None, help="default: torch's default")
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json go")
+    parser.add_argument(
+        "--only",
+        choices=["step", "tracker", "teacher", "lsq", "memory"],
+        help="measure this section again, keep the others of --out's results.json",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -318,16 +377,26 @@ def main() -> None:
         return _memory_child(*args.memory)
     torch.manual_seed(0)
     start = time.time()
-    results = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-        "command": " ".join(["python bench/bench.py", *sys.argv[1:]]),
-        "step": step_times(args.min_run_time, args.rounds),
-        "tracker": tracker_cost(args.min_run_time),
-        "lsq": lsq_vs_fused(args.min_run_time),
-        "memory": peak_memory(args.threads),
+    sections = {
+        "step": lambda: step_times(args.min_run_time, args.rounds),
+        "tracker": lambda: tracker_cost(args.min_run_time),
+        "teacher": lambda: teacher_cost(args.min_run_time, args.rounds),
+        "lsq": lambda: lsq_vs_fused(args.min_run_time),
+        "memory": lambda: peak_memory(args.threads),
     }
-    results["seconds"] = time.time() - start
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    command = " ".join(["python bench/bench.py", *sys.argv[1:]])
+    if args.only:
+        results = json.loads((args.out / "results.json").read_text())
+        results[args.only] = sections[args.only]()
+        results["section_runs"] = {**results.get("section_runs", {}), args.only: command}
+    else:
+        results = {"machine": machine, "command": command}
+        results |= {name: measure() for name, measure in sections.items()}
+        results["seconds"] = time.time() - start
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     write(results, args.out / "results.md")

@@ -25,6 +25,7 @@ CHECKPOINT_KEYS = (
     "optimizer",
     "policies",
     "tracker",
+    "ema",
     "rng",
     "epoch",
     "step",

@@ -20,6 +20,7 @@ student's autocast, on the same (augmented) batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,25 +92,26 @@ class Objective:
 
 
 def build_teacher(
-    cfg: DistillConfig, path: Path, student: nn.Module, build_student_arch
-) -> nn.Module:  # noqa: ANN001
-    """The teacher: a fresh model of the student's architecture (or `cfg.arch`, a timm
-    model) filled, every tensor, from `path` (a run directory, an oscbench checkpoint or a
-    weights file), frozen, in eval mode, on the student's device."""
+    cfg: DistillConfig,
+    path: Path,
+    architecture: Callable[[], nn.Module],
+    classes: int,
+    channels: int,
+    device: torch.device,
+) -> nn.Module:
+    """The teacher: a fresh model of the student's `architecture` (or `cfg.arch`, a timm
+    model for `classes` and `channels`) filled, every tensor, from `path` (a run directory,
+    an oscbench checkpoint or a weights file), frozen, in eval mode, on `device`."""
     if cfg.arch is None:
-        teacher = build_student_arch()
+        teacher = architecture()
     else:
         import timm
 
-        head = [m for m in student.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-        classes = head.out_features if isinstance(head, nn.Linear) else head.out_channels
-        first = next(m for m in student.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        channels = first.in_channels if isinstance(first, nn.Conv2d) else first.in_features
         try:
             teacher = timm.create_model(cfg.arch, num_classes=classes, in_chans=channels)
         except RuntimeError as e:
             raise ConfigError(f"distill.arch={cfg.arch}: {e}; give a timm model name") from None
-    state = read_state_dict(path)
+    state = read_state_dict(path, "teacher")
     target = teacher.state_dict()
     fits = {k: v for k, v in state.items() if k in target and target[k].shape == v.shape}
     missing = [k for k in target if k not in fits]
@@ -120,7 +122,6 @@ def build_teacher(
             f"({', '.join(missing[:4])}); give the fp run of this model, or set distill.arch"
         )
     teacher.load_state_dict(fits)
-    device = next(student.parameters()).device
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -131,7 +132,9 @@ CROSS_ENTROPY = Objective(None, 0.0, None)
 
 
 @torch.no_grad()
-def kl_to_teacher(student: nn.Module, objective: Objective, batches) -> float:  # noqa: ANN001
+def kl_to_teacher(
+    student: nn.Module, objective: Objective, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
+) -> float:
     """Mean KL(teacher || student) over `batches` of (x, y), both in eval mode, at T = 1."""
     student.eval()
     total, n = 0.0, 0

@@ -322,6 +322,10 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
     else:
         acc = f"{final['acc']:.2f} %  (after BN re-estimation: {final['acc_bn']:.2f} %)"
     rows = [("test accuracy", acc)]
+    if "ema_acc_bn" in final:
+        rows.append(("EMA of the weights", f"{final['ema_acc_bn']:.2f} % (after BN re-estimation)"))
+    if "kl_to_teacher" in final:
+        rows.append(("teacher", f"{final['teacher']} (KL from it: {final['kl_to_teacher']:.4f})"))
     if "osc_share" in final:
         rows += [
             (

@@ -180,9 +180,15 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     if len(extra):
         stats = pd.concat([stats, pd.DataFrame({"not_completed": failed[extra]})])
     order = {m: i for i, m in enumerate(_method_order(exp["method"]))}
-    return stats.sort_index(
-        key=lambda idx: idx.map(order.get) if idx.name == "method" else idx.map(str)
-    )
+
+    def key(idx: pd.Index) -> pd.Index:
+        if idx.name == "method":
+            return idx.map(order.get)
+        if idx.name == RECIPE:  # the common recipe first, then the papers'
+            return idx.map(lambda r: (r != "common", str(r)))
+        return idx.map(str)
+
+    return stats.sort_index(key=key)
 
 
 def recipe_differences(stats: pd.DataFrame) -> str:
@@ -194,7 +200,7 @@ def recipe_differences(stats: pd.DataFrame) -> str:
     metrics = ("acc", "osc_share")
     head = [f"Δ{m} {b}-bit" for m in ("acc", "osc") for b in bits]
     out = [
-        "### Each paper's recipe against the common one\n",
+        "\n### Each paper's recipe against the common one\n",
         "Difference of the means (the paper's recipe minus common) for the methods run under "
         "both; the tables above give each with its spread over seeds.\n",
         "| method | recipe | " + " | ".join(head) + " |",

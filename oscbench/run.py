@@ -80,7 +80,14 @@ def build(spec: RunSpec) -> Built:
     model = architecture().to(device)
     teacher = None
     if spec.teacher is not None:
-        teacher = build_teacher(spec.distill, Path(spec.teacher), model, architecture)
+        teacher = build_teacher(
+            spec.distill,
+            Path(spec.teacher),
+            architecture,
+            data.num_classes,
+            data.in_channels,
+            device,
+        )
         if spec.distill.loss == "soft+hard" and hasattr(model, "set_distilled_training"):
             model.set_distilled_training(True)  # DeiT's distillation head learns from the teacher
     init = None

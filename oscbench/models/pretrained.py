@@ -21,14 +21,15 @@ from oscbench.files import DamagedFile
 from oscbench.registry import ConfigError
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path, key: str = "init_from") -> dict[str, torch.Tensor]:
+    """The state dict in `path`; errors name the setting it came from (`key`)."""
     if not path.exists():
-        raise ConfigError(f"init_from={path}: no such file or directory")
+        raise ConfigError(f"{key}={path}: no such file or directory")
     if path.is_dir():
         for name in (FINAL_MODEL, CHECKPOINT):
             if (path / name).exists():
-                return read_state_dict(path / name)
-        raise ConfigError(f"init_from={path}: a directory without {FINAL_MODEL} or {CHECKPOINT}")
+                return read_state_dict(path / name, key)
+        raise ConfigError(f"{key}={path}: a directory without {FINAL_MODEL} or {CHECKPOINT}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -38,7 +39,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=path.name != CHECKPOINT)
     except Exception as e:  # truncated, corrupt, or not a weights file at all
         raise DamagedFile(
-            f"init_from={path} cannot be read as PyTorch or safetensors weights "
+            f"{key}={path} cannot be read as PyTorch or safetensors weights "
             f"({type(e).__name__}: {e}); is it complete, and a weights file?"
         ) from None
     for key in ("model", "state_dict", "model_state_dict"):  # common checkpoint wrappers
@@ -46,7 +47,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DamagedFile(
-            f"init_from={path} holds a {type(state).__name__}, not a state dict of tensors; "
+            f"{key}={path} holds a {type(state).__name__}, not a state dict of tensors; "
             "give a model's state_dict (or an oscbench run directory)"
         )
     return state
