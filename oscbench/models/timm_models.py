@@ -67,41 +67,36 @@ def resnet18(cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size:
     return model
 
 
-@MODELS.register("mobilenetv2", ConvNetConfig)
-def mobilenetv2(
-    cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size: int
-) -> nn.Module:
+def _efficient(arch: str, cfg: ConvNetConfig, num_classes: int, in_channels: int) -> nn.Module:
+    """timm's EfficientNet-family nets (MobileNetV2/V3, EfficientNet-lite): `stem: cifar`
+    makes the stem's stride 1 for 32x32 inputs."""
     import timm
 
-    model = timm.create_model("mobilenetv2_100", num_classes=num_classes, in_chans=in_channels)
-    if cfg.stem == "cifar":
-        model.conv_stem.stride = (1, 1)
-    return model
-
-
-@MODELS.register("mobilenetv3", MobileNetV3Config)
-def mobilenetv3(
-    cfg: MobileNetV3Config, num_classes: int, in_channels: int, image_size: int
-) -> nn.Module:
-    import timm
-
-    arch = f"mobilenetv3_{cfg.variant}_100"
     model = timm.create_model(arch, num_classes=num_classes, in_chans=in_channels)
     if cfg.stem == "cifar":
         model.conv_stem.stride = (1, 1)
     return model
 
 
+@MODELS.register("mobilenetv2", ConvNetConfig)
+def mobilenetv2(
+    cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    return _efficient("mobilenetv2_100", cfg, num_classes, in_channels)
+
+
+@MODELS.register("mobilenetv3", MobileNetV3Config)
+def mobilenetv3(
+    cfg: MobileNetV3Config, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    return _efficient(f"mobilenetv3_{cfg.variant}_100", cfg, num_classes, in_channels)
+
+
 @MODELS.register("efficientnet_lite0", ConvNetConfig)
 def efficientnet_lite0(
     cfg: ConvNetConfig, num_classes: int, in_channels: int, image_size: int
 ) -> nn.Module:
-    import timm
-
-    model = timm.create_model("efficientnet_lite0", num_classes=num_classes, in_chans=in_channels)
-    if cfg.stem == "cifar":
-        model.conv_stem.stride = (1, 1)
-    return model
+    return _efficient("efficientnet_lite0", cfg, num_classes, in_channels)
 
 
 def _transformer(
