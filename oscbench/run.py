@@ -200,13 +200,13 @@ def execute(
             root = fp_root or run_dir.parent.parent
             fp_dir = ensure_fp(overrides, root) if spec.quantized else None
             fp = fp_dir and str(fp_dir)
+            teacher = fp if spec.teacher == "fp" else spec.teacher
             spec = dataclasses.replace(
                 spec,
                 init_from=fp if spec.init_from == "fp" else spec.init_from,
-                teacher=fp if spec.teacher == "fp" else spec.teacher,
+                teacher=teacher,
+                distill=spec.distill if teacher else dataclasses.replace(spec.distill, loss="none"),
             )
-            if spec.teacher is None:
-                spec.distill = dataclasses.replace(spec.distill, loss="none")
         return _train_and_record(spec, config, run_dir, resume)
 
 
