@@ -90,6 +90,10 @@ class Optimizers:
             o.load_state_dict(s)
 
 
+def _group(name: str, params: list, lr: float, weight_decay: float = 0.0) -> dict:
+    return {"name": name, "params": params, "lr": lr, "weight_decay": weight_decay}
+
+
 def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimizers:
     """The run's optimizers over `total` main steps (empty groups are left out)."""
     qparams = quantizer_parameters(model)
@@ -97,29 +101,16 @@ def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimi
     taken = {id(p) for p in qparams} | {id(p) for p in latent}
     other = [p for p in model.parameters() if id(p) not in taken]
     main = [
-        {"name": "other", "params": other, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
-        {"name": "latent", "params": latent, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
+        _group("other", other, cfg.lr, cfg.weight_decay),
+        _group("latent", latent, cfg.lr, cfg.weight_decay),
     ]
-    quant = [{"name": "quantizer", "params": qparams, "lr": cfg.quant_lr, "weight_decay": 0.0}]
-    if cfg.act_quant_lr is not None:  # the input quantizers' parameters at a rate of their own
-        weights = {
-            id(p)
-            for _, layer in quantized_layers(model)
-            for p in layer.weight_quantizer.parameters()
-        }
+    if cfg.act_quant_lr is None:
+        quant = [_group("quantizer", qparams, cfg.quant_lr)]
+    else:  # the input quantizers' parameters at a rate of their own
+        steps = {id(p) for _, m in quantized_layers(model) for p in m.weight_quantizer.parameters()}
         quant = [
-            {
-                "name": "quantizer",
-                "params": [p for p in qparams if id(p) in weights],
-                "lr": cfg.quant_lr,
-                "weight_decay": 0.0,
-            },
-            {
-                "name": "act_quantizer",
-                "params": [p for p in qparams if id(p) not in weights],
-                "lr": cfg.act_quant_lr,
-                "weight_decay": 0.0,
-            },
+            _group("quantizer", [p for p in qparams if id(p) in steps], cfg.quant_lr),
+            _group("act_quantizer", [p for p in qparams if id(p) not in steps], cfg.act_quant_lr),
         ]
     warmup = round(cfg.warmup_fraction * total)
     main_factor = lr_factor(cfg.schedule, total, warmup)

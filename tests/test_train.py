@@ -59,6 +59,22 @@ def test_optimizer_groups_are_named_and_quantizer_steps_have_no_weight_decay():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(every)
 
 
+def test_input_quantizers_take_their_own_rate_with_act_quant_lr():
+    spec, _, model, _ = _setup(["trainer.quant_lr=0.003", "trainer.act_quant_lr=0.3"])
+    groups = {g["name"]: g for g in build_optimizers(model, spec.trainer, 100).param_groups}
+    assert list(groups) == ["other", "latent", "quantizer", "act_quantizer"]
+    layers = [m for m in model.modules() if hasattr(m, "weight_quantizer")]
+    assert [id(p) for p in groups["quantizer"]["params"]] == [
+        id(m.weight_quantizer.s) for m in layers
+    ]
+    assert [id(p) for p in groups["act_quantizer"]["params"]] == [
+        id(m.input_quantizer.s) for m in layers
+    ]
+    assert (
+        groups["act_quantizer"]["initial_lr"] == 0.3 and groups["quantizer"]["initial_lr"] == 0.003
+    )
+
+
 def test_cosine_schedule_with_warmup():
     lrs = [lr_factor("cosine", 100, 10)(t) for t in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
