@@ -182,6 +182,7 @@ class RunSpec:
     first_last_bits: int
     seed: int
     device: str
+    jobs_per_gpu: int  # a sweep's jobs that share one GPU (device=auto, several GPUs)
     model: Component
     dataset: Component
     quantizer: Component
@@ -275,6 +276,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         first_last_bits=_bits(cfg, "first_last_bits"),
         seed=cfg.seed,
         device=device,
+        jobs_per_gpu=cfg.jobs_per_gpu,
         model=_component(MODELS, cfg.model, "model"),
         dataset=_component(DATASETS, cfg.dataset, "dataset"),
         quantizer=_component(QUANTIZERS, cfg.quantizer, "quantizer"),
@@ -296,6 +298,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         distill=parse(DistillConfig, cfg.distill, "distill"),
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
+    jobs = spec.jobs_per_gpu
+    check(isinstance(jobs, int) and jobs >= 1, "jobs_per_gpu", jobs, "an integer >= 1")
     ends = ("bits", "fp", "same")
     check(spec.first_last in ends, "first_last", spec.first_last, ", ".join(ends))
     if (spec.teacher is None) != (spec.distill.loss == "none"):

@@ -23,6 +23,7 @@ from oscbench.console import epoch_line, say, warn
 from oscbench.data.base import Data, build_data
 from oscbench.distill import Objective, build_teacher, kl_to_teacher
 from oscbench.evaluation import evaluate, final_metrics, reestimate_bn
+from oscbench.gpus import job_device
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
 from oscbench.naming import run_dir_name
@@ -272,9 +273,8 @@ def main(cfg: DictConfig) -> float:
         if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs
             root = Path(hc.sweep.dir)
             spec.logger.group = spec.logger.group or root.name
-            return execute(spec, config, run_dir, overrides, search_root=root, fp_root=root)[
-                "acc_bn"
-            ]
+            with job_device(spec, root) as pinned:  # parallel jobs: one GPU slot each
+                return execute(pinned, config, run_dir, overrides, root, root)["acc_bn"]
         return execute(spec, config, run_dir, overrides)["acc_bn"]
     except ConfigError as e:  # data not on disk, a damaged file: found before any training
         if hc.mode == RunMode.RUN:

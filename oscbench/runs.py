@@ -22,7 +22,15 @@ from oscbench.files import DamagedFile, read_json
 RESULTS = "results.json"
 # labels and settings that do not change a run's results (`method` names the components,
 # which are in the config themselves: quantizer, policy, ptq)
-NOT_RESULTS = ("logger", "trainer.resume", "device", "data_dir", "method", "init_strict")
+NOT_RESULTS = (
+    "logger",
+    "trainer.resume",
+    "device",
+    "jobs_per_gpu",
+    "data_dir",
+    "method",
+    "init_strict",
+)
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
 BITS = ("bits", "act_bits", "first_last", "first_last_bits")
 
