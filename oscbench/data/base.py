@@ -15,12 +15,14 @@ the same batches as an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DistributedSampler
 
+from oscbench.distributed import World
 from oscbench.registry import ConfigError, Registry
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -77,6 +79,7 @@ class TensorData:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     augment: str = "none"  # none | crop_flip
+    world: World = field(default_factory=World)  # several processes: this rank's shards
 
     @property
     def in_channels(self) -> int:
@@ -100,6 +103,9 @@ class TensorData:
         return (x - mean) / std
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
+        """The epoch's global batches of `batch_size` in its seeded order; on several
+        processes, this rank's contiguous part of each (the same permutation and the same
+        augmentation on every rank, so the ranks' parts make up the one-process batch)."""
         g = epoch_generator(self.seed, epoch)
         order = torch.randperm(len(self.x_train), generator=g).to(self.device)
         for i in range(0, len(order), batch_size):
@@ -107,11 +113,16 @@ class TensorData:
             x = self._prepare(self.x_train[idx])
             if self.augment == "crop_flip":
                 x = crop_flip(x, 4, g)
-            yield x, self.y_train[idx]
+            part = self.world.shard(len(idx))
+            yield x[part], self.y_train[idx][part]
 
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
+        """The test set in order; on several processes, this rank's part of each batch."""
         for i in range(0, len(self.x_test), batch_size):
-            yield self._prepare(self.x_test[i : i + batch_size]), self.y_test[i : i + batch_size]
+            n = min(batch_size, len(self.x_test) - i)
+            part = self.world.shard(n)
+            part = slice(i + part.start, i + part.stop)
+            yield self._prepare(self.x_test[part]), self.y_test[part]
 
 
 class EpochView(torch.utils.data.Dataset):
@@ -145,15 +156,28 @@ class LoaderData:
     workers: int
     image_size: int
     in_channels: int = 3
+    world: World = field(default_factory=World)  # several processes: DistributedSampler
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.train_set) // batch_size)
 
     def _loader(self, ds, batch_size: int, g: torch.Generator | None) -> Iterator[Batch]:  # noqa: ANN001
+        """Batches of `batch_size` (global). On several processes, training: each rank
+        streams its DistributedSampler shard (seeded by `g`; shards padded to equal length,
+        as DDP needs) in batches of `batch_size / ranks`; testing: each rank its
+        contiguous part of the set, nothing repeated, so that summed counts are exact."""
+        sampler, w = None, self.world
+        if w.active and g is None:
+            ds = torch.utils.data.Subset(ds, range(len(ds))[w.shard(len(ds))])
+        elif w.active:
+            seed = int(torch.randint(2**31, (1,), generator=g))
+            sampler = DistributedSampler(ds, w.size, w.rank, shuffle=True, seed=seed)
+            batch_size //= w.size
         loader = torch.utils.data.DataLoader(
             ds,
             batch_size=batch_size,
-            shuffle=g is not None,
+            shuffle=g is not None and sampler is None,
+            sampler=sampler,
             generator=g,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
