@@ -14,6 +14,7 @@ from oscbench.accel import Accel
 from oscbench.batchnorm import bn_momentum
 from oscbench.config import RunSpec, TrainerConfig
 from oscbench.data.base import Data
+from oscbench.distributed import all_sum
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.base import clip_to_grid
 from oscbench.quant.modules import QuantPlan, quantize_model, quantized_layers
@@ -26,19 +27,19 @@ DIST_BINS = 20  # over [0, 0.5] step: inside the grid a weight is at most half a
 def evaluate(
     model: nn.Module, data: Data, batch_size: int, accel: Accel | None = None
 ) -> dict[str, float]:
-    """Test loss and accuracy (%) in eval mode."""
+    """Test loss and accuracy (%) in eval mode; on several processes each rank evaluates
+    its part of the test set and the sums are added up over the ranks."""
     accel = accel or Accel()
     model.eval()
-    loss = torch.zeros((), device=data.device)
-    correct = torch.zeros((), device=data.device, dtype=torch.long)
-    n = 0
+    sums = torch.zeros(3, device=data.device)  # loss, correct, count (exact in fp32 to 2^24)
     for x, y in data.test_batches(batch_size):
         with accel.autocast(data.device):
             logits = model(accel.input(x))
-        loss += F.cross_entropy(logits.float(), y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-        n += len(y)
-    return {"loss": loss.item() / n, "acc": 100.0 * correct.item() / n}
+        sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
+        sums[1] += (logits.argmax(1) == y).sum()
+        sums[2] += len(y)
+    loss, correct, n = all_sum(sums, data.world).tolist()
+    return {"loss": loss / n, "acc": 100.0 * correct / n}
 
 
 @torch.no_grad()
