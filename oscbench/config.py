@@ -59,6 +59,8 @@ class TrainerConfig:
     precision: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     channels_last: str  # auto (on CUDA) | always | never
     compile: bool  # torch.compile the model's forward
+    sync_bn: bool  # several processes: BatchNorm over the global batch (SyncBatchNorm)
+    dist_timeout_s: float  # several processes: a collective that waits longer fails the run
     resume: str  # auto: continue from the run directory's checkpoint, if any; never: start over
 
     def __post_init__(self) -> None:

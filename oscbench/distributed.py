@@ -69,6 +69,13 @@ def broadcast(obj: Any, world: World) -> Any:
     return box[0]
 
 
+def sync_buffers(model: torch.nn.Module, world: World) -> None:
+    """Rank 0's buffers (BN statistics among them) on every rank."""
+    if world.active:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     """`t` summed over the ranks, in place."""
     if world.active:

@@ -14,7 +14,7 @@ from oscbench.accel import Accel
 from oscbench.batchnorm import bn_momentum
 from oscbench.config import RunSpec, TrainerConfig
 from oscbench.data.base import Data
-from oscbench.distributed import all_sum
+from oscbench.distributed import all_sum, sync_buffers
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.base import clip_to_grid
 from oscbench.quant.modules import QuantPlan, quantize_model, quantized_layers
@@ -58,6 +58,7 @@ def reestimate_bn(model: nn.Module, data: Data, batches: int, batch_size: int) -
             if i == batches:
                 break
             model(x)
+    sync_buffers(model, data.world)  # SyncBN agrees already; plain BN takes rank 0's
 
 
 def _rtn(bits: int) -> RTNQuantizer:

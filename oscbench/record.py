@@ -214,16 +214,20 @@ class Recorder:
         name: str,
         machine_info: dict,
         resume: dict | None = None,
+        writes: bool = True,
     ) -> None:
         """`labels`: what ran (`method`, `bits`: e.g. lsq+dampen, w2a32); `name`: the run's
         name in W&B. `resume`: the checkpoint a resumed run continues from; its epochs, its
-        wall time so far and the W&B run of the earlier attempt carry on."""
+        wall time so far and the W&B run of the earlier attempt carry on. `writes`: false
+        on every process of a multi-process run but rank 0's, which keep the record in
+        memory only (no file, no W&B)."""
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / RESULTS
         self.logger = logger
         self.labels = labels
         self.start = time.time() - (resume["elapsed_s"] if resume else 0.0)
-        previous = self._previous()
+        self.writes = writes
+        previous = self._previous() if writes else {}
         history = list(resume["history"]) if resume else []
         self.data: dict[str, Any] = {
             "status": "running",
@@ -242,7 +246,9 @@ class Recorder:
             "wall_time_s": 0.0,
         }
         self.wandb_id = previous.get("wandb", {}).get("id") if resume else None
-        self.mirror = WandbMirror(logger, self.run_dir) if logger.name == "wandb" else None
+        self.mirror = (
+            WandbMirror(logger, self.run_dir) if writes and logger.name == "wandb" else None
+        )
 
     def _previous(self) -> dict:
         """The record already in the run directory; a damaged one is set aside and said so."""
@@ -304,7 +310,8 @@ class Recorder:
 
     def _save(self) -> None:
         self.data["wall_time_s"] = self.elapsed
-        write_json_atomic(self.path, self.data)
+        if self.writes:
+            write_json_atomic(self.path, self.data)
 
 
 def load_results(run_dir: Path) -> dict:

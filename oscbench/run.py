@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from oscbench.config import RunSpec, resolved, validate
 from oscbench.console import epoch_line, say, warn
 from oscbench.data.base import Data, build_data
 from oscbench.distill import Objective, build_teacher, kl_to_teacher
+from oscbench.distributed import broadcast, from_env, start
 from oscbench.evaluation import evaluate, final_metrics, reestimate_bn
 from oscbench.gpus import job_device
 from oscbench.models.base import build_model
@@ -39,6 +41,9 @@ from oscbench.train import build_ema, schedule, train
 
 
 def pick_device(name: str) -> torch.device:
+    """The device `name` asks for; on several processes, CUDA means the rank's local GPU."""
+    if name in ("auto", "cuda") and torch.cuda.is_available() and from_env().active:
+        return torch.device("cuda", from_env().local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -73,12 +78,15 @@ def build(spec: RunSpec) -> Built:
     torch.manual_seed(spec.seed)
     if device.type == "cpu":
         deterministic_cpu(compiled=spec.trainer.compile)
-    data = build_data(spec.dataset, seed=spec.seed, device=device)
+    world = from_env()
+    data = dataclasses.replace(build_data(spec.dataset, seed=spec.seed, device=device), world=world)
 
     def architecture() -> nn.Module:
         return build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
 
     model = architecture().to(device)
+    if spec.trainer.sync_bn and world.active:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     teacher = None
     if spec.teacher is not None:
         teacher = build_teacher(
@@ -184,10 +192,11 @@ def execute(
     (composed from `overrides`, the run's command-line overrides)."""
     search_root = search_root or run_dir
     key = run_key(config)
-    with run_lock(search_root, key):
+    world = from_env()  # several processes: rank 0 locks and decides, the others follow
+    with run_lock(search_root, key) if world.main else contextlib.nullcontext():
         resume = None
         if spec.trainer.resume == "auto":
-            done = find_completed(search_root, key)
+            done = broadcast(find_completed(search_root, key) if world.main else None, world)
             if done is not None:
                 say(
                     f"oscbench: {done} already holds this completed run "
@@ -196,7 +205,11 @@ def execute(
                 record = load_results(done)
                 print_summary(spec, record, done / RESULTS)
                 return record["final"]
-            resume = load_for_resume(run_dir, config)
+            resume = (
+                load_for_resume(run_dir, config)
+                if broadcast(world.main and (run_dir / CHECKPOINT).exists(), world)
+                else None
+            )
         if "fp" in (spec.init_from, spec.teacher):  # for quantized runs; FP runs train alone
             root = fp_root or run_dir.parent.parent
             fp_dir = ensure_fp(overrides, root) if spec.quantized else None
@@ -216,11 +229,14 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
     epochs = spec.trainer.epochs + spec.trainer.extra_epochs
     labels = {"method": spec.method, "bits": spec.bits_label}
     where = machine(str(built.data.device))
-    rec = Recorder(run_dir, config, spec.logger, labels, run_name(spec), where, resume)
+    world = built.data.world
+    rec = Recorder(
+        run_dir, config, spec.logger, labels, run_name(spec), where, resume, writes=world.main
+    )
     if resume is not None:
         say(f"oscbench: resuming {run_dir} after epoch {resume['epoch']} of {epochs}")
     save = None
-    if spec.trainer.checkpoint:
+    if spec.trainer.checkpoint and world.main:
         stamp = fingerprint(config)
 
         def save(state: dict) -> None:
@@ -254,10 +270,12 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
         final |= extra_metrics(spec, built)
         if built.init is not None:
             final["init"] = built.init
-        save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
+        if world.main:
+            save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
         final["wall_time_s"] = rec.elapsed
         rec.finish(final)
-    print_summary(spec, rec.data, rec.path)  # the record is complete: printing cannot change it
+    if world.main:  # the record is complete: printing cannot change it
+        print_summary(spec, rec.data, rec.path)
     return final
 
 
@@ -269,6 +287,7 @@ def main(cfg: DictConfig) -> float:
     try:
         cfg = resolve_recipe(cfg, overrides)
         spec = validate(cfg)
+        start(from_env(), pick_device(spec.device), spec.trainer.dist_timeout_s)
         config = resolved(cfg)
         if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs
             root = Path(hc.sweep.dir)

@@ -10,12 +10,14 @@ from collections.abc import Callable, Iterator
 import torch
 from timm.utils import ModelEmaV3
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from oscbench.accel import Accel
 from oscbench.checkpoint import CHECKPOINT, rng_state, set_rng_state
 from oscbench.config import TrainerConfig
 from oscbench.data.base import Data
 from oscbench.distill import CROSS_ENTROPY, Objective, prediction
+from oscbench.distributed import all_sum, sync_buffers
 from oscbench.evaluation import evaluate
 from oscbench.files import DamagedFile
 from oscbench.optim import Optimizers, build_optimizers
@@ -38,14 +40,16 @@ def train_step(
     step: int,
     total: int,
     objective: Callable[..., torch.Tensor] = CROSS_ENTROPY,
+    weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """One optimizer step: policies' on_step_start -> forward, task loss + policies' extra
     losses -> backward -> after_backward -> optimizer step (inside the policies'
     optimizer_step wrappers, the first policy's outermost) -> policies' on_step_end ->
     weight quantizers' after_step -> tracker update (so the tracker sees weights as the
     policies leave them, frozen ones at their frozen codes, as in Nagel et al.'s code, and
-    the codes the next forward uses). Returns the detached task loss, extra loss (or None)
-    and the outputs."""
+    the codes the next forward uses). `weight` scales the task loss's gradient (a rank's
+    share of an unevenly split batch, `Data.shard_weight`). Returns the detached task
+    loss, extra loss (or None) and the outputs."""
     for p in policies:
         p.on_step_start(step, total)
     with accel.autocast(x.device):
@@ -56,7 +60,8 @@ def train_step(
         extras = [t for p in policies if (t := p.extra_loss(model)) is not None]
     extra = sum(extras) if extras else None
     opt.zero_grad(set_to_none=True)
-    (loss + extra if extra is not None else loss).backward()
+    task = loss * weight if weight != 1.0 else loss
+    (task + extra if extra is not None else task).backward()
     for p in policies:
         p.after_backward(model)
     step_fn = opt.step
@@ -157,7 +162,13 @@ def train(
     accel = Accel.resolve(cfg, device)
     if accel.channels_last:
         model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
+    world = data.world
+    if world.active:  # DDP: gradients (quantizer steps' too) averaged over the ranks
+        ids = [device.index] if device.type == "cuda" else None
+        forward = DistributedDataParallel(model, device_ids=ids)
+    else:
+        forward = model
+    forward = torch.compile(forward) if cfg.compile else forward
     opt = build_optimizers(model, cfg, steps.main)
     history: list[dict] = []
     step = start = 0
@@ -205,9 +216,21 @@ def train(
         )
         for p in policies:
             p.on_epoch_start(epoch, probe)
-        for x, y in data.train_batches(epoch, cfg.batch_size):
+        for i, (x, y) in enumerate(data.train_batches(epoch, cfg.batch_size)):
+            weight = data.shard_weight(i, cfg.batch_size, len(y))
             loss, extra, logits = train_step(
-                model, forward, x, y, opt, policies, tracker, accel, step, steps.total, objective
+                model,
+                forward,
+                x,
+                y,
+                opt,
+                policies,
+                tracker,
+                accel,
+                step,
+                steps.total,
+                objective,
+                weight,
             )
             if step + 1 < steps.main:
                 opt.schedule_step()
@@ -220,11 +243,19 @@ def train(
                 correct += (logits.argmax(1) == y).sum()
             seen += len(y)
             step += 1
+        sums = all_sum(
+            torch.stack(
+                [loss_sum, extra_sum, correct.float(), torch.tensor(float(seen), device=device)]
+            ),
+            world,
+        )
+        loss_sum, extra_sum, correct, seen = sums[0], sums[1], sums[2], int(sums[3].item())
         if not torch.isfinite(loss_sum):  # checked once an epoch: no host sync per step
             raise FloatingPointError(
                 f"training diverged: the loss is {loss_sum.item()} in epoch {epoch + 1} "
                 f"(trainer.lr={cfg.lr}); lower the learning rate"
             )
+        sync_buffers(model, world)  # BN statistics of this epoch's last local batch: rank 0's
         val = evaluate(model, data, cfg.eval_batch_size, accel)
         record = {
             "epoch": epoch + 1,

@@ -116,6 +116,13 @@ class TensorData:
             part = self.world.shard(len(idx))
             yield x[part], self.y_train[idx][part]
 
+    def shard_weight(self, step: int, batch_size: int, local: int) -> float:
+        """The factor that makes the mean loss of this rank's `local` examples of the
+        epoch's `step`-th batch, averaged over the ranks by DDP, the mean over the whole
+        batch: ranks x local / global (1 unless the batch splits unevenly)."""
+        total = min(batch_size, len(self.x_train) - step * batch_size)
+        return self.world.size * local / total
+
     def test_batches(self, batch_size: int) -> Iterator[Batch]:
         """The test set in order; on several processes, this rank's part of each batch."""
         for i in range(0, len(self.x_test), batch_size):
@@ -185,6 +192,10 @@ class LoaderData:
         )
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def shard_weight(self, step: int, batch_size: int, local: int) -> float:
+        """1: DistributedSampler's shards, and so every step's parts, are of equal size."""
+        return 1.0
 
     def train_batches(self, epoch: int, batch_size: int) -> Iterator[Batch]:
         g = epoch_generator(self.seed, epoch)
