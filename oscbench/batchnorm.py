@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 from torch import nn
 
 
@@ -25,3 +28,52 @@ def bn_momentum(model: nn.Module, momentum: float | None) -> Iterator[list]:
     finally:
         for bn, value in zip(bns, saved, strict=True):
             bn.momentum = value
+
+
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch of every rank:
+    per channel, the sums of x and x^2 and the count are added up over the ranks with
+    torch.distributed.nn's all_reduce, which carries gradients, so that each rank
+    normalises and back-propagates as one process on the whole batch would. For the CPU
+    (gloo), where torch's SyncBatchNorm refuses to run; on CUDA that one is used."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        c = x.shape[1]
+        dims = [0, 2, 3]
+        count = x.new_full((1,), x.numel() / c)
+        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = stats[c : 2 * c] / n - mean * mean  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                m = 1.0 / self.num_batches_tracked.item() if m is None else m
+                self.running_mean.lerp_(mean, m)
+                self.running_var.lerp_(var * n / (n - 1), m)
+        shape = (1, c, 1, 1)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def global_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of `model` over the global batch: torch's SyncBatchNorm on CUDA,
+    GlobalBatchNorm2d elsewhere (same parameters and statistics)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.BatchNorm2d:
+            new = GlobalBatchNorm2d(
+                m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+            )
+            new.load_state_dict(m.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                child,
+                new.to(m.weight.device if m.affine else "cpu"),
+            )
+    return model

@@ -17,13 +17,14 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from oscbench.accel import deterministic_cpu
+from oscbench.batchnorm import global_batch_norm
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
 from oscbench.compose import CONF_DIR, compose, method_free, presets, resolve_recipe
 from oscbench.config import RunSpec, resolved, validate
 from oscbench.console import epoch_line, say, warn
 from oscbench.data.base import Data, build_data
 from oscbench.distill import Objective, build_teacher, kl_to_teacher
-from oscbench.distributed import broadcast, from_env, start
+from oscbench.distributed import World, broadcast, from_env, start
 from oscbench.evaluation import evaluate, final_metrics, reestimate_bn
 from oscbench.gpus import job_device
 from oscbench.models.base import build_model
@@ -86,7 +87,7 @@ def build(spec: RunSpec) -> Built:
 
     model = architecture().to(device)
     if spec.trainer.sync_bn and world.active:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = global_batch_norm(model, device)
     teacher = None
     if spec.teacher is not None:
         teacher = build_teacher(
@@ -125,7 +126,8 @@ def build(spec: RunSpec) -> Built:
                     "use an attention model (model=deit_tiny, model=deit_small) or qkr=never"
                 )
         quantize_model(model, weight_q, act_q, plan)
-        calibrate(model, next(data.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
+        whole = dataclasses.replace(data, world=World())  # every rank: the global first batch
+        calibrate(model, next(whole.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
         tracker = OscillationTracker(model, spec.oscillation, steps.main)
     run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
     policies = build_policies(spec.policies, run)
