@@ -10,9 +10,12 @@ from typing import TextIO
 
 
 def say(text: str, stream: TextIO | None = None) -> None:
-    """Print `text` (to stdout unless told otherwise) and flush. If the other end of the
-    pipe is closed, point the stream at /dev/null, so that neither this print nor the
-    interpreter's last flush raises, and go on."""
+    """Print `text` (to stdout unless told otherwise) and flush; in a run of several
+    processes, on rank 0 only (torchrun's RANK). If the other end of the pipe is closed,
+    point the stream at /dev/null, so that neither this print nor the interpreter's last
+    flush raises, and go on."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     stream = stream or sys.stdout
     try:
         print(text, file=stream, flush=True)

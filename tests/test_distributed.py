@@ -100,3 +100,23 @@ def test_streamed_data_shards_training_and_splits_the_test_set_exactly():
     assert set(trained[0]) | set(trained[1]) == set(range(23))
     again = [int(y) for _, ys in ranks[0].train_batches(0, 8) for y in ys]
     assert again == trained[0]  # seeded by the epoch
+
+
+def _torchrun(run_dir, *overrides):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "oscbench.run", *overrides, "device=cpu", f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_only_rank_zero_writes_and_prints(tmp_path):
+    """One record, one checkpoint, one final model, one W&B offline run; one summary."""
+    proc = _torchrun(tmp_path, "method=lsq", "bits=4", "trainer.epochs=2", "logger.mode=offline")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert {"results.json", "checkpoint.pt", "model_final.pt", "wandb"} <= set(names)
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("record ") == 1
