@@ -32,8 +32,9 @@ def bn_momentum(model: nn.Module, momentum: float | None) -> Iterator[list]:
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch of every rank:
-    per channel, the sums of x and x^2 and the count are added up over the ranks with
-    torch.distributed.nn's all_reduce, which carries gradients, so that each rank
+    per channel, the sum of x and the count, then the sum of (x - mean)^2, are added up
+    over the ranks with torch.distributed.nn's all_reduce, which carries gradients, so that
+    each rank
     normalises and back-propagates as one process on the whole batch would. For the CPU
     (gloo), where torch's SyncBatchNorm refuses to run; on CUDA that one is used."""
 
@@ -42,11 +43,13 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         c = x.shape[1]
         dims = [0, 2, 3]
-        count = x.new_full((1,), x.numel() / c)
-        stats = dist_nn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean  # biased, as batch norm normalises
+        shape = (1, c, 1, 1)
+        sums = dist_nn.all_reduce(torch.cat([x.sum(dims), x.new_full((1,), x.numel() / c)]))
+        n = sums[-1]
+        mean = sums[:c] / n
+        centred = x - mean.view(shape)
+        # two passes, as the one-process kernel: sum((x - mean)^2), not sum(x^2) - mean^2
+        var = dist_nn.all_reduce((centred * centred).sum(dims)) / n  # biased, to normalise
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -54,8 +57,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
                 m = 1.0 / self.num_batches_tracked.item() if m is None else m
                 self.running_mean.lerp_(mean, m)
                 self.running_var.lerp_(var * n / (n - 1), m)
-        shape = (1, c, 1, 1)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = centred * torch.rsqrt(var.view(shape) + self.eps)
         return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
 
 

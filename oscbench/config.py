@@ -61,6 +61,7 @@ class TrainerConfig:
     compile: bool  # torch.compile the model's forward
     sync_bn: bool  # several processes: BatchNorm over the global batch (SyncBatchNorm)
     dist_timeout_s: float  # several processes: a collective that waits longer fails the run
+    check_sync: bool  # several processes: compare every rank's state each epoch (debug)
     resume: str  # auto: continue from the run directory's checkpoint, if any; never: start over
 
     def __post_init__(self) -> None:

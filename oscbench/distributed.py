@@ -1,14 +1,13 @@
-"""One run on several processes: PyTorch's own torch.distributed (DDP), started by torchrun
-on one node or by submitit's SLURM tasks. A `World` says which process this is; rank 0
-decides and writes, every rank trains its shard of each global batch.
-
-Work in progress (issue 15): the process group, collectives with a timeout, and the
-sharding of a global batch. The training loop does not use them yet.
-"""
+"""One run on several processes: PyTorch's own torch.distributed (DistributedDataParallel),
+started by torchrun on one node or by submitit's tasks (SLURM, or its local executor). A
+`World` says which process this is; rank 0 decides and writes, every rank trains its shard
+of each global batch. Every collective fails after `trainer.dist_timeout_s` instead of
+hanging when a rank is gone."""
 
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +23,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # this node's processes
 
     @property
     def main(self) -> bool:
@@ -41,11 +41,26 @@ class World:
 
 
 def from_env() -> World:
-    """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK); one process without."""
+    """The world torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE), or a
+    submitit job of several tasks (its JobEnvironment, exported to those variables with the
+    first host as the rendezvous, as submitit's TorchDistributedEnvironment does); one
+    process without either."""
     env = os.environ
+    if "WORLD_SIZE" not in env and env.get("SUBMITIT_EXECUTOR"):
+        from submitit import JobEnvironment
+        from submitit.helpers import TorchDistributedEnvironment
+
+        if JobEnvironment().num_tasks > 1:
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if "WORLD_SIZE" not in env:
         return World()
-    return World(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    size = int(env["WORLD_SIZE"])
+    return World(
+        int(env["RANK"]),
+        size,
+        int(env.get("LOCAL_RANK", 0)),
+        int(env.get("LOCAL_WORLD_SIZE", size)),
+    )
 
 
 def start(world: World, device: torch.device, timeout_s: float) -> None:
@@ -81,3 +96,44 @@ def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
     if world.active:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def _digests(state: Any, name: str = "") -> dict[str, str]:
+    """Each tensor (and other value) below `state`, by its dotted name: a hash of its bytes."""
+    if isinstance(state, dict):
+        return {
+            k: v for key, sub in state.items() for k, v in _digests(sub, f"{name}.{key}").items()
+        }
+    if isinstance(state, list | tuple):
+        return {
+            k: v for i, sub in enumerate(state) for k, v in _digests(sub, f"{name}.{i}").items()
+        }
+    if isinstance(state, torch.Tensor):
+        raw = state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        return {
+            name.lstrip("."): f"{state.dtype}{tuple(state.shape)}:{hashlib.sha1(raw).hexdigest()}"
+        }
+    return {name.lstrip("."): repr(state)}
+
+
+def check_sync(state: dict, world: World, epoch: int) -> None:
+    """Fail on every rank unless `state` (weights, optimizer, tracker, policies, EMA: the
+    run's checkpoint less its RNG) is bit-identical on every rank (`trainer.check_sync`)."""
+    if not world.active:
+        return
+    mine = _digests(state)
+    every: list[dict[str, str]] = [{} for _ in range(world.size)]
+    dist.all_gather_object(every, mine)
+    differ = {
+        f"rank {r}: {k}"
+        for r, theirs in enumerate(every[1:], start=1)
+        for k in sorted(set(every[0]) | set(theirs))
+        if every[0].get(k) != theirs.get(k)
+    }
+    if differ:
+        shown = ", ".join(sorted(differ)[:8]) + (" ..." if len(differ) > 8 else "")
+        raise RuntimeError(
+            f"trainer.check_sync: after epoch {epoch} the ranks' states differ from rank 0's "
+            f"({len(differ)} entries: {shown}); something rank-local leaks into the "
+            "training state"
+        )

@@ -34,13 +34,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def machine(device: str) -> dict[str, Any]:
+def machine(device: str, processes: int = 1) -> dict[str, Any]:
     """Where the run's numbers came from: their last digits depend on the CPU's vector
-    width and the thread count (the order in which sums are added up), and the GPU."""
+    width, the thread count and the number of processes (the order in which sums are
+    added up), and the GPU."""
     import torch
 
     out = {
         "device": device,
+        "processes": processes,
         "cpu": _cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),

@@ -230,8 +230,8 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
     built = build(spec)
     epochs = spec.trainer.epochs + spec.trainer.extra_epochs
     labels = {"method": spec.method, "bits": spec.bits_label}
-    where = machine(str(built.data.device))
     world = built.data.world
+    where = machine(str(built.data.device), world.size)
     rec = Recorder(
         run_dir, config, spec.logger, labels, run_name(spec), where, resume, writes=world.main
     )
@@ -289,13 +289,22 @@ def main(cfg: DictConfig) -> float:
     try:
         cfg = resolve_recipe(cfg, overrides)
         spec = validate(cfg)
-        start(from_env(), pick_device(spec.device), spec.trainer.dist_timeout_s)
+        world = from_env()
+        if spec.trainer.batch_size % world.size:
+            raise ConfigError(
+                f"trainer.batch_size={spec.trainer.batch_size} is the global batch and must "
+                f"divide among the {world.size} processes; pick a multiple of {world.size}"
+            )
+        start(world, pick_device(spec.device), spec.trainer.dist_timeout_s)
         config = resolved(cfg)
+        own_dir = run_dir
+        run_dir, sweep_dir = map(Path, broadcast((str(run_dir), str(hc.sweep.dir)), world))
+        if own_dir != run_dir:  # Hydra's timestamp turned a second later here: rank 0's wins
+            remove_if_unused(own_dir)
         if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs
-            root = Path(hc.sweep.dir)
-            spec.logger.group = spec.logger.group or root.name
-            with job_device(spec, root) as pinned:  # parallel jobs: one GPU slot each
-                return execute(pinned, config, run_dir, overrides, root, root)["acc_bn"]
+            spec.logger.group = spec.logger.group or sweep_dir.name
+            with job_device(spec, sweep_dir, world) as pinned:  # parallel jobs: GPU slots
+                return execute(pinned, config, run_dir, overrides, sweep_dir, sweep_dir)["acc_bn"]
         return execute(spec, config, run_dir, overrides)["acc_bn"]
     except ConfigError as e:  # data not on disk, a damaged file: found before any training
         if hc.mode == RunMode.RUN:

@@ -27,6 +27,8 @@ NOT_RESULTS = (
     "trainer.resume",
     "device",
     "jobs_per_gpu",
+    "trainer.dist_timeout_s",
+    "trainer.check_sync",
     "data_dir",
     "method",
     "init_strict",

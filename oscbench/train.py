@@ -17,7 +17,7 @@ from oscbench.checkpoint import CHECKPOINT, rng_state, set_rng_state
 from oscbench.config import TrainerConfig
 from oscbench.data.base import Data
 from oscbench.distill import CROSS_ENTROPY, Objective, prediction
-from oscbench.distributed import all_sum, sync_buffers
+from oscbench.distributed import all_sum, check_sync, sync_buffers
 from oscbench.evaluation import evaluate
 from oscbench.files import DamagedFile
 from oscbench.optim import Optimizers, build_optimizers
@@ -191,6 +191,18 @@ def train(
         set_rng_state(resume["rng"])
         history, step, start = list(resume["history"]), resume["step"], resume["epoch"]
     epochs = cfg.epochs + cfg.extra_epochs
+
+    def state() -> dict:
+        """What a checkpoint holds besides the RNG, the epoch and the history."""
+        return {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "policies": [p.state_dict() for p in policies],
+            "tracker": tracker.state_dict() if tracker is not None else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "step": step,
+        }
+
     for epoch in range(start, epochs):
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -256,6 +268,10 @@ def train(
                 f"(trainer.lr={cfg.lr}); lower the learning rate"
             )
         sync_buffers(model, world)  # BN statistics of this epoch's last local batch: rank 0's
+        if ema is not None:
+            sync_buffers(ema.module, world)
+        if cfg.check_sync:
+            check_sync(state(), world, epoch + 1)
         val = evaluate(model, data, cfg.eval_batch_size, accel)
         record = {
             "epoch": epoch + 1,
@@ -277,18 +293,6 @@ def train(
             record["osc"] = osc
         history.append(record)
         if save is not None:
-            save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "policies": [p.state_dict() for p in policies],
-                    "tracker": tracker.state_dict() if tracker is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "rng": rng_state(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "history": history,
-                }
-            )
+            save(state() | {"rng": rng_state(), "epoch": epoch + 1, "history": history})
         on_epoch(record)
     return history

@@ -1,13 +1,20 @@
 """The distributed building blocks (oscbench/distributed.py) with gloo on 2 CPU processes."""
 
 import dataclasses
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from oscbench.distributed import World, all_sum, broadcast, from_env, start
 
@@ -23,13 +30,21 @@ def test_shards_partition_every_batch(size):
 
 
 def test_the_world_comes_from_torchruns_environment(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(os, "environ", {})
     assert from_env() == World() and not from_env().active
-    monkeypatch.setenv("RANK", "1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert from_env() == World(1, 2, 1) and not from_env().main
+    os.environ |= {"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    assert from_env() == World(1, 4, 1, 2) and not from_env().main
+
+
+def test_the_world_comes_from_a_submitit_job_of_several_tasks(monkeypatch):
+    job = {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242"}
+    monkeypatch.setattr(os, "environ", dict(job))
+    assert from_env() == World()  # one task: one process
+    os.environ |= {"SUBMITIT_LOCAL_NTASKS": "2", "SUBMITIT_LOCAL_GLOBALID": "1"}
+    os.environ |= {"SUBMITIT_LOCAL_LOCALID": "1"}
+    assert from_env() == World(1, 2, 1, 2)
+    port = int(os.environ["MASTER_PORT"])  # from the job id: the same for every task
+    assert 20000 <= port <= 60000 and os.environ["MASTER_ADDR"]
 
 
 def _free_port() -> int:
@@ -102,21 +117,260 @@ def test_streamed_data_shards_training_and_splits_the_test_set_exactly():
     assert again == trained[0]  # seeded by the epoch
 
 
-def _torchrun(run_dir, *overrides):
-    import subprocess
-    import sys
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    return env | {"OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", **extra}
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+
+def _torchrun(run_dir, *overrides, script=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "oscbench.run", *overrides, "device=cpu", f"hydra.run.dir={run_dir}"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    cmd += [str(script)] if script else ["-m", "oscbench.run"]
+    cmd += [*overrides, "device=cpu", f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
 
 
-def test_only_rank_zero_writes_and_prints(tmp_path):
-    """One record, one checkpoint, one final model, one W&B offline run; one summary."""
-    proc = _torchrun(tmp_path, "method=lsq", "bits=4", "trainer.epochs=2", "logger.mode=offline")
+def _one_process(run_dir, *overrides, capability=None):
+    cmd = [sys.executable, "-m", "oscbench.run", *overrides, "device=cpu"]
+    env = _env(**({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
+    proc = subprocess.run(
+        [*cmd, f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    names = sorted(p.name for p in tmp_path.iterdir())
-    assert {"results.json", "checkpoint.pt", "model_final.pt", "wandb"} <= set(names)
-    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 1
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _patched(tmp_path, code: str) -> Path:
+    """A script that runs oscbench.run after `code` (a test's deliberate fault on one rank)."""
+    script = tmp_path / "patched_run.py"
+    script.write_text(f"import os, signal\n{code}\nfrom oscbench.run import main\nmain()\n")
+    return script
+
+
+def test_only_rank_zero_writes_and_prints_in_rank_zeros_directory(tmp_path):
+    """One record, one checkpoint, one final model, one W&B offline run, one summary: in rank
+    0's directory, even where the ranks' Hydra chose different ones (a timestamp a second
+    apart; here each rank's sweep directory is named by its rank)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "oscbench.run", "-m", "method=lsq", "bits=4", "trainer.epochs=2"]
+    cmd += ["logger.mode=offline", "device=cpu", f"hydra.sweep.dir={tmp_path}/" + "${oc.env:RANK}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = (tmp_path / "0").rglob("results.json")
+    names = {p.name for p in record.parent.iterdir()}
+    assert {"results.json", "checkpoint.pt", "model_final.pt", "wandb"} <= names
+    assert len(list((record.parent / "wandb").glob("offline-run-*"))) == 1
+    assert json.loads(record.read_text())["machine"]["processes"] == 2
+    written = {p.name for p in (tmp_path / "1").rglob("*") if p.is_file()}
+    assert not written & {"results.json", "checkpoint.pt", "model_final.pt"}
     assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("record ") == 1
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path):
+    proc = _torchrun(tmp_path / "run", "trainer.batch_size=63")
+    assert proc.returncode != 0  # torchrun's agent prints its own traceback; the ranks none
+    package = str(Path(__file__).parents[1] / "oscbench")
+    assert f'File "{package}' not in proc.stderr  # no frame of oscbench's code
+    assert "trainer.batch_size=63 is the global batch" in proc.stderr + proc.stdout
+
+
+def _global_batch_norm(rank: int, port: int, x, out) -> None:  # noqa: ANN001
+    from oscbench.batchnorm import GlobalBatchNorm2d
+
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    world = World(rank, 2, rank)
+    start(world, torch.device("cpu"), timeout_s=30)
+    bn = GlobalBatchNorm2d(x.shape[1], momentum=0.3).double()
+    mine = x[world.shard(len(x))].clone().requires_grad_(True)
+    weights = torch.linspace(-1, 2, mine.numel(), dtype=torch.float64).view_as(mine)
+    (bn(mine) * weights).sum().backward()  # the global loss is the sum of the ranks' parts
+    grads = [all_sum(p.grad.clone(), world) for p in (bn.weight, bn.bias)]
+    sent = [mine.grad, *grads, bn.running_mean, bn.running_var]
+    out.put((rank, *[t.detach().numpy() for t in sent]))  # by value: the process ends next
+    dist.destroy_process_group()
+
+
+@pytest.mark.numeric
+def test_global_batch_norm_normalises_and_back_propagates_as_one_batch():
+    """In float64, with an uneven split (5 + 4 images): outputs' gradients, the affine
+    parameters' summed gradients and the running statistics equal BatchNorm2d's on the
+    whole batch. Rounding: each value is a sum of at most n = 9*4*4 = 144 terms of size
+    |x|*|w| <= 20, an error of at most 144 * 20 * 144 * eps64 < 1e-9; a wrong statistic
+    (a rank's own, a missed term of the gradient) is off by more than 1e-3."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 3, 4, 4, generator=gen, dtype=torch.float64) * 2 + 1
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_global_batch_norm, args=(_free_port(), x, out), nprocs=2)
+    got = sorted((out.get(timeout=60) for _ in range(2)), key=lambda r: r[0])
+    got = [[torch.from_numpy(a) for a in rest] for _, *rest in got]
+    ref = nn.BatchNorm2d(3, momentum=0.3).double()
+    whole = x.clone().requires_grad_(True)
+    weights = torch.cat(
+        [torch.linspace(-1, 2, n * 48, dtype=torch.float64).view(n, 3, 4, 4) for n in (5, 4)]
+    )
+    (ref(whole) * weights).sum().backward()
+    tol = {"rtol": 0, "atol": 1e-9}
+    torch.testing.assert_close(torch.cat([got[0][0], got[1][0]]), whole.grad, **tol)
+    for _, weight, bias, mean, var in got:
+        torch.testing.assert_close((weight, bias), (ref.weight.grad, ref.bias.grad), **tol)
+        torch.testing.assert_close((mean, var), (ref.running_mean, ref.running_var), **tol)
+
+
+EQUIVALENT = {
+    "lsq W4A4": ("method=lsq", "bits=4"),
+    "lsq_freeze W2A2": ("method=lsq_freeze", "bits=2"),
+}
+THREE_EPOCHS = ("trainer.epochs=3", "trainer.sync_bn=true", "logger=none")
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    out = {f"acc {k}": record["final"][k] for k in ("acc", "acc_bn")}
+    for h in record["history"]:
+        out |= {
+            f"epoch {h['epoch']} {k}": h[k]
+            for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Each EQUIVALENT configuration trained 3 epochs on 2 processes, with check_sync on."""
+    root = tmp_path_factory.mktemp("two_process")
+    runs = {}
+    for name, overrides in EQUIVALENT.items():
+        run_dir = root / name.replace(" ", "_")
+        proc = _torchrun(run_dir, *overrides, *THREE_EPOCHS, "trainer.check_sync=true")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = (run_dir, json.loads((run_dir / "results.json").read_text()))
+    return runs
+
+
+@pytest.mark.parametrize("name", EQUIVALENT)
+def test_two_processes_train_as_one_within_the_spread_that_rounding_alone_gives(
+    tmp_path, two_process_runs, name
+):
+    """Global batch 64 on 2 processes (32 each, BatchNorm over the global batch) against
+    one process at 64, 3 epochs. They differ only in the order of sums (gradients and
+    statistics added up over the ranks): without quantizers, one epoch agrees to 1e-6 of the
+    loss. A quantized net amplifies any rounding difference (an activation or weight code
+    flips at its threshold and changes the next step), so the float tolerance is what
+    rounding alone gives: one process on each CPU path (vector widths default, avx2, the
+    machine's own) spans [lo, hi] of width w for every number, and the 2-process run must
+    lie within [lo - 3m, hi + 3m], m = max(w, floor). The floor, where three paths happen to
+    agree closely: one image for accuracies, 1 % of a loss, the size to which a rounding
+    difference grows in these 3 epochs (2-process runs on the three paths differ from each
+    other by up to 1.2 %). A semantic fault is larger: BatchNorm over each rank's half
+    (sync_bn=false) raises epochs 2-3's training loss by 10 %, outside the bound.
+    Trainer.check_sync was on: the ranks' states were bit-identical after every epoch."""
+    _, two = two_process_runs[name]
+    ones = [
+        _one_process(tmp_path / (cap or "native"), *EQUIVALENT[name], *THREE_EPOCHS, capability=cap)
+        for cap in ("default", "avx2", None)
+    ]
+    quantum = {"val_acc": 100 / 360, "acc": 100 / 360, "acc_bn": 100 / 360, "train_acc": 100 / 1437}
+    lines = []
+    for key, value in _numbers(two).items():
+        paths = [_numbers(r)[key] for r in ones]
+        lo, hi = min(paths), max(paths)
+        floor = next((q for k, q in quantum.items() if key.endswith(k)), 0.01 * abs(value))
+        margin = 3 * max(hi - lo, floor)
+        lines.append(f"{name} {key}: 2 processes {value:.5f}, one process {lo:.5f}..{hi:.5f}")
+        assert lo - margin <= value <= hi + margin, lines[-1]
+    print("\n".join(lines))
+
+
+def test_check_sync_fails_a_run_whose_ranks_differ(tmp_path):
+    """Rank 1's tracker moved by one ulp in one weight's frequency: the run stops with the
+    differing entry named, on every rank, with a non-zero exit."""
+    script = _patched(
+        tmp_path,
+        """import torch, oscbench.train as t
+real = t.check_sync
+def check_sync(state, world, epoch):
+    if world.rank == 1:
+        freq = next(v for k, v in state["tracker"].items() if k.endswith("freq"))
+        freq.view(-1)[0] = torch.nextafter(freq.view(-1)[0], torch.tensor(1.0))
+    real(state, world, epoch)
+t.check_sync = check_sync""",
+    )
+    proc = _torchrun(
+        tmp_path / "run",
+        "trainer.epochs=2",
+        "logger=none",
+        "trainer.check_sync=true",
+        script=script,
+    )
+    assert proc.returncode != 0
+    assert "trainer.check_sync: after epoch 1 the ranks' states differ" in proc.stderr
+    assert "rank 1: tracker." in proc.stderr and "freq" in proc.stderr
+
+
+def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_it(tmp_path, two_process_runs):
+    """Two processes started as SLURM starts them (no torchrun agent to clean up): rank 1
+    is killed (SIGKILL) in epoch 2; rank 0 exits non-zero well within the collective timeout.
+    Rerunning the command resumes from epoch 1's checkpoint on both ranks and ends with the
+    same numbers as the uninterrupted run."""
+    run_dir = tmp_path / "run"
+    overrides = [*EQUIVALENT["lsq W4A4"], *THREE_EPOCHS, "trainer.check_sync=true"]
+    script = _patched(
+        tmp_path,
+        """import oscbench.train as t
+real, calls = t.evaluate, []
+def evaluate(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+t.evaluate = evaluate""",
+    )
+    port = str(_free_port())
+    cmd = [sys.executable, str(script), *overrides, "trainer.dist_timeout_s=60", "device=cpu"]
+    begun = time.monotonic()
+    ranks = [
+        subprocess.Popen(
+            [*cmd, f"hydra.run.dir={run_dir}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+        )
+        for r in range(2)
+    ]
+    codes = [p.wait(timeout=300) for p in ranks]
+    assert codes[1] == -signal.SIGKILL and codes[0] != 0
+    assert time.monotonic() - begun < 60
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    status = json.loads((run_dir / "results.json").read_text())["status"]
+    assert saved["epoch"] == 1 and status != "completed", status
+    proc = _torchrun(run_dir, *overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout
+    resumed = json.loads((run_dir / "results.json").read_text())
+    _, whole = two_process_runs["lsq W4A4"]
+    untimed = [
+        {k: v for k, v in r["final"].items() if k != "wall_time_s"} for r in (resumed, whole)
+    ]
+    assert untimed[0] == untimed[1] and _numbers(resumed) == _numbers(whole)
+
+
+def test_a_submitit_sweep_with_two_tasks_per_node_trains_each_job_on_two_processes(tmp_path):
+    """hydra/launcher=submitit_local, as hydra/launcher=slurm: rank and world come from
+    submitit's job environment; each job is one 2-process run with one record."""
+    cmd = [sys.executable, "-m", "oscbench.run", "-m", "hydra/launcher=submitit_local"]
+    cmd += ["hydra.launcher.tasks_per_node=2", "seed=0,1", "trainer.epochs=1", "logger=none"]
+    cmd += ["device=cpu", "trainer.check_sync=true", f"hydra.sweep.dir={tmp_path}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = sorted(tmp_path.rglob("results.json"))
+    assert len(records) == 2
+    for path in records:
+        record = json.loads(path.read_text())
+        assert record["machine"]["processes"] == 2 and len(record["history"]) == 1

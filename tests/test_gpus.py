@@ -3,12 +3,15 @@ with a given device count: the slots are file locks, which work the same without
 
 import threading
 
+import pytest
+
 from oscbench.gpus import gpu_slot, job_device
+from oscbench.registry import ConfigError
 from tests.conftest import build_config
 
 
 def _hold(root, count, per_gpu, got, ready, release):
-    with gpu_slot(root, count, per_gpu, poll_s=0.01) as gpu:
+    with gpu_slot(root, count, per_gpu, poll_s=0.01) as (gpu,):
         got.append(gpu)
         ready.release()
         release.wait()
@@ -47,3 +50,38 @@ def test_a_job_of_a_sweep_is_pinned_to_its_slots_gpu(tmp_path):
     cpu, _ = build_config(["device=cpu"])
     with job_device(cpu, tmp_path, count=4) as pinned:
         assert pinned.device == "cpu"
+
+
+def test_a_ddp_run_takes_one_gpu_per_process_on_different_gpus(tmp_path):
+    with gpu_slot(tmp_path, 3, 2, need=2, poll_s=0.01) as first:
+        assert first == [0, 1]
+        with gpu_slot(tmp_path, 3, 2, need=2, poll_s=0.01) as second:
+            assert second == [0, 2]  # GPU 2's first slot, then GPU 0's second
+            got: list[list[int]] = []
+            waiting = threading.Thread(
+                target=lambda: got.append(_take(tmp_path, 3, 2, 3)), daemon=True
+            )
+            waiting.start()
+            waiting.join(timeout=0.3)
+            assert got == []  # two GPUs have a free slot: a run of three waits
+        waiting.join(timeout=5)
+        assert got == [[0, 1, 2]]
+    with pytest.raises(ConfigError, match="needs 4 GPUs, but 3 are visible"):
+        with gpu_slot(tmp_path, 3, 2, need=4):
+            pass
+
+
+def _take(root, count, per_gpu, need):
+    with gpu_slot(root, count, per_gpu, need=need, poll_s=0.01) as gpus:
+        return gpus
+
+
+def test_every_rank_of_a_ddp_job_gets_its_own_gpu_of_rank_zeros_slots(tmp_path):
+    from oscbench.distributed import World
+
+    spec, _ = build_config(["device=auto"])
+    with job_device(spec, tmp_path, World(0, 1, 0, 1), count=2) as one:
+        assert one.device == "cuda:0"
+    two_nodes = World(0, 4, 0, 2)  # several nodes: SLURM gave each node its GPUs
+    with job_device(spec, tmp_path, two_nodes, count=2) as pinned:
+        assert pinned.device == "auto"
