@@ -90,3 +90,13 @@ def test_the_first_and_last_layer_at_8_bits_in_full_precision_or_like_the_rest()
     layers = list(quantized_layers(model))
     assert len(layers) == 4 and not any(m.is_first_or_last for _, m in layers)
     assert {m.weight_quantizer.bits for _, m in layers} == {2}
+
+
+def test_a_swapped_in_module_goes_to_the_device_of_the_module_it_replaces():
+    """A quantized layer's new quantizers must live where its weights are (on CUDA, a CPU
+    step size would be a host tensor in every step; the meta device stands in for it)."""
+    from oscbench.quant.modules import swap_module
+
+    model = nn.Sequential(nn.Linear(2, 2, device="meta"))
+    swap_module(model, "0", nn.Linear(2, 2))
+    assert model[0].weight.device.type == "meta"

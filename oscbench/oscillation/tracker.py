@@ -76,9 +76,9 @@ class LayerTracker(nn.Module):
         self.register_buffer("direction", torch.zeros_like(codes, dtype=torch.int8))
         self.register_buffer("freq", torch.zeros_like(codes, dtype=torch.float32))
         self.register_buffer("count", torch.zeros_like(codes, dtype=torch.int16))
-        self.register_buffer("switches", torch.zeros((), dtype=torch.int64))  # last update's
-        self.register_buffer("epoch_switches", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("epoch_oscillations", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("switches", codes.new_zeros((), dtype=torch.int64))  # last update's
+        self.register_buffer("epoch_switches", codes.new_zeros((), dtype=torch.int64))
+        self.register_buffer("epoch_oscillations", codes.new_zeros((), dtype=torch.int64))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -131,8 +131,8 @@ class Movement(nn.Module):
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("previous", weight.detach().float().clone())
-        self.register_buffer("epoch_dq", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("epoch_dw", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("epoch_dq", weight.new_zeros((), dtype=torch.float64))
+        self.register_buffer("epoch_dw", weight.new_zeros((), dtype=torch.float64))
 
     @torch.no_grad()
     def update(self, weight: torch.Tensor, delta: torch.Tensor, spacing: torch.Tensor) -> None:

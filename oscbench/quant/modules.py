@@ -95,7 +95,12 @@ def quantizer_factory(component) -> QuantizerFactory:  # noqa: ANN001
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put `new` where the submodule `name` (dotted path) is."""
+    """Put `new` where the submodule `name` (dotted path) is, on that module's device (a
+    quantized layer's new quantizers go where its shared weights are)."""
+    old = model.get_submodule(name)
+    held = next(iter([*old.parameters(), *old.buffers()]), None)
+    if held is not None:
+        new.to(held.device)
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
