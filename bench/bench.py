@@ -33,10 +33,11 @@ from torch.utils import benchmark
 from oscbench.accel import Accel
 from oscbench.compose import compose, presets
 from oscbench.config import validate
+from oscbench.distributed import World, start
 from oscbench.optim import build_optimizers
 from oscbench.quant.lsq import lsq_quantize
 from oscbench.run import build
-from oscbench.train import train_step
+from oscbench.train import compiled, train_step
 
 HERE = Path(__file__).resolve().parent
 METHODS = [p.name for p in presets() if p.name != "fp"]  # each against its FP twin
@@ -61,16 +62,27 @@ def late_step(steps: int, period: int = 200) -> int:
     return math.ceil(0.7 * steps / period) * period + 1
 
 
-def setup(model: str, method: str, bits: int, extra: tuple[str, ...] = ()):  # noqa: ANN201
-    """A built run and a closure that performs one real training step."""
+def setup(  # noqa: ANN201
+    model: str,
+    method: str,
+    bits: int,
+    extra: tuple[str, ...] = (),
+    compile_layout: bool | None = None,
+    world: World = World(),  # noqa: B008
+    device: str = "cpu",
+):
+    """A built run and a closure that performs one real training step: under torch.compile
+    unless `compile_layout` is None (with Inductor's layout optimization on or off), this
+    rank's part of the batch and DDP when `world` has several processes."""
     cfg = compose(
         [
             *MODELS[model],
             f"method={method}",
             f"bits={bits}",
             "logger=none",
-            "device=cpu",
+            f"device={device}",
             "trainer.epochs=1000",
+            f"trainer.compile={compile_layout is not None}",  # its deterministic settings
             *extra,
         ]
     )
@@ -79,19 +91,29 @@ def setup(model: str, method: str, bits: int, extra: tuple[str, ...] = ()):  # n
     steps = spec.trainer.epochs * built.data.steps_per_epoch(spec.trainer.batch_size)
     opt = build_optimizers(built.model, spec.trainer, steps)
     x, y = next(built.data.train_batches(0, spec.trainer.batch_size))
+    part = world.shard(len(y))
+    x, y = x[part], y[part]
     built.model.train()
     at = late_step(steps)
+    accel = Accel.resolve(spec.trainer, built.data.device)  # CUDA: bf16, channels_last
+    if accel.channels_last:
+        built.model.to(memory_format=torch.channels_last)
+    forward = built.model
+    if world.active:
+        forward = torch.nn.parallel.DistributedDataParallel(forward)
+    if compile_layout is not None:
+        forward = compiled(forward, layout_optimization=compile_layout)
 
     def run_step(i: int) -> None:
         train_step(
             built.model,
-            built.model,
+            forward,
             x,
             y,
             opt,
             built.policies,
             built.tracker,
-            Accel(),
+            accel,
             i,
             steps,
             built.objective,
@@ -158,6 +180,95 @@ def teacher_cost(min_run_time: float, rounds: int) -> dict:
             plain, t = statistics.median(times["plain"]), statistics.median(times["teacher"])
             out[model] = {"plain_s": plain, "teacher_s": t, "ratio": t / plain}
             print("teacher", model, round(t / plain, 2), flush=True)
+    return out
+
+
+def compile_cost(min_run_time: float, rounds: int) -> dict:
+    """resnet18-CIFAR, FP and LSQ W4A4: the eager step against the step whose model runs
+    under torch.compile as trainer.compile does (Inductor's layout optimization off) and
+    under torch.compile's defaults (on), alternating rounds."""
+    variants = {
+        "fp eager": ("fp", None),
+        "fp compiled": ("fp", False),
+        "lsq eager": ("lsq", None),
+        "lsq compiled": ("lsq", False),
+        "lsq compiled, layout optimization on": ("lsq", True),
+    }
+    steps = {
+        k: setup("resnet18_cifar", m, 4, compile_layout=c)[1] for k, (m, c) in variants.items()
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            times[key].append(median_time(step, min_run_time))
+    out = {k: {"seconds": statistics.median(v)} for k, v in times.items()}
+    print("compile", {k: round(v["seconds"] * 1e3, 1) for k, v in out.items()}, flush=True)
+    return out
+
+
+def gpu_throughput(min_run_time: float, rounds: int) -> dict:
+    """Images/s of a training step on one GPU, resnet18-CIFAR at batch 256 (bf16 autocast,
+    channels_last: trainer's auto on CUDA), FP and LSQ W4A4, with trainer.compile off and on."""
+    extra = ("trainer.batch_size=256", "dataset.train_size=256")
+    steps = {
+        f"{method} {'compiled' if c is not None else 'eager'}": setup(
+            "resnet18_cifar", method, 4, extra, compile_layout=c, device="cuda"
+        )[1]
+        for method in ("fp", "lsq")
+        for c in (None, False)
+    }
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(rounds):
+        for key, step in steps.items():
+            times[key].append(median_time(step, min_run_time))
+    out = {k: {"images_per_s": 256 / statistics.median(v)} for k, v in times.items()}
+    out["device"] = torch.cuda.get_device_name()
+    print("gpu", out, flush=True)
+    return out
+
+
+def _ddp_child(rank: int, size: int, port: int, model: str, min_run_time: float, out) -> None:  # noqa: ANN001
+    os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank)}
+    torch.set_num_threads(1)
+    world = World(rank, size, rank, size)
+    start(world, torch.device("cpu"), timeout_s=600)
+    _, step = setup(model, "lsq", 4, world=world)
+    seconds = median_time(step, min_run_time)
+    if rank == 0:
+        out.put(seconds)
+    torch.distributed.destroy_process_group()
+
+
+def ddp_cost(min_run_time: float) -> dict:
+    """LSQ W4A4 at the same global batch: a step on 2 processes (gloo, 1 thread each, with
+    DDP's all-reduce) against 1 process with 1 and with 2 threads. For the record: 2 cores
+    cannot show how a run scales."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    out = {}
+    for model in MODELS:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        queue = mp.get_context("spawn").Queue()
+        mp.start_processes(_ddp_child, args=(2, port, model, min_run_time, queue), nprocs=2)
+        two = queue.get()
+        threads = torch.get_num_threads()
+        _, step = setup(model, "lsq", 4)
+        one = {}
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            one[n] = median_time(step, min_run_time)
+        torch.set_num_threads(threads)
+        out[model] = {
+            "two_processes_s": two,
+            "one_process_1_thread_s": one[1],
+            "one_process_2_threads_s": one[2],
+        }
+        print("ddp", model, {k: round(v * 1e3, 1) for k, v in out[model].items()}, flush=True)
     return out
 
 
@@ -335,6 +446,55 @@ def write(results: dict, path_md: Path) -> None:
                 f"{r['ratio']:.2f}x |"
             )
         lines.append("")
+    if "compile" in results:
+        c = results["compile"]
+        ms = {k: v["seconds"] * 1e3 for k, v in c.items()}
+        lines += [
+            "## torch.compile (issue 15): resnet18-CIFAR, batch 32",
+            "",
+            "`trainer.compile=true` compiles the model with Inductor's layout optimization off;",
+            "the last row is torch.compile's default. Alternating rounds, one process.",
+            "",
+            "| step | time | / FP of the same mode | / the eager step |",
+            "|---|---|---|---|",
+        ]
+        for key, t in ms.items():
+            method, _, mode = key.partition(" ")
+            fp = ms["fp compiled" if "compiled" in mode else "fp eager"]
+            lines.append(
+                f"| {key} | {t:.1f} ms | {t / fp:.2f}x | {t / ms[f'{method} eager']:.2f}x |"
+            )
+        lines.append("")
+    if "ddp" in results:
+        lines += [
+            "## Two processes (DDP, gloo) against one, LSQ W4A4 (issue 15)",
+            "",
+            "The same global batch; for the record only: 2 cores cannot show scaling.",
+            "",
+            "| model | 2 processes x 1 thread | 1 process, 1 thread | 1 process, 2 threads |",
+            "|---|---|---|---|",
+        ]
+        for model, r in results["ddp"].items():
+            lines.append(
+                f"| {model} | {r['two_processes_s'] * 1e3:.1f} ms | "
+                f"{r['one_process_1_thread_s'] * 1e3:.1f} ms | "
+                f"{r['one_process_2_threads_s'] * 1e3:.1f} ms |"
+            )
+        lines.append("")
+    if "gpu" in results:
+        g = results["gpu"]
+        lines += [
+            f"## One GPU ({g['device']}): resnet18-CIFAR, batch 256 (issue 15)",
+            "",
+            "A training step with bf16 autocast and channels_last (trainer's auto on CUDA).",
+            "",
+            "| model | eager | compiled | compiled / eager |",
+            "|---|---|---|---|",
+        ]
+        for m in ("fp", "lsq"):
+            e, c = g[f"{m} eager"]["images_per_s"], g[f"{m} compiled"]["images_per_s"]
+            lines.append(f"| {m} | {e:,.0f} images/s | {c:,.0f} images/s | {c / e:.2f}x |")
+        lines.append("")
     lines += [
         "## LSQ forward + backward vs PyTorch's fused op",
         "",
@@ -367,7 +527,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json go")
     parser.add_argument(
         "--only",
-        choices=["step", "tracker", "teacher", "lsq", "memory"],
+        choices=["step", "tracker", "teacher", "compile", "ddp", "gpu", "lsq", "memory"],
         help="measure this section again, keep the others of --out's results.json",
     )
     args = parser.parse_args()
@@ -381,6 +541,13 @@ def main() -> None:
         "step": lambda: step_times(args.min_run_time, args.rounds),
         "tracker": lambda: tracker_cost(args.min_run_time),
         "teacher": lambda: teacher_cost(args.min_run_time, args.rounds),
+        "compile": lambda: compile_cost(args.min_run_time, args.rounds),
+        "ddp": lambda: ddp_cost(args.min_run_time),
+        **(
+            {"gpu": lambda: gpu_throughput(args.min_run_time, args.rounds)}
+            if torch.cuda.is_available()
+            else {}
+        ),
         "lsq": lambda: lsq_vs_fused(args.min_run_time),
         "memory": lambda: peak_memory(args.threads),
     }

@@ -62,3 +62,29 @@ def test_compiled_forward_trains_as_eager_does(tmp_path):
     for history in (fit(eager_spec, eager), fit(comp_spec, comp)):
         assert all(math.isfinite(h["train_loss"]) for h in history)
         assert history[-1]["val_acc"] > 90  # chance: 10 %
+
+
+@pytest.mark.numeric
+def test_compiled_lsq_computes_what_eager_lsq_computes():
+    """trainer.compile traces LSQ's autograd function into the graph, where Inductor fuses
+    it: the same codes and input gradient, bit for bit (each is one element's own
+    arithmetic), and the step's gradient, a sum of n = 4096 terms, within its rounding
+    bound n * eps * sum |terms|."""
+    from oscbench.quant.lsq import lsq_quantize
+
+    x0 = torch.randn(8, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    go = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    results = []
+    for fn in (lsq_quantize, torch.compile(lsq_quantize, fullgraph=True)):
+        x = x0.clone().requires_grad_(True)
+        s = torch.tensor(0.37, requires_grad=True)
+        y = fn(x, s, -8, 7, 0.01)
+        y.backward(go)
+        results.append((y.detach(), x.grad, s.grad))
+    (y, gx, gs), (cy, cgx, cgs) = results
+    assert torch.equal(cy, y) and torch.equal(cgx, gx)
+    r = torch.round(x0 * (1 / torch.tensor(0.37)))
+    inside = ((r >= -8) & (r <= 7)).float()
+    terms = (go * (y / 0.37 - x0 / 0.37 * inside)).abs().sum() * 0.01  # |g (q - x/s inside)|
+    bound = x0.numel() * torch.finfo(torch.float32).eps * terms
+    assert abs(cgs - gs) <= bound, (cgs, gs, bound)
