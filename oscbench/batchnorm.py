@@ -34,9 +34,8 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are those of the global batch of every rank:
     per channel, the sum of x and the count, then the sum of (x - mean)^2, are added up
     over the ranks with torch.distributed.nn's all_reduce, which carries gradients, so that
-    each rank
-    normalises and back-propagates as one process on the whole batch would. For the CPU
-    (gloo), where torch's SyncBatchNorm refuses to run; on CUDA that one is used."""
+    each rank normalises and back-propagates as one process on the whole batch would. For
+    the CPU (gloo), where torch's SyncBatchNorm refuses to run; on CUDA that one is used."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized()):
@@ -66,16 +65,13 @@ def global_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     GlobalBatchNorm2d elsewhere (same parameters and statistics)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    from oscbench.quant.modules import swap_module  # which imports this module
+
     for name, m in list(model.named_modules()):
         if type(m) is nn.BatchNorm2d:
             new = GlobalBatchNorm2d(
                 m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
             )
             new.load_state_dict(m.state_dict())
-            parent, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent) if parent else model,
-                child,
-                new.to(m.weight.device if m.affine else "cpu"),
-            )
+            swap_module(model, name, new)
     return model
