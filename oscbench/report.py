@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from oscbench.compose import presets  # noqa: E402
 from oscbench.console import warn  # noqa: E402
 from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
+from oscbench.stats import compare  # noqa: E402
 
 RECIPE = "recipe.name"  # the setting that names a run's training recipe (conf/recipe/)
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
@@ -418,21 +419,96 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
-def write_report(records: list[dict], out: Path) -> dict[str, Path]:
-    """Write table.md, table.csv, runs.csv and the figures into `out`."""
+TESTED = ("acc", "osc_share", "crossings_total")  # the metrics compared with the baseline
+
+
+def significance(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each method against `baseline` at every bit-width (`oscbench.stats.compare`) for the
+    TESTED metrics, within each combination of the settings that vary (a recipe, say)."""
+    varying = varying_settings(df)
+    done = df[df["status"] == "completed"]
+    if done.empty:
+        return pd.DataFrame()
+    exp = _with_setting_columns(_expand_bits_free(done), varying)
+    exp["label"] = exp["method"]
+    exp["init_from"] = [s.get("init_from") for s in exp["settings"]]
+    tables = []
+    for values, group in exp.groupby(varying) if varying else [((), exp)]:
+        for metric in TESTED:
+            table = compare(group, metric, baseline)
+            for k, v in zip(varying, values, strict=True):
+                table.insert(0, k, v)
+            tables.append(table)
+    tables = [t for t in tables if not t.empty]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+
+
+def significance_markdown(table: pd.DataFrame, baseline: str) -> str:
+    """One table per metric: difference [95 % interval], Holm-adjusted p; bold where it is
+    below 0.05."""
+    if table.empty:
+        return (
+            f"\n### Differences from {baseline}\n\nNo completed {baseline} runs beside the "
+            "others: pick a baseline present in the sweep with --baseline.\n"
+        )
+    out = [
+        f"\n### Differences from {baseline} (mean over seeds, 95 % interval, Holm-adjusted p)\n",
+        "Paired t-test by seed where both share their seeds and an FP start, else Welch's; "
+        "Holm's correction over each metric's table. **Bold**: p < 0.05 after it.\n",
+    ]
+    keys = [c for c in table.columns if c not in ("label", "bits", "baseline", "metric")]
+    keys = keys[: keys.index("n")]  # the varying settings, if any
+    for metric, rows in table.groupby("metric", sort=False):
+        title, scale, decimals = METRICS[metric]
+        out += [
+            f"#### {title}\n",
+            "| " + " | ".join([*keys, "method", "bits"]) + " | difference | p (Holm) | test | n |",
+        ]
+        out.append("|---" * (len(keys) + 6) + "|")
+        for _, r in rows.iterrows():
+            if r["p"] is None or pd.isna(r["p"]):
+                diff, p = f"{r['diff'] * scale:+.{decimals}f}", "-"
+            else:
+                lo, hi = r["ci_low"] * scale, r["ci_high"] * scale
+                diff = f"{r['diff'] * scale:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]"
+                p = f"{r['p_holm']:.3g}"
+                if r["significant"]:
+                    diff, p = f"**{diff}**", f"**{p}**"
+            cells = [
+                *(str(r[k]) for k in keys),
+                r["label"],
+                str(r["bits"]),
+                diff,
+                p,
+                r["test"],
+                f"{r['n']} / {r['n_baseline']}",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_report(records: list[dict], out: Path, baseline: str = "lsq") -> dict[str, Path]:
+    """Write table.md (with the differences from `baseline`), table.csv, significance.csv,
+    runs.csv and the figures into `out`."""
     df = runs_frame(records)
     if df.empty:
         raise SystemExit("oscbench.report: no results.json found")
     out.mkdir(parents=True, exist_ok=True)
     stats = summary(df)
-    (out / "table.md").write_text(markdown(stats, df) + recipe_differences(stats))
+    tested = significance(df, baseline)
+    (out / "table.md").write_text(
+        markdown(stats, df) + recipe_differences(stats) + significance_markdown(tested, baseline)
+    )
     stats.to_csv(out / "table.csv")
+    tested.to_csv(out / "significance.csv", index=False)
     varying = varying_settings(df)
     runs = _with_setting_columns(df, varying).drop(columns=["settings"])
     runs.to_csv(out / "runs.csv", index=False)
     paths = {
         "table.md": out / "table.md",
         "table.csv": out / "table.csv",
+        "significance.csv": out / "significance.csv",
         "runs.csv": out / "runs.csv",
     }
     paths |= {p.name: p for p in figures(records, df, out)}
@@ -472,12 +548,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("root", nargs="?", help="a sweep or runs directory")
     parser.add_argument("--out", help="output directory (default: ROOT/report)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from W&B instead")
+    parser.add_argument(
+        "--baseline", default="lsq", help="the method the others are tested against (or fp)"
+    )
     args = parser.parse_args(argv)
     if bool(args.root) == bool(args.wandb):
         parser.error("give a directory or --wandb ENTITY/PROJECT")
     records = records_from_wandb(args.wandb) if args.wandb else load_records(Path(args.root))
     out = Path(args.out or Path(args.root or ".") / "report")
-    paths = write_report(records, out)
+    paths = write_report(records, out, args.baseline)
     print((out / "table.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 

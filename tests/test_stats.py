@@ -65,3 +65,15 @@ def test_a_baseline_without_a_bit_width_stands_for_every_one_and_lone_runs_are_n
     table = compare(pd.concat([runs, lone]), "acc", baseline="fp").set_index("label")
     assert set(table.index) == {"a", "b", "c"} and (table["baseline"] == "fp").all()
     assert table.loc["c", "test"] == "too few runs" and not table.loc["c", "significant"]
+
+
+def test_the_report_marks_the_significant_difference_only():
+    from oscbench.report import significance_markdown
+
+    text = significance_markdown(compare(_runs("fp"), "acc"), "lsq")
+    rows = {
+        line.split(" | ")[0].strip("| "): line for line in text.splitlines() if "paired" in line
+    }
+    assert set(rows) == {"a", "b"}
+    assert "**+10.10 [" in rows["a"] and "**" not in rows["b"]
+    assert "no completed lsq" in significance_markdown(pd.DataFrame(), "lsq").lower()
