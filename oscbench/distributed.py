@@ -100,14 +100,9 @@ def all_sum(t: torch.Tensor, world: World) -> torch.Tensor:
 
 def _digests(state: Any, name: str = "") -> dict[str, str]:
     """Each tensor (and other value) below `state`, by its dotted name: a hash of its bytes."""
-    if isinstance(state, dict):
-        return {
-            k: v for key, sub in state.items() for k, v in _digests(sub, f"{name}.{key}").items()
-        }
-    if isinstance(state, list | tuple):
-        return {
-            k: v for i, sub in enumerate(state) for k, v in _digests(sub, f"{name}.{i}").items()
-        }
+    if isinstance(state, dict | list | tuple):
+        items = state.items() if isinstance(state, dict) else enumerate(state)
+        return {k: v for key, sub in items for k, v in _digests(sub, f"{name}.{key}").items()}
     if isinstance(state, torch.Tensor):
         raw = state.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
         return {

@@ -43,8 +43,9 @@ from oscbench.train import build_ema, schedule, train
 
 def pick_device(name: str) -> torch.device:
     """The device `name` asks for; on several processes, CUDA means the rank's local GPU."""
-    if name in ("auto", "cuda") and torch.cuda.is_available() and from_env().active:
-        return torch.device("cuda", from_env().local_rank)
+    world = from_env()
+    if name in ("auto", "cuda") and torch.cuda.is_available() and world.active:
+        return torch.device("cuda", world.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

@@ -136,7 +136,7 @@ def compiled(module: nn.Module, layout_optimization: bool = False) -> nn.Module:
     """`module` under torch.compile (trainer.compile). The memory layout is
     trainer.channels_last's, not the compiler's: Inductor's own layout optimization (its
     default) turns a quantized ResNet's convolutions to channels_last and made its step
-    1.33x slower on the CPU, where with it off the compiled step is faster than the eager
+    1.32x slower on the CPU, where with it off the compiled step is faster than the eager
     one (bench/README.md)."""
     return torch.compile(module, options={"layout_optimization": layout_optimization})
 
