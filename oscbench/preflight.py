@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,11 @@ def reject(message: str) -> None:
 
 
 def check_writable(directory: Path, key: str) -> None:
-    probe = directory / ".oscbench-write-test"
     CREATED[:] = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=directory):  # a name of its own: ranks probe at once
+            pass
     except OSError as e:
         reject(
             f"cannot write the run directory {directory} ({e.strerror or e}); "

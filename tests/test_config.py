@@ -2,12 +2,14 @@
 
 import subprocess
 import sys
+import threading
 
 import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigKeyError
 
 from oscbench.config import validate
+from oscbench.preflight import check_writable
 from oscbench.registry import ConfigError
 from tests.conftest import compose_config
 
@@ -112,3 +114,23 @@ def test_method_presets_set_the_quantizer_and_can_be_overridden():
     spec = validate(cfg)
     assert spec.quantizer.options.per_channel and spec.bits == 3 and spec.act_bits == 3
     assert validate(compose_config(["bits=3", "act_bits=8"])).act_bits == 8
+
+
+def test_processes_probing_one_run_directory_at_once_do_not_trip_over_each_other(tmp_path):
+    """The ranks of a DDP run check the same run directory at the same moment: each probes
+    with a file of its own (a shared probe name was removed under another rank's feet)."""
+    failures: list[BaseException] = []
+
+    def probe() -> None:
+        for _ in range(200):
+            try:
+                check_writable(tmp_path / "run", "hydra.run.dir")
+            except SystemExit as e:
+                failures.append(e)
+
+    threads = [threading.Thread(target=probe) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and list((tmp_path / "run").iterdir()) == []
