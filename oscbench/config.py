@@ -54,6 +54,7 @@ class TrainerConfig:
     ema_warmup: bool  # timm's decay warm-up: decay_t = min(decay, 1 - (1 + t)^(-2/3))
     ema_buffers: str  # copy (the live model's buffers) | average (float buffers too)
     eval_batch_size: int
+    test: str  # the test split: end (evaluated once, at the end) | every_epoch (also) | never
     bn_reestimate_batches: int  # Nagel et al.: re-estimate BN statistics before final eval; 0 = off
     checkpoint: bool  # save a checkpoint after every epoch (needed to resume)
     precision: str  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -111,6 +112,8 @@ class TrainerConfig:
         check(self.extra_lr is None or self.extra_lr > 0, "extra_lr", self.extra_lr, "null or > 0")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
         check(self.resume in ("auto", "never"), "resume", self.resume, "auto, never")
+        tests = ("end", "every_epoch", "never")
+        check(self.test in tests, "test", self.test, ", ".join(tests))
         check(
             self.precision in ("auto", "fp32", "bf16"),
             "precision",
@@ -221,8 +224,8 @@ class RunSpec:
 
 
 # top-level keys of the composed config that the spec does not hold: where datasets live
-# (their configs interpolate it)
-CONFIG_ONLY = ("data_dir",)
+# (their configs interpolate it) and the tuning experiments' settings (tune.trials, tune.dir)
+CONFIG_ONLY = ("data_dir", "tune")
 
 
 def _component(registry: Registry, node: Any, path: str) -> Component:
@@ -310,6 +313,11 @@ def validate(cfg: DictConfig) -> RunSpec:
             f"teacher={spec.teacher} with distill.loss={spec.distill.loss}: distillation needs "
             "both; set teacher=fp (or a run directory, checkpoint or weights file) and "
             "distill.loss=soft or soft+hard, or teacher=null and distill.loss=none"
+        )
+    if spec.trainer.test == "never" and spec.dataset.options.val_fraction == 0:
+        raise ConfigError(
+            "trainer.test=never with dataset.val_fraction=0 leaves no split to evaluate; "
+            "hold out a validation split (dataset.val_fraction=0.1) or use trainer.test=end"
         )
     check_combination(spec)
     return spec

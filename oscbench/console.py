@@ -35,9 +35,11 @@ def epoch_line(record: dict, epochs: int, seconds: float) -> str:
     """One line for a finished epoch: what a cluster log shows of a run's progress."""
     line = (
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
-        f"loss {record['train_loss']:.4f}  train {record['train_acc']:.2f} %  "
-        f"val {record['val_acc']:.2f} %"
+        f"loss {record['train_loss']:.4f}  train {record['train_acc']:.2f} %"
     )
+    for split in ("val", "test"):
+        if f"{split}_acc" in record:
+            line += f"  {split} {record[f'{split}_acc']:.2f} %"
     if "osc" in record:
         osc = record["osc"]
         line += f"  oscillating {100 * osc['osc_share']:.2f} %  dQ/dw {osc['dq_dw']:.2f}"

@@ -1,6 +1,7 @@
-"""Evaluation: test accuracy, BN re-estimation, post-training quantization (round to
-nearest) at other bit-widths, the end-of-training histogram of latent-weight distance to the
-nearest threshold, and the final metrics a run records."""
+"""Evaluation: accuracy on the validation or the test split, BN re-estimation,
+post-training quantization (round to nearest) at other bit-widths, the end-of-training
+histogram of latent-weight distance to the nearest threshold, and the final metrics a run
+records."""
 
 from __future__ import annotations
 
@@ -25,14 +26,14 @@ DIST_BINS = 20  # over [0, 0.5] step: inside the grid a weight is at most half a
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: Data, batch_size: int, accel: Accel | None = None
+    model: nn.Module, data: Data, split: str, batch_size: int, accel: Accel | None = None
 ) -> dict[str, float]:
-    """Test loss and accuracy (%) in eval mode; on several processes each rank evaluates
-    its part of the test set and the sums are added up over the ranks."""
+    """Loss and accuracy (%) on `split` ("val" or "test") in eval mode; on several
+    processes each rank evaluates its part of the split and the sums are added up."""
     accel = accel or Accel()
     model.eval()
     sums = torch.zeros(3, device=data.device)  # loss, correct, count (exact in fp32 to 2^24)
-    for x, y in data.test_batches(batch_size):
+    for x, y in data.eval_batches(split, batch_size):
         with accel.autocast(data.device):
             logits = model(accel.input(x))
         sums[0] += F.cross_entropy(logits.float(), y, reduction="sum")
@@ -40,6 +41,26 @@ def evaluate(
         sums[2] += len(y)
     loss, correct, n = all_sum(sums, data.world).tolist()
     return {"loss": loss / n, "acc": 100.0 * correct / n}
+
+
+def split_record(data: Data, cfg: TrainerConfig) -> dict:
+    """What a record says of its splits: their sizes (test: null when never evaluated) and
+    which split each kind of number comes from."""
+    test = data.split_size("test") if cfg.test != "never" else None
+    return {
+        "sizes": {"train": data.split_size("train"), "val": data.split_size("val"), "test": test},
+        "history": "train_*: training batches; val_*, ema_val_acc: validation; test_*: test "
+        "(trainer.test=every_epoch; nothing selects on it)",
+        "final": "val_*: validation; acc, loss, acc_bn, acc@Nbit, ema_acc_bn, kl_to_teacher: test",
+        "objective": "val_acc_bn",
+    }
+
+
+def final_splits(data: Data, cfg: TrainerConfig) -> dict[str, str]:
+    """The splits a run reports at the end, each with its metrics' prefix: the validation
+    split (`val_`) if there is one, and the test split (no prefix) unless trainer.test=never."""
+    out = {"val": "val_"} if data.split_size("val") else {}
+    return out | ({"test": ""} if cfg.test != "never" else {})
 
 
 @torch.no_grad()
@@ -87,13 +108,14 @@ def with_weight_bits(model: nn.Module, bits: int, plan: QuantPlan) -> nn.Module:
 def cross_bit_accuracy(
     model: nn.Module, data: Data, bits: list[int], plan: QuantPlan, cfg: TrainerConfig
 ) -> dict[str, float]:
-    """`acc@Nbit` for each N: weights rounded to nearest at N bits, BN statistics
-    re-estimated as for the main result (trainer.bn_reestimate_batches)."""
+    """`acc@Nbit` (test) and `val_acc@Nbit` for each N: weights rounded to nearest at N
+    bits, BN statistics re-estimated as for the main result (trainer.bn_reestimate_batches)."""
     out = {}
     for b in sorted(set(bits)):
         q = with_weight_bits(model, b, plan)
         reestimate_bn(q, data, cfg.bn_reestimate_batches, cfg.batch_size)
-        out[f"acc@{b}bit"] = evaluate(q, data, cfg.eval_batch_size)["acc"]
+        for split, prefix in final_splits(data, cfg).items():
+            out[f"{prefix}acc@{b}bit"] = evaluate(q, data, split, cfg.eval_batch_size)["acc"]
     return out
 
 
@@ -142,12 +164,19 @@ def final_metrics(
     tracker: OscillationTracker | None,
     history: list[dict],
 ) -> dict:
-    """Accuracy after BN re-estimation, cross-bit accuracy, oscillation totals and the
-    threshold-distance histogram, from the trained model and its history."""
+    """Accuracy and loss on each of `final_splits` before and after BN re-estimation
+    (test: `acc`, `loss`, `acc_bn`; validation: `val_acc`, `val_loss`, `val_acc_bn`),
+    cross-bit accuracy, oscillation totals and the threshold-distance histogram, from the
+    trained model and its history."""
     cfg = spec.trainer
-    final = {"acc": history[-1]["val_acc"], "val_loss": history[-1]["val_loss"]}
+    splits = final_splits(data, cfg)
+    final = {}
+    for split, prefix in splits.items():
+        out = evaluate(model, data, split, cfg.eval_batch_size)
+        final |= {f"{prefix}acc": out["acc"], f"{prefix}loss": out["loss"]}
     reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
-    final["acc_bn"] = evaluate(model, data, cfg.eval_batch_size)["acc"]
+    for split, prefix in splits.items():
+        final[f"{prefix}acc_bn"] = evaluate(model, data, split, cfg.eval_batch_size)["acc"]
     ptq_bits = [spec.bits] if spec.ptq else []
     final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.plan, cfg)
     final["threshold_distance"] = threshold_distance_histogram(model, spec.bits, spec.plan)

@@ -323,16 +323,24 @@ def load_results(run_dir: Path) -> dict:
 def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
     """The end-of-run summary: accuracy, oscillation, where the record and W&B files are."""
     final, history = results["final"], results["history"]
-    if spec.ptq:
-        acc = (
-            f"{final[f'acc@{spec.bits}bit']:.2f} %  (weights rounded to {spec.bits} bits; "
-            f"full precision: {final['acc_bn']:.2f} %)"
-        )
-    else:
-        acc = f"{final['acc']:.2f} %  (after BN re-estimation: {final['acc_bn']:.2f} %)"
-    rows = [("test accuracy", acc)]
-    if "ema_acc_bn" in final:
-        rows.append(("EMA of the weights", f"{final['ema_acc_bn']:.2f} % (after BN re-estimation)"))
+    rows = []
+    for name, pre in (("validation accuracy", "val_"), ("test accuracy", "")):
+        if f"{pre}acc_bn" not in final:
+            continue
+        if spec.ptq:
+            acc = (
+                f"{final[f'{pre}acc@{spec.bits}bit']:.2f} %  (weights rounded to {spec.bits} "
+                f"bits; full precision: {final[f'{pre}acc_bn']:.2f} %)"
+            )
+        else:
+            bn = final[f"{pre}acc_bn"]
+            acc = f"{final[f'{pre}acc']:.2f} %  (after BN re-estimation: {bn:.2f} %)"
+        rows.append((name, acc))
+        if f"ema_{pre}acc_bn" in final:
+            ema = f"{final[f'ema_{pre}acc_bn']:.2f} % (after BN re-estimation)"
+            rows.append((f"{name.split()[0]}, EMA weights", ema))
+    if "test accuracy" not in dict(rows):
+        rows.append(("test accuracy", "not evaluated (trainer.test=never)"))
     if "kl_to_teacher" in final:
         rows.append(("teacher", f"{final['teacher']} (KL from it: {final['kl_to_teacher']:.4f})"))
     if "osc_share" in final:
@@ -362,12 +370,10 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
         if key.endswith("frozen_share"):
             rows.append((f"frozen ({key.split('/')[0]})", f"{100 * value:.2f} % of weights"))
     if "init" in final:
-        rows.append(
-            (
-                "started from",
-                f"{final['init']['from']} ({final['init']['acc']:.2f} % before quantization)",
-            )
-        )
+        init = final["init"]
+        split = "test" if "acc" in init else "validation"
+        acc = init.get("acc", init.get("val_acc"))
+        rows.append(("started from", f"{init['from']} ({acc:.2f} % {split}, before quantization)"))
     if results.get("resumed_at_epoch"):
         rows.append(
             (

@@ -28,6 +28,8 @@ import pandas as pd  # noqa: E402
 
 from oscbench.compose import presets  # noqa: E402
 from oscbench.console import warn  # noqa: E402
+from oscbench.latex import latex_table  # noqa: E402
+from oscbench.registry import ConfigError  # noqa: E402
 from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
 from oscbench.stats import compare  # noqa: E402
 
@@ -311,6 +313,69 @@ def _legend(ax: plt.Axes, fontsize: int = 8) -> None:
     ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
 
 
+def _runs(tracked: pd.DataFrame, label: str, bits: int) -> pd.Series:
+    return tracked[(tracked["label"] == label) & (tracked["bits"] == bits)]["record"]
+
+
+def oscillation_figures(
+    records: list[dict],
+    tracked: pd.DataFrame,
+    labels: list[str],
+    bits: list[int],
+    style: dict,
+    out: Path,
+) -> list[Path]:
+    """Oscillation over training: the oscillating share and the threshold crossings of
+    every epoch, one column per bit-width, the mean over seeds and a band of one standard
+    deviation. Oscillation by depth: the last epoch's oscillating share of each tracked
+    layer, input to output, the methods side by side as grouped bars (mean over seeds), one
+    panel per bit-width (as Nagel et al. plot it per layer)."""
+    rows = (("osc_share", 100.0, "oscillating weights (%)"), ("crossings", 1.0, "crossings"))
+    fig, axes = plt.subplots(2, len(bits), figsize=(4.5 * len(bits), 6.4), squeeze=False)
+    for col, b in enumerate(bits):
+        for label in labels:
+            for row, (key, scale, name) in enumerate(rows):
+                curves = pd.DataFrame(
+                    [
+                        [h["osc"][key] * scale for h in records[i]["history"] if "osc" in h]
+                        for i in _runs(tracked, label, b)
+                    ]
+                )
+                if curves.empty:
+                    continue
+                ax, epochs = axes[row][col], curves.columns + 1
+                mean, std = curves.mean(), curves.std().fillna(0)  # one seed: no band
+                ax.plot(epochs, mean, label=label, **style[label])
+                band = (mean - std, mean + std)
+                ax.fill_between(epochs, *band, color=style[label]["color"], alpha=0.15)
+                ax.set(xlabel="epoch", ylabel=name, title=f"{b}-bit")
+    _legend(axes[0][-1])
+    fig.suptitle("Oscillation over training (mean over seeds, band: ± one std)")
+    paths = [_save(fig, out / "oscillation_over_training.png")]
+
+    fig, axes = plt.subplots(len(bits), 1, figsize=(9, 3.2 * len(bits)), squeeze=False)
+    for ax, b in zip(axes[:, 0], bits, strict=True):
+        shares = {}
+        for label in labels:
+            last = [records[i]["history"][-1]["osc"] for i in _runs(tracked, label, b)]
+            layers = [o["layers"] for o in last if o.get("layers")]
+            if layers:
+                frame = pd.DataFrame(
+                    [{k: v["osc_share"] * 100 for k, v in ls.items()} for ls in layers]
+                )
+                shares[label] = frame.mean()
+        width = 0.8 / max(len(shares), 1)
+        for k, (label, share) in enumerate(shares.items()):
+            xs = [x + (k - (len(shares) - 1) / 2) * width for x in range(len(share))]
+            ax.bar(xs, share.values, width, label=label, color=style[label]["color"])
+        names = next(iter(shares.values())).index if shares else []
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+        ax.set(xlabel="layer (input to output)", ylabel="oscillating (%)", title=f"{b}-bit")
+    _legend(axes[0][0])
+    fig.suptitle("Oscillating weights per layer, last epoch (mean over seeds)")
+    return [*paths, _save(fig, out / "oscillation_by_layer.png")]
+
+
 def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
     """Accuracy vs bits, oscillating share over training, per-weight oscillation counts,
     distance to the nearest threshold, and cross-bit accuracy of PTQ / osc_reg. Curves
@@ -348,20 +413,7 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
     tracked = ok[has_osc]
     if len(tracked):
         bits = sorted(tracked["bits"].unique())
-        fig, axes = plt.subplots(1, len(bits), figsize=(4.5 * len(bits), 3.6), squeeze=False)
-        for ax, b in zip(axes[0], bits, strict=True):
-            for label in labels:
-                runs = tracked[(tracked["label"] == label) & (tracked["bits"] == b)]
-                curves = [
-                    [h["osc"]["osc_share"] * 100 for h in records[i]["history"] if "osc" in h]
-                    for i in runs["record"]
-                ]
-                if curves:
-                    mean = pd.DataFrame(curves).mean()
-                    ax.plot(mean.index + 1, mean.values, label=label, **style[label])
-            ax.set(xlabel="epoch", ylabel="oscillating weights (%)", title=f"{b}-bit")
-        _legend(axes[0][-1])
-        paths.append(_save(fig, out / "oscillating_share.png"))
+        paths += oscillation_figures(records, tracked, labels, bits, style, out)
 
         low = min(bits)
         fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -488,25 +540,55 @@ def significance_markdown(table: pd.DataFrame, baseline: str) -> str:
     return "\n".join(out)
 
 
-def write_report(records: list[dict], out: Path, baseline: str = "lsq") -> dict[str, Path]:
-    """Write table.md (with the differences from `baseline`), table.csv, significance.csv,
-    runs.csv and the figures into `out`."""
+def tuning_markdown(rows: list[dict]) -> str:
+    """The best parameters each tuning study found (oscbench.tune.summary's rows)."""
+    out = [
+        "\n### Best hyper-parameters per method and bit-width (tuning studies)\n",
+        "Objective: validation accuracy after BN re-estimation (%), on the tuning seed.\n",
+        "| study | trials (failed) | best trial | validation acc. | parameters |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        params = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()
+        )
+        value = "-" if r["best_value"] is None else f"{r['best_value']:.2f}"
+        trials = f"{r['complete'] + r['failed']} ({r['failed']})"
+        out.append(f"| {r['study']} | {trials} | {r['best_trial']} | {value} | {params or '-'} |")
+    return "\n".join(out) + "\n"
+
+
+def write_report(
+    records: list[dict], out: Path, baseline: str = "lsq", tuned: Path | None = None
+) -> dict[str, Path]:
+    """Write table.md (with the differences from `baseline`, and the best parameters of
+    the tuning sweep `tuned`, if given), table.tex (LaTeX, booktabs), table.csv,
+    significance.csv, runs.csv, best_params.csv (with `tuned`) and the figures into `out`."""
     df = runs_frame(records)
     if df.empty:
         raise SystemExit("oscbench.report: no results.json found")
     out.mkdir(parents=True, exist_ok=True)
     stats = summary(df)
     tested = significance(df, baseline)
-    (out / "table.md").write_text(
-        markdown(stats, df) + recipe_differences(stats) + significance_markdown(tested, baseline)
-    )
+    text = markdown(stats, df) + recipe_differences(stats) + significance_markdown(tested, baseline)
+    paths = {}
+    if tuned is not None:
+        from oscbench.tune import summary as tune_summary  # Optuna: slow to import
+
+        best = tune_summary(tuned)
+        text += tuning_markdown(best)
+        pd.DataFrame(best).to_csv(out / "best_params.csv", index=False)
+        paths["best_params.csv"] = out / "best_params.csv"
+    (out / "table.md").write_text(text)
+    (out / "table.tex").write_text(latex_table(stats, tested, baseline))
     stats.to_csv(out / "table.csv")
     tested.to_csv(out / "significance.csv", index=False)
     varying = varying_settings(df)
     runs = _with_setting_columns(df, varying).drop(columns=["settings"])
     runs.to_csv(out / "runs.csv", index=False)
-    paths = {
+    paths |= {
         "table.md": out / "table.md",
+        "table.tex": out / "table.tex",
         "table.csv": out / "table.csv",
         "significance.csv": out / "significance.csv",
         "runs.csv": out / "runs.csv",
@@ -551,12 +633,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--baseline", default="lsq", help="the method the others are tested against (or fp)"
     )
+    parser.add_argument(
+        "--tuned",
+        metavar="DIR",
+        help="a tuning sweep (experiment=tune_methods): its best parameters",
+    )
     args = parser.parse_args(argv)
     if bool(args.root) == bool(args.wandb):
         parser.error("give a directory or --wandb ENTITY/PROJECT")
     records = records_from_wandb(args.wandb) if args.wandb else load_records(Path(args.root))
     out = Path(args.out or Path(args.root or ".") / "report")
-    paths = write_report(records, out, args.baseline)
+    tuned = Path(args.tuned) if args.tuned else None
+    try:
+        paths = write_report(records, out, args.baseline, tuned)
+    except ConfigError as e:
+        parser.exit(2, f"oscbench.report: {e}\n")
     print((out / "table.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 

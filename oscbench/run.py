@@ -25,7 +25,13 @@ from oscbench.console import epoch_line, say, warn
 from oscbench.data.base import Data, build_data
 from oscbench.distill import Objective, build_teacher, kl_to_teacher
 from oscbench.distributed import World, broadcast, from_env, start
-from oscbench.evaluation import evaluate, final_metrics, reestimate_bn
+from oscbench.evaluation import (
+    evaluate,
+    final_metrics,
+    final_splits,
+    reestimate_bn,
+    split_record,
+)
 from oscbench.gpus import job_device
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
@@ -104,7 +110,8 @@ def build(spec: RunSpec) -> Built:
     init = None
     if spec.init_from:
         init = load_weights(model, Path(spec.init_from), strict=spec.init_strict)
-        init["acc"] = evaluate(model, data, spec.trainer.eval_batch_size)["acc"]
+        for split, prefix in final_splits(data, spec.trainer).items():
+            init[f"{prefix}acc"] = evaluate(model, data, split, spec.trainer.eval_batch_size)["acc"]
     steps = schedule(data, spec.trainer)
     tracker = None
     if spec.quantized:
@@ -137,17 +144,23 @@ def build(spec: RunSpec) -> Built:
 
 
 def extra_metrics(spec: RunSpec, built: Built) -> dict:
-    """The EMA copy's test accuracy after BN re-estimation (`ema_acc_bn`), and the student's
-    mean KL divergence from the teacher on the test split (`kl_to_teacher`)."""
+    """The EMA copy's accuracy after BN re-estimation (`ema_acc_bn` on test, `ema_val_acc_bn`
+    on validation), and the student's mean KL divergence from the teacher
+    (`kl_to_teacher`, `val_kl_to_teacher`), on each of the run's final splits."""
     out = {}
-    cfg = spec.trainer
+    cfg, data = spec.trainer, built.data
+    splits = final_splits(data, cfg)
     if built.ema is not None:
-        reestimate_bn(built.ema.module, built.data, cfg.bn_reestimate_batches, cfg.batch_size)
-        out["ema_acc_bn"] = evaluate(built.ema.module, built.data, cfg.eval_batch_size)["acc"]
+        reestimate_bn(built.ema.module, data, cfg.bn_reestimate_batches, cfg.batch_size)
+        for split, prefix in splits.items():
+            out[f"ema_{prefix}acc_bn"] = evaluate(
+                built.ema.module, data, split, cfg.eval_batch_size
+            )["acc"]
     if built.objective.distills:
         out["teacher"] = spec.teacher
-        batches = built.data.test_batches(cfg.eval_batch_size)
-        out["kl_to_teacher"] = kl_to_teacher(built.model, built.objective, batches)
+        for split, prefix in splits.items():
+            batches = data.eval_batches(split, cfg.eval_batch_size)
+            out[f"{prefix}kl_to_teacher"] = kl_to_teacher(built.model, built.objective, batches)
     return out
 
 
@@ -236,6 +249,7 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
     rec = Recorder(
         run_dir, config, spec.logger, labels, run_name(spec), where, resume, writes=world.main
     )
+    rec.data["splits"] = split_record(built.data, spec.trainer)
     if resume is not None:
         say(f"oscbench: resuming {run_dir} after epoch {resume['epoch']} of {epochs}")
     save = None
@@ -282,6 +296,14 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
     return final
 
 
+def objective(spec: RunSpec, final: dict) -> float:
+    """What a run returns to a sweeper (Optuna's): its validation accuracy after BN
+    re-estimation (a PTQ method's: with the weights rounded to `bits`), never a test
+    number; NaN (Optuna: a failed trial) without a validation split."""
+    key = f"val_acc@{spec.bits}bit" if spec.ptq else "val_acc_bn"
+    return float(final.get(key, float("nan")))
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
@@ -305,8 +327,9 @@ def main(cfg: DictConfig) -> float:
         if hc.mode == RunMode.MULTIRUN:  # one sweep: runs are shared across its jobs
             spec.logger.group = spec.logger.group or sweep_dir.name
             with job_device(spec, sweep_dir, world) as pinned:  # parallel jobs: GPU slots
-                return execute(pinned, config, run_dir, overrides, sweep_dir, sweep_dir)["acc_bn"]
-        return execute(spec, config, run_dir, overrides)["acc_bn"]
+                final = execute(pinned, config, run_dir, overrides, sweep_dir, sweep_dir)
+                return objective(spec, final)
+        return objective(spec, execute(spec, config, run_dir, overrides))
     except ConfigError as e:  # data not on disk, a damaged file: found before any training
         if hc.mode == RunMode.RUN:
             remove_if_unused(run_dir)

@@ -30,6 +30,7 @@ NOT_RESULTS = (
     "trainer.dist_timeout_s",
     "trainer.check_sync",
     "data_dir",
+    "tune",
     "method",
     "init_strict",
 )

@@ -165,8 +165,12 @@ def train(
     where the schedule ended); after each epoch `save(state)` a checkpoint, then
     `on_epoch(record)`. With `resume` (a checkpoint), continue after its epoch. Returns the
     whole history. Each optimizer step is `train_step` on `objective`, then the schedule's
-    step, then the `ema` copy's update (its test accuracy is `ema_acc` in each record)."""
+    step, then the `ema` copy's update. Each record holds the validation split's loss and
+    accuracy (`val_*`, the EMA copy's `ema_val_acc`), and with trainer.test=every_epoch the
+    test split's (`test_*`), which nothing selects on."""
     steps = schedule(data, cfg)
+    epoch_splits = [s for s in ("val", "test") if data.split_size(s)]
+    epoch_splits = [s for s in epoch_splits if s == "val" or cfg.test == "every_epoch"]
     device = data.device
     accel = Accel.resolve(cfg, device)
     if accel.channels_last:
@@ -281,18 +285,19 @@ def train(
             sync_buffers(ema.module, world)
         if cfg.check_sync:
             check_sync(state(), world, epoch + 1)
-        val = evaluate(model, data, cfg.eval_batch_size, accel)
         record = {
             "epoch": epoch + 1,
             "step": step,
             "lr": lr,
             "train_loss": loss_sum.item() / seen,
             "train_acc": 100.0 * correct.item() / seen,
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
         }
-        if ema is not None:
-            record["ema_acc"] = evaluate(ema.module, data, cfg.eval_batch_size, accel)["acc"]
+        for split in epoch_splits:
+            out = evaluate(model, data, split, cfg.eval_batch_size, accel)
+            record |= {f"{split}_loss": out["loss"], f"{split}_acc": out["acc"]}
+            if ema is not None:
+                ema_out = evaluate(ema.module, data, split, cfg.eval_batch_size, accel)
+                record[f"ema_{split}_acc"] = ema_out["acc"]
         if policies:
             record["extra_loss"] = extra_sum.item() / seen
             for p in policies:

@@ -42,6 +42,34 @@ def build_config(overrides: list[str]):
     return spec, build(spec)
 
 
+def check_latex(table: str, tmp_path: Path) -> None:
+    """The report's LaTeX table compiles with pdflatex where a TeX engine is installed
+    (.ci/run installs Debian's), else it parses as LaTeX: one tabular, booktabs' rules, as
+    many cells in each row as columns."""
+    import shutil
+    import subprocess
+
+    from oscbench.latex import document
+
+    if shutil.which("pdflatex"):
+        (tmp_path / "table.tex").write_text(document(table))
+        cmd = ["pdflatex", "-halt-on-error", "-interaction=nonstopmode", "table.tex"]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:]
+        assert (tmp_path / "table.pdf").stat().st_size > 1000
+        return
+    from pylatexenc.latexwalker import LatexEnvironmentNode, LatexWalker
+
+    nodes, _, _ = LatexWalker(table, tolerant_parsing=False).get_latex_nodes()
+    (tab,) = [n for n in nodes if isinstance(n, LatexEnvironmentNode)]
+    body = table[table.index("\\begin{tabular}") : table.index("\\end{tabular}")]
+    spec = body[body.index("}{") + 2 : body.index("}\n")]
+    for rule in ("\\toprule", "\\midrule", "\\bottomrule"):
+        assert rule in body
+    rows = body.split("\\\\")[:-1]  # the header rows and the body's, up to \\bottomrule
+    assert rows and all(r.count("&") == len(spec) - 1 for r in rows)
+
+
 def aoq_coef(q, w):  # noqa: ANN001, ANN201
     """AOQ's level coefficient of each weight, i - (2^b - 1)/2 with the bin index
     i = clamp(floor(w / s_th) + 2^(b-1), 0, 2^b - 1), written out as in the paper, as the

@@ -53,14 +53,16 @@ def _write_cifar(root, name):
 def test_cifar_reads_the_pickled_batches(tmp_path, name):
     n_train, classes = _write_cifar(tmp_path, name)
     data = _data([f"dataset={name}", f"data_dir={tmp_path}", "dataset.verify=false"])
-    assert data.x_train.shape == (n_train, 3, 32, 32) and data.x_train.dtype == torch.uint8
+    assert data.x_train.shape[1:] == (3, 32, 32) and data.x_train.dtype == torch.uint8
+    held = -(-n_train // 10)  # dataset.val_fraction=0.1 of the training images
+    assert len(data.x_train) == n_train - held and len(data.x_val) == held
     assert data.num_classes == classes and len(data.x_test) == 6
     x, y = next(data.train_batches(0, 4))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (4,)
     raw = data.x_test[:2].float() / 255
     mean = torch.tensor(data.mean).view(1, 3, 1, 1)
     std = torch.tensor(data.std).view(1, 3, 1, 1)
-    torch.testing.assert_close(next(data.test_batches(2))[0], (raw - mean) / std)
+    torch.testing.assert_close(next(data.eval_batches("test", 2))[0], (raw - mean) / std)
 
 
 def test_cifar_checks_md5_by_default(tmp_path):
@@ -104,7 +106,7 @@ def test_tinyimagenet_reads_train_folders_and_val_annotations(tmp_path):
     assert data.num_classes == 2 and data.steps_per_epoch(4) == 2
     x, y = next(data.train_batches(0, 4))
     assert x.shape == (4, 3, 64, 64)
-    xs, ys = zip(*data.test_batches(8), strict=True)
+    xs, ys = zip(*data.eval_batches("test", 8), strict=True)
     assert ys[0].tolist() == [1, 0, 1]  # classes from val_annotations.txt, indexed as train/
     assert xs[0].shape == (3, 3, 64, 64)
 
@@ -114,13 +116,15 @@ def test_imagenet_reads_train_and_val_image_folders(tmp_path):
         for c, wnid in enumerate(["n01", "n02", "n03"]):
             for i in range(n):
                 _jpeg(tmp_path / "imagenet" / split / wnid / f"{i}.JPEG", 7 * c + i)
-    data = _data(
-        ["dataset=imagenet", f"data_dir={tmp_path}", "dataset.workers=0", "dataset.image_size=32"]
-    )
+    args = ["dataset=imagenet", f"data_dir={tmp_path}", "dataset.workers=0"]
+    data = _data([*args, "dataset.image_size=32", "dataset.val_fraction=0.33"])
     assert data.num_classes == 3
     x, y = next(data.train_batches(0, 9))
-    assert x.shape == (9, 3, 32, 32) and sorted(y.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert sum(len(y) for _, y in data.test_batches(4)) == 6
+    assert x.shape == (6, 3, 32, 32) and sorted(y.tolist()) == [0, 0, 1, 1, 2, 2]
+    (x, y), *rest = data.eval_batches("val", 9)  # one training image per class, held out
+    assert x.shape == (3, 3, 32, 32) and sorted(y.tolist()) == [0, 1, 2] and not rest
+    assert data.val_set.dataset.transform is data.test_set.transform  # read as the test set is
+    assert sum(len(y) for _, y in data.eval_batches("test", 4)) == 6
 
 
 def test_loader_batches_are_the_same_for_the_same_epoch(tmp_path):

@@ -39,7 +39,7 @@ def test_ema_weights_follow_the_formula_and_buffers_are_the_live_models():
     assert any(not torch.equal(live[k], params[k]) for k in live)  # it is an average
     for (name, a), b in zip(built.ema.module.named_buffers(), built.model.buffers(), strict=True):
         assert torch.equal(a, b), name  # ema_buffers=copy: BN statistics, codes, masks
-    assert "ema_acc" in history[-1]
+    assert "ema_val_acc" in history[-1]
 
 
 def test_the_ema_copy_quantizes_its_own_latent_weights():

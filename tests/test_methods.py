@@ -13,10 +13,10 @@ from tests.conftest import compose_config, run_config
 
 @pytest.mark.parametrize("method", [p.name for p in presets()])
 def test_every_preset_learns_and_records_its_own_metrics(method, tmp_path):
-    """Every preset in conf/method/ (none listed here): 3 epochs of digits, every metric its
+    """Every preset in conf/method/ (none listed here): 5 epochs of digits, every metric its
     policies report in every epoch's record and in the final one, finite."""
     final = run_config(
-        [f"method={method}", "bits=3", "trainer.epochs=3", "logger=none", "device=cpu"],
+        [f"method={method}", "bits=3", "trainer.epochs=5", "logger=none", "device=cpu"],
         tmp_path,
     )
     res = load_results(tmp_path)
@@ -28,7 +28,7 @@ def test_every_preset_learns_and_records_its_own_metrics(method, tmp_path):
         assert math.isfinite(final[key]), key
         for record in res["history"]:  # schedule values and loss terms in every epoch
             assert math.isfinite(record[key]), key
-    for key in ("acc", "acc_bn", "val_loss"):
+    for key in ("acc", "acc_bn", "loss", "val_acc", "val_acc_bn", "val_loss"):
         assert math.isfinite(final[key])
     if spec.quantized:
         assert final["osc_share"] >= 0 and final["crossings_total"] > 0
@@ -36,7 +36,8 @@ def test_every_preset_learns_and_records_its_own_metrics(method, tmp_path):
         assert math.isfinite(final[f"acc@{b}bit"])
     hist = final["threshold_distance"]
     assert sum(hist["counts"]) > 0 and math.isfinite(hist["mean_to_level"])
-    assert final["acc_bn"] > 50  # every method learns digits in 3 epochs (chance: 10 %)
+    assert final["acc_bn"] > 50  # every method learns digits in 5 epochs (chance: 10 %; AOQ's
+    # staged schedule needs 5: 16 % after 3, 82 % after 5 at 3 bits)
 
 
 def test_preset_values_are_overridable():

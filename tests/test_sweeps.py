@@ -14,6 +14,7 @@ from PIL import Image
 
 from oscbench import report
 from oscbench.runs import RESULTS
+from tests.conftest import check_latex
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -59,9 +60,9 @@ def check_report(sweep_dir, methods, bits):
     stats = report.summary(report.runs_frame(report.load_records(sweep_dir)))
     assert set(stats.index) == {(m, b) for m in methods for b in bits}
     pngs = [p for name, p in paths.items() if name.endswith(".png")]
-    assert {"accuracy_vs_bits.png", "oscillating_share.png", "oscillation_histograms.png"} <= {
-        p.name for p in pngs
-    }
+    names = ("accuracy_vs_bits", "oscillation_over_training", "oscillation_by_layer")
+    assert {f"{n}.png" for n in (*names, "oscillation_histograms")} <= {p.name for p in pngs}
+    check_latex(paths["table.tex"].read_text(), sweep_dir)
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         with Image.open(p) as im:

@@ -37,11 +37,18 @@ def test_digits_split_is_stratified_normalised_and_fixed():
     spec = validate(compose_config([]))
     a = build_data(spec.dataset, seed=0, device=torch.device("cpu"))
     b = build_data(spec.dataset, seed=5, device=torch.device("cpu"))
-    assert len(a.x_train) + len(a.x_test) == 1797 and a.x_train.shape[1:] == (1, 8, 8)
-    assert torch.equal(a.x_test, b.x_test)  # the split does not depend on the run's seed
-    assert abs(a.x_train.mean().item()) < 1e-5 and abs(a.x_train.std().item() - 1) < 1e-4
+    assert (len(a.x_train), len(a.x_val), len(a.x_test)) == (1293, 144, 360)
+    assert a.x_train.shape[1:] == (1, 8, 8)
+    for split in ("x_train", "x_val", "x_test"):  # the splits do not depend on the run's seed
+        assert torch.equal(getattr(a, split), getattr(b, split))
+    train_and_val = torch.cat([a.x_train, a.x_val])
+    assert abs(train_and_val.mean().item()) < 1e-5 and abs(train_and_val.std().item() - 1) < 1e-4
+    images = {tuple(x.flatten().tolist()) for x in a.x_val}
+    assert not images & {tuple(x.flatten().tolist()) for x in a.x_train}  # held out
     counts = torch.bincount(a.y_test, minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37  # stratified: 360 test images / 10 classes
+    counts = torch.bincount(a.y_val, minlength=10)
+    assert counts.min() >= 14 and counts.max() <= 15  # stratified: 144 held out / 10 classes
 
 
 def test_optimizer_groups_are_named_and_quantizer_steps_have_no_weight_decay():

@@ -10,10 +10,15 @@ training device and augments batches there (no DataLoader workers, as airbench d
 DataLoader with workers and pinned memory. Both give batches already on the device, and
 both seed an epoch's order and augmentation by (seed, epoch) alone, so a resumed run sees
 the same batches as an uninterrupted one.
+
+Every dataset holds out a seeded, stratified validation split of its training data
+(`dataset.val_fraction`, `dataset.val_seed`): per-epoch numbers and tuning read it, and the
+test split is evaluated at the end (`trainer.test`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +28,39 @@ import torch.nn.functional as F
 from torch.utils.data import DistributedSampler
 
 from oscbench.distributed import World
-from oscbench.registry import ConfigError, Registry
+from oscbench.registry import ConfigError, Registry, check
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 DATA_ENV = "OSCBENCH_DATA"
+SPLITS = ("val", "test")  # the evaluation splits: held out of the training data, and the test set
+
+
+@dataclass
+class HeldOut:
+    """The validation split every dataset config holds (its fields come first)."""
+
+    val_fraction: float  # share of the training data held out for validation, per class
+    val_seed: int  # fixed, so every run and method holds out the same images
+
+    def __post_init__(self) -> None:
+        check(0 <= self.val_fraction < 1, "val_fraction", self.val_fraction, "0 <= x < 1")
+
+
+def split_indices(labels: torch.Tensor, fraction: float, seed: int) -> tuple:
+    """(train, val) index arrays: `fraction` of each class held out (scikit-learn's
+    stratified split, seeded); no validation split for fraction 0. A set too small to hold
+    out one image of every class (a smoke test's) is split without stratification."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split  # slow to import: only here
+
+    idx = np.arange(len(labels))
+    if fraction == 0:
+        return idx, idx[:0]
+    counts = torch.bincount(labels)
+    counts = counts[counts > 0]
+    held = -(-fraction * len(idx) // 1)
+    stratify = labels if held >= len(counts) and counts.min() >= 2 else None
+    return train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -80,6 +114,26 @@ class TensorData:
     std: tuple[float, ...] = (1.0,)
     augment: str = "none"  # none | crop_flip
     world: World = field(default_factory=World)  # several processes: this rank's shards
+    x_val: torch.Tensor | None = None  # held out of the training data (`hold_out`)
+    y_val: torch.Tensor | None = None
+
+    def hold_out(self, fraction: float, seed: int) -> TensorData:
+        """This dataset with `fraction` of each class of its training data moved to the
+        validation split."""
+        train, val = split_indices(self.y_train.cpu(), fraction, seed)
+        train, val = torch.from_numpy(train), torch.from_numpy(val)
+        return dataclasses.replace(
+            self,
+            x_train=self.x_train[train.to(self.device)],
+            y_train=self.y_train[train.to(self.device)],
+            x_val=self.x_train[val.to(self.device)],
+            y_val=self.y_train[val.to(self.device)],
+        )
+
+    def split_size(self, split: str) -> int:
+        """The number of images in `split`: train, val or test."""
+        sizes = {"train": self.y_train, "val": self.y_val, "test": self.y_test}
+        return 0 if sizes[split] is None else len(sizes[split])
 
     @property
     def in_channels(self) -> int:
@@ -123,13 +177,15 @@ class TensorData:
         total = min(batch_size, len(self.x_train) - step * batch_size)
         return self.world.size * local / total
 
-    def test_batches(self, batch_size: int) -> Iterator[Batch]:
-        """The test set in order; on several processes, this rank's part of each batch."""
-        for i in range(0, len(self.x_test), batch_size):
-            n = min(batch_size, len(self.x_test) - i)
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        """The `split` ("val" or "test") in order; on several processes, this rank's part
+        of each batch."""
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
+        for i in range(0, self.split_size(split), batch_size):
+            n = min(batch_size, len(x) - i)
             part = self.world.shard(n)
             part = slice(i + part.start, i + part.stop)
-            yield self._prepare(self.x_test[part]), self.y_test[part]
+            yield self._prepare(x[part]), y[part]
 
 
 class EpochView(torch.utils.data.Dataset):
@@ -164,6 +220,25 @@ class LoaderData:
     image_size: int
     in_channels: int = 3
     world: World = field(default_factory=World)  # several processes: DistributedSampler
+    train_as_test: torch.utils.data.Dataset | None = None  # the training images, test transform
+    val_set: torch.utils.data.Dataset | None = None  # held out of train_set (`hold_out`)
+
+    def hold_out(self, fraction: float, seed: int) -> LoaderData:
+        """This dataset with `fraction` of each class of its training images moved to the
+        validation split, read with the test transform (`train_as_test`)."""
+        labels = torch.as_tensor(self.train_set.targets)
+        train, val = split_indices(labels, fraction, seed)
+        sub = torch.utils.data.Subset
+        return dataclasses.replace(
+            self,
+            train_set=sub(self.train_set, train.tolist()),
+            val_set=sub(self.train_as_test, val.tolist()) if len(val) else None,
+        )
+
+    def split_size(self, split: str) -> int:
+        """The number of images in `split`: train, val or test."""
+        sets = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        return 0 if sets[split] is None else len(sets[split])
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-len(self.train_set) // batch_size)
@@ -202,8 +277,11 @@ class LoaderData:
         view = EpochView(self.train_set, int(torch.randint(2**31, (1,), generator=g)))
         return self._loader(view, batch_size, g)
 
-    def test_batches(self, batch_size: int) -> Iterator[Batch]:
-        return self._loader(self.test_set, batch_size, None)
+    def eval_batches(self, split: str, batch_size: int) -> Iterator[Batch]:
+        """The `split` ("val" or "test") in order (see `_loader`)."""
+        if not self.split_size(split):
+            return iter(())
+        return self._loader(self.test_set if split == "test" else self.val_set, batch_size, None)
 
 
 Data = TensorData | LoaderData
@@ -211,5 +289,6 @@ DATASETS: Registry[Data] = Registry("dataset")
 
 
 def build_data(component, seed: int, device: torch.device) -> Data:  # noqa: ANN001
-    """Load a validated dataset `Component` onto `device`."""
-    return DATASETS.get(component.name).build(component.options, seed=seed, device=device)
+    """Load a validated dataset `Component` onto `device`, its validation split held out."""
+    data = DATASETS.get(component.name).build(component.options, seed=seed, device=device)
+    return data.hold_out(component.options.val_fraction, component.options.val_seed)

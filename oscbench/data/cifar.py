@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from oscbench.data.base import DATASETS, TensorData, require
+from oscbench.data.base import DATASETS, HeldOut, TensorData, require
 
 STATS = {  # per-channel mean and std of the training images
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -19,7 +19,7 @@ ARCHIVE = {"cifar10": "cifar-10-python.tar.gz", "cifar100": "cifar-100-python.ta
 
 
 @dataclass
-class CifarConfig:
+class CifarConfig(HeldOut):
     root: str  # the folder that holds cifar-10-batches-py / cifar-100-python
     download: bool  # use torchvision's downloader (needs the internet)
     augment: bool  # pad-4 random crop + horizontal flip, on the device

@@ -9,16 +9,17 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.data.base import DATASETS, TensorData
+from oscbench.data.base import DATASETS, HeldOut, TensorData
 from oscbench.registry import check
 
 
 @dataclass
-class DigitsConfig:
+class DigitsConfig(HeldOut):
     test_fraction: float  # held-out share, stratified by class
     split_seed: int  # fixed, so every run and method sees the same split
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(0 < self.test_fraction < 1, "test_fraction", self.test_fraction, "0 < x < 1")
 
 

@@ -7,19 +7,20 @@ from pathlib import Path
 
 import torch
 
-from oscbench.data.base import DATASETS, LoaderData, require
+from oscbench.data.base import DATASETS, HeldOut, LoaderData, require
 from oscbench.registry import check
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 @dataclass
-class FolderConfig:
+class FolderConfig(HeldOut):
     root: str  # the dataset's own folder (tiny-imagenet-200, or imagenet with train/ and val/)
     image_size: int  # training crop and test size (Tiny ImageNet: 64, ImageNet: 224)
     workers: int  # DataLoader worker processes
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check(self.image_size >= 8, "image_size", self.image_size, ">= 8")
         check(self.workers >= 0, "workers", self.workers, ">= 0")
 
@@ -39,6 +40,24 @@ def _transforms(size: int, resize_test: bool) -> tuple:
         else [transforms.Resize(size)]
     )
     return train, transforms.Compose([*test, *norm])
+
+
+def _loader_data(train, test, test_tf, cfg: FolderConfig, seed: int, device) -> LoaderData:  # noqa: ANN001
+    """The training folder `train` (an ImageFolder, augmented) and `test`; the training
+    folder is also read with the test transform, for the held-out validation split."""
+    from torchvision.datasets import ImageFolder
+
+    as_test = ImageFolder(train.root, transform=test_tf)
+    return LoaderData(
+        train,
+        test,
+        len(train.classes),
+        seed,
+        device,
+        cfg.workers,
+        cfg.image_size,
+        train_as_test=as_test,
+    )
 
 
 class FileList(torch.utils.data.Dataset):
@@ -78,8 +97,7 @@ def tinyimagenet(cfg: FolderConfig, seed: int, device: torch.device) -> LoaderDa
         if line.strip():
             name, wnid = line.split("\t")[:2]
             val.append((str(root / "val" / "images" / name), train.class_to_idx[wnid]))
-    test = FileList(val, test_tf)
-    return LoaderData(train, test, len(train.classes), seed, device, cfg.workers, cfg.image_size)
+    return _loader_data(train, FileList(val, test_tf), test_tf, cfg, seed, device)
 
 
 @DATASETS.register("imagenet", FolderConfig)
@@ -101,4 +119,4 @@ def imagenet(cfg: FolderConfig, seed: int, device: torch.device) -> LoaderData:
     val = ImageFolder(str(root / "val"), transform=test_tf)
     if val.classes != train.classes:
         raise ValueError(f"imagenet: val/ and train/ under {root} have different class folders")
-    return LoaderData(train, val, len(train.classes), seed, device, cfg.workers, cfg.image_size)
+    return _loader_data(train, val, test_tf, cfg, seed, device)

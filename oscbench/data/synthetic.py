@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.data.base import DATASETS, TensorData
+from oscbench.data.base import DATASETS, HeldOut, TensorData
 from oscbench.registry import check
 
 
 @dataclass
-class SyntheticConfig:
+class SyntheticConfig(HeldOut):
     image_size: int
     channels: int
     num_classes: int
@@ -24,6 +24,7 @@ class SyntheticConfig:
     noise: float  # noise std relative to the templates' (1.0)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for key in ("image_size", "channels", "num_classes", "train_size", "test_size"):
             check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
         check(self.noise >= 0, "noise", self.noise, ">= 0")

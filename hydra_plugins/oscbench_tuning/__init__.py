@@ -1,0 +1,1 @@
+"""oscbench's tuning sweepers (oscbench.tune), where Hydra looks for plugins."""
