@@ -31,7 +31,7 @@ from oscbench.console import warn  # noqa: E402
 from oscbench.latex import latex_table  # noqa: E402
 from oscbench.registry import ConfigError  # noqa: E402
 from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
-from oscbench.stats import compare  # noqa: E402
+from oscbench.stats import compare, versus  # noqa: E402
 
 RECIPE = "recipe.name"  # the setting that names a run's training recipe (conf/recipe/)
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
@@ -58,10 +58,12 @@ def _method(record: dict) -> str:
     return record.get("method") or record["config"]["method"]["name"]
 
 
-def _accuracy(config: dict, final: dict) -> float | None:
+def _accuracy(config: dict, final: dict, split: str = "") -> float | None:
+    """The result after BN re-estimation on the test split (`split=""`) or the validation
+    split (`"val_"`); a PTQ run's: its weights rounded to `bits`."""
     if config.get("ptq"):
-        return final.get(f"acc@{config['bits']}bit")
-    return final.get("acc_bn")
+        return final.get(f"{split}acc@{config['bits']}bit")
+    return final.get(f"{split}acc_bn")
 
 
 def _settings(config: dict) -> dict:
@@ -75,8 +77,9 @@ def _settings(config: dict) -> dict:
 
 
 def runs_frame(records: list[dict]) -> pd.DataFrame:
-    """One row per run: label, bits, seed, status, the final metrics the tables use, and its
-    settings (`settings`: the configuration less the seed; `group`: its hash)."""
+    """One row per run: label, bits, seed, status, the final metrics the tables use (`acc`:
+    test; `val_acc`: validation), and its settings (`settings`: the configuration less the
+    seed; `group`: its hash)."""
     rows = []
     for i, r in enumerate(records):
         c, f = r["config"], r.get("final", {})
@@ -92,6 +95,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                 "status": r.get("status"),
                 "acc": _accuracy(c, f),
                 "acc_before_bn": f.get("acc"),
+                "val_acc": _accuracy(c, f, "val_"),
                 "osc_share": f.get("osc_share"),
                 "crossings_total": f.get("crossings_total"),
                 "dq_dw": f.get("dq_dw"),
@@ -308,6 +312,9 @@ def _styles(labels: list[str]) -> dict[str, dict]:
     }
 
 
+HATCHES = {"-": None, "--": "//", ":": "..", "-.": "xx"}  # bars' pattern for a line style
+
+
 def _legend(ax: plt.Axes, fontsize: int = 8) -> None:
     """The legend to the right of the axes, where it hides no curve."""
     ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
@@ -367,7 +374,8 @@ def oscillation_figures(
         width = 0.8 / max(len(shares), 1)
         for k, (label, share) in enumerate(shares.items()):
             xs = [x + (k - (len(shares) - 1) / 2) * width for x in range(len(share))]
-            ax.bar(xs, share.values, width, label=label, color=style[label]["color"])
+            hatch = HATCHES[style[label]["linestyle"]]  # past ten labels colours repeat
+            ax.bar(xs, share.values, width, label=label, color=style[label]["color"], hatch=hatch)
         names = next(iter(shares.values())).index if shares else []
         ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
         ax.set(xlabel="layer (input to output)", ylabel="oscillating (%)", title=f"{b}-bit")
@@ -478,12 +486,9 @@ def significance(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Each method against `baseline` at every bit-width (`oscbench.stats.compare`) for the
     TESTED metrics, within each combination of the settings that vary (a recipe, say)."""
     varying = varying_settings(df)
-    done = df[df["status"] == "completed"]
-    if done.empty:
+    if not (df["status"] == "completed").any():
         return pd.DataFrame()
-    exp = _with_setting_columns(_expand_bits_free(done), varying)
-    exp["label"] = exp["method"]
-    exp["init_from"] = [s.get("init_from") for s in exp["settings"]]
+    exp = _with_setting_columns(_tested_frame(df), varying)
     tables = []
     for values, group in exp.groupby(varying) if varying else [((), exp)]:
         for metric in TESTED:
@@ -540,6 +545,48 @@ def significance_markdown(table: pd.DataFrame, baseline: str) -> str:
     return "\n".join(out)
 
 
+def _tested_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Completed runs with what `oscbench.stats` needs: label (the method), bits, seed,
+    init_from, and the metrics."""
+    done = _expand_bits_free(df[df["status"] == "completed"]).copy()
+    done["label"] = done["method"]
+    done["init_from"] = [s.get("init_from") for s in done["settings"]]
+    return done
+
+
+def versus_markdown(df: pd.DataFrame, other: pd.DataFrame, name: str) -> tuple[str, pd.DataFrame]:
+    """These runs against `other` (the same methods run otherwise: untuned, say) per method
+    and bit-width: test accuracy of each, the difference with its 95 % interval and Holm's
+    p over the table (oscbench.stats.versus); bold where significant."""
+    a, b = _tested_frame(df), _tested_frame(other)
+    table = versus(a, b, "acc")
+    out = [
+        f"\n### Against {name} (these runs minus those, test accuracy %)\n",
+        "Mean ± std over seeds; the difference of the means, its 95 % interval and Holm's "
+        "adjusted p over this table. **Bold**: p < 0.05 after it.\n",
+        f"| method | bits | these | {name} | difference | p (Holm) | test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(_method_order(table["label"]))} if len(table) else {}
+    rows = table.sort_values("bits", kind="stable")
+    rows = rows.sort_values("label", key=lambda c: c.map(order), kind="stable")
+    for _, r in rows.iterrows():
+        cells = []
+        for frame in (a, b):
+            x = frame[(frame["label"] == r["label"]) & (frame["bits"] == r["bits"])]["acc"]
+            cells.append(_cell(x.mean(), x.std(), len(x), 1.0, 2))
+        diff, p = f"{r['diff']:+.2f}", "-"
+        if r["p"] is not None and not pd.isna(r["p"]):
+            diff += f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
+            p = f"{r['p_holm']:.3g}"
+            if r["significant"]:
+                diff, p = f"**{diff}**", f"**{p}**"
+        out.append(
+            f"| {r['label']} | {r['bits']} | {' | '.join(cells)} | {diff} | {p} | {r['test']} |"
+        )
+    return "\n".join(out) + "\n", table
+
+
 def tuning_markdown(rows: list[dict]) -> str:
     """The best parameters each tuning study found (oscbench.tune.summary's rows)."""
     out = [
@@ -559,11 +606,16 @@ def tuning_markdown(rows: list[dict]) -> str:
 
 
 def write_report(
-    records: list[dict], out: Path, baseline: str = "lsq", tuned: Path | None = None
+    records: list[dict],
+    out: Path,
+    baseline: str = "lsq",
+    tuned: Path | None = None,
+    versus_dir: Path | None = None,
 ) -> dict[str, Path]:
-    """Write table.md (with the differences from `baseline`, and the best parameters of
-    the tuning sweep `tuned`, if given), table.tex (LaTeX, booktabs), table.csv,
-    significance.csv, runs.csv, best_params.csv (with `tuned`) and the figures into `out`."""
+    """Write table.md (with the differences from `baseline`, the best parameters of the
+    tuning sweep `tuned` and the differences from the runs below `versus_dir`, if given),
+    table.tex (LaTeX, booktabs), table.csv, significance.csv, runs.csv, best_params.csv
+    (with `tuned`), versus.csv (with `versus_dir`) and the figures into `out`."""
     df = runs_frame(records)
     if df.empty:
         raise SystemExit("oscbench.report: no results.json found")
@@ -579,6 +631,12 @@ def write_report(
         text += tuning_markdown(best)
         pd.DataFrame(best).to_csv(out / "best_params.csv", index=False)
         paths["best_params.csv"] = out / "best_params.csv"
+    if versus_dir is not None:
+        other = runs_frame(load_records(versus_dir))
+        section, table = versus_markdown(df, other, versus_dir.name)
+        text += section
+        table.to_csv(out / "versus.csv", index=False)
+        paths["versus.csv"] = out / "versus.csv"
     (out / "table.md").write_text(text)
     (out / "table.tex").write_text(latex_table(stats, tested, baseline))
     stats.to_csv(out / "table.csv")
@@ -638,6 +696,9 @@ def main(argv: list[str] | None = None) -> None:
         metavar="DIR",
         help="a tuning sweep (experiment=tune_methods): its best parameters",
     )
+    parser.add_argument(
+        "--versus", metavar="DIR", help="runs of the same methods to test these against (untuned)"
+    )
     args = parser.parse_args(argv)
     if bool(args.root) == bool(args.wandb):
         parser.error("give a directory or --wandb ENTITY/PROJECT")
@@ -645,7 +706,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out or Path(args.root or ".") / "report")
     tuned = Path(args.tuned) if args.tuned else None
     try:
-        paths = write_report(records, out, args.baseline, tuned)
+        versus_dir = Path(args.versus) if args.versus else None
+        paths = write_report(records, out, args.baseline, tuned, versus_dir)
     except ConfigError as e:
         parser.exit(2, f"oscbench.report: {e}\n")
     print((out / "table.md").read_text())

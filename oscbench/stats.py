@@ -59,7 +59,27 @@ def compare(
             {"label": label, "bits": bits, "baseline": baseline, "metric": metric}
             | _test(cell, ref, metric, 1 - alpha)
         )
-    table = pd.DataFrame(rows)
+    return _holm(pd.DataFrame(rows), alpha)
+
+
+def versus(a: pd.DataFrame, b: pd.DataFrame, metric: str, alpha: float = 0.05) -> pd.DataFrame:
+    """Two sets of runs of the same methods (`a`: tuned, say; `b`: untuned), each with
+    `COLUMNS` and the metric: a row per (label, bits) in both, the difference a - b with its
+    interval and p-value (tested as `compare` does), Holm's correction over the rows."""
+    a, b = a.dropna(subset=[metric]), b.dropna(subset=[metric])
+    rows = []
+    for (label, bits), cell in a.groupby(["label", "bits"]):
+        ref = b[(b["label"] == label) & (b["bits"] == bits)]
+        if len(ref):
+            rows.append(
+                {"label": label, "bits": bits, "metric": metric}
+                | _test(cell, ref, metric, 1 - alpha)
+            )
+    return _holm(pd.DataFrame(rows), alpha)
+
+
+def _holm(table: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Holm's adjusted p-values over the rows that have a p-value, and `significant`."""
     if table.empty:
         return table
     tested = table["p"].notna()

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from oscbench.stats import compare
+from oscbench.stats import compare, versus
 
 RUNS = """label,bits,seed,init_from,acc
 lsq,2,0,{init},80.0
@@ -77,3 +77,27 @@ def test_the_report_marks_the_significant_difference_only():
     assert set(rows) == {"a", "b"}
     assert "**+10.10 [" in rows["a"] and "**" not in rows["b"]
     assert "no completed lsq" in significance_markdown(pd.DataFrame(), "lsq").lower()
+
+
+def test_two_sets_of_runs_of_the_same_methods_are_tested_cell_by_cell_against_scipy():
+    """`versus`: method a moved by tuning (Welch: no FP start), b not; Holm over both."""
+    runs = _runs("none")
+    tuned = runs[runs.label != "lsq"].copy()
+    untuned = tuned.copy()
+    untuned.loc[untuned.label == "a", "acc"] -= 10.0
+    untuned.loc[untuned.label == "b", "acc"] = [81.0, 80.0, 82.5, 83.5, 82.0]
+    table = versus(tuned, untuned, "acc").set_index("label")
+    p = {}
+    for label in ("a", "b"):
+        x = tuned[tuned.label == label]["acc"].to_numpy()
+        y = untuned[untuned.label == label]["acc"].to_numpy()
+        res = stats.ttest_ind(x, y, equal_var=False)
+        assert table.loc[label, "test"] == "Welch t"
+        assert table.loc[label, "diff"] == pytest.approx(x.mean() - y.mean(), rel=1e-12)
+        assert table.loc[label, "p"] == pytest.approx(res.pvalue, rel=1e-12)
+        p[label] = res.pvalue
+    low, high = sorted(p.values())
+    holm = {k: (2 * low if v == low else max(2 * low, high)) for k, v in p.items()}
+    for label in ("a", "b"):
+        assert table.loc[label, "p_holm"] == pytest.approx(min(holm[label], 1.0), rel=1e-12)
+    assert table.loc["a", "significant"] and not table.loc["b", "significant"]

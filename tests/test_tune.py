@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
@@ -117,10 +118,16 @@ def test_final_runs_take_each_cells_best_parameters_on_fresh_seeds(tuned, tmp_pa
         for key, value in best.params.items():
             assert OmegaConf.select(flat, key) == value
         assert r["final"]["acc_bn"] > 0 and r["splits"]["sizes"]["test"] == 360
-    paths = report.write_report(
-        report.load_records(tmp_path / "final"), tmp_path / "r", "lsq", tuned
-    )
+    untuned = tmp_path / "untuned"  # the presets' own values on the same seeds
+    proc = _run(None, *args, "hydra.sweeper.use=defaults", f"hydra.sweep.dir={untuned}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {r["config"]["trainer"]["lr"] for r in _records(untuned)} == {0.05}
+    finals = report.load_records(tmp_path / "final")
+    paths = report.write_report(finals, tmp_path / "r", "lsq", tuned, untuned)
     table = paths["table.md"].read_text()
+    versus = pd.read_csv(paths["versus.csv"])
+    assert sorted(versus["label"]) == ["lsq", "lsq_dampen"] and (versus["n"] == 2).all()
+    assert "### Against untuned" in table
     for r in OmegaConf.to_container(OmegaConf.load(tuned / "best.yaml")):
         lr = r["params"]["trainer.lr"]
         assert f"| {r['study']} | 3 (0) | {r['best_trial']} | {r['best_value']:.2f} |" in table
