@@ -93,17 +93,20 @@ def test_aoq_crosses_more_thresholds_than_lsq_in_stage_one():
 
 
 def test_dampening_lowers_oscillation_and_distance_to_grid(tmp_path):
-    finals = {
-        m: run_config(
-            [f"method={m}", "bits=2", "trainer.epochs=10", "logger=none", "device=cpu"],
-            tmp_path / m,
-        )
-        for m in ("lsq", "lsq_dampen")
-    }
-    lsq, damp = finals["lsq"], finals["lsq_dampen"]
-    assert damp["osc_share"] < lsq["osc_share"]
+    """The mechanism, with a strong pull (lambda_end 1.0): at the paper's 0.1 over 10 digits
+    epochs the effect is smaller than the spread of one run over CPU code paths (oscillating
+    share, lsq against lsq_dampen: 0.61 against 0.69 % with ATEN_CPU_CAPABILITY=default and
+    one thread, 0.69 against 0.65 % natively); at 1.0 it halves the share on every path
+    (0.21-0.31 % against 0.61-0.69 %) and lowers the distance to the grid (0.212-0.213
+    against 0.216-0.218 steps)."""
+    base = ["bits=2", "trainer.epochs=10", "logger=none", "device=cpu"]
+    lsq = run_config(["method=lsq", *base], tmp_path / "lsq")
+    damp = run_config(
+        ["method=lsq_dampen", "policy.dampen.lambda_end=1.0", *base], tmp_path / "dampen"
+    )
+    assert damp["osc_share"] < 0.75 * lsq["osc_share"]
     assert damp["threshold_distance"]["mean_to_level"] < lsq["threshold_distance"]["mean_to_level"]
-    assert damp["dampen/lambda"] == 0.1  # reached lambda_end on the last step
+    assert damp["dampen/lambda"] == 1.0  # reached lambda_end on the last step
 
 
 def test_dampening_term_follows_the_formula_and_gives_no_gradient_to_the_step():
