@@ -37,7 +37,7 @@ def epoch_line(record: dict, epochs: int, seconds: float) -> str:
         f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}  "
         f"loss {record['train_loss']:.4f}  train {record['train_acc']:.2f} %"
     )
-    for split in ("val", "test"):
+    for split in ("val", "test"):  # the splits a record may hold per epoch
         if f"{split}_acc" in record:
             line += f"  {split} {record[f'{split}_acc']:.2f} %"
     if "osc" in record:

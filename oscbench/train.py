@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from oscbench.accel import Accel
 from oscbench.checkpoint import CHECKPOINT, rng_state, set_rng_state
 from oscbench.config import TrainerConfig
-from oscbench.data.base import Data
+from oscbench.data.base import SPLITS, Data
 from oscbench.distill import CROSS_ENTROPY, Objective, prediction
 from oscbench.distributed import all_sum, check_sync, sync_buffers
 from oscbench.evaluation import evaluate
@@ -169,7 +169,7 @@ def train(
     accuracy (`val_*`, the EMA copy's `ema_val_acc`), and with trainer.test=every_epoch the
     test split's (`test_*`), which nothing selects on."""
     steps = schedule(data, cfg)
-    epoch_splits = [s for s in ("val", "test") if data.split_size(s)]
+    epoch_splits = [s for s in SPLITS if data.split_size(s)]
     epoch_splits = [s for s in epoch_splits if s == "val" or cfg.test == "every_epoch"]
     device = data.device
     accel = Accel.resolve(cfg, device)

@@ -19,6 +19,7 @@ test split is evaluated at the end (`trainer.test`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ def split_indices(labels: torch.Tensor, fraction: float, seed: int) -> tuple:
         return idx, idx[:0]
     counts = torch.bincount(labels)
     counts = counts[counts > 0]
-    held = -(-fraction * len(idx) // 1)
+    held = math.ceil(fraction * len(idx))  # as scikit-learn rounds test_size
     stratify = labels if held >= len(counts) and counts.min() >= 2 else None
     return train_test_split(idx, test_size=fraction, stratify=stratify, random_state=seed)
 
@@ -224,15 +225,18 @@ class LoaderData:
     val_set: torch.utils.data.Dataset | None = None  # held out of train_set (`hold_out`)
 
     def hold_out(self, fraction: float, seed: int) -> LoaderData:
-        """This dataset with `fraction` of each class of its training images moved to the
-        validation split, read with the test transform (`train_as_test`)."""
+        """This dataset with `fraction` of each class of its training images (by the
+        training set's `targets`, as torchvision's folders have them) moved to the
+        validation split, read with the test transform (`train_as_test`; without one, as
+        the training set is read)."""
         labels = torch.as_tensor(self.train_set.targets)
         train, val = split_indices(labels, fraction, seed)
         sub = torch.utils.data.Subset
+        source = self.train_set if self.train_as_test is None else self.train_as_test
         return dataclasses.replace(
             self,
             train_set=sub(self.train_set, train.tolist()),
-            val_set=sub(self.train_as_test, val.tolist()) if len(val) else None,
+            val_set=sub(source, val.tolist()) if len(val) else None,
         )
 
     def split_size(self, split: str) -> int:
