@@ -40,6 +40,13 @@ def overrides_suffix(override_dirname: str) -> str:
     return f"-{override_dirname.replace('/', '_')}" if override_dirname else ""
 
 
+def result_key(ptq: bool, bits: int, prefix: str = "") -> str:
+    """The final metric that is a run's result on a split (`prefix`: "" for test, "val_"
+    for validation): accuracy after BN re-estimation; a PTQ run's, its weights rounded to
+    `bits`."""
+    return f"{prefix}acc@{bits}bit" if ptq else f"{prefix}acc_bn"
+
+
 OmegaConf.register_new_resolver(
     "oscbench_run_name", lambda *, _root_: run_dir_name(_root_), replace=True
 )

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from oscbench.compose import presets  # noqa: E402
 from oscbench.console import warn  # noqa: E402
 from oscbench.latex import latex_table  # noqa: E402
+from oscbench.naming import result_key  # noqa: E402
 from oscbench.registry import ConfigError  # noqa: E402
 from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
 from oscbench.stats import compare, versus  # noqa: E402
@@ -61,9 +62,7 @@ def _method(record: dict) -> str:
 def _accuracy(config: dict, final: dict, split: str = "") -> float | None:
     """The result after BN re-estimation on the test split (`split=""`) or the validation
     split (`"val_"`); a PTQ run's: its weights rounded to `bits`."""
-    if config.get("ptq"):
-        return final.get(f"{split}acc@{config['bits']}bit")
-    return final.get(f"{split}acc_bn")
+    return final.get(result_key(bool(config.get("ptq")), config["bits"], split))
 
 
 def _settings(config: dict) -> dict:
@@ -500,6 +499,17 @@ def significance(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
 
 
+def _difference(r: pd.Series, scale: float, decimals: int) -> tuple[str, str]:
+    """A tested row's difference with its interval, and its Holm-adjusted p (markdown;
+    bold where significant); the difference alone where too few runs were tested."""
+    if r["p"] is None or pd.isna(r["p"]):
+        return f"{r['diff'] * scale:+.{decimals}f}", "-"
+    lo, hi = r["ci_low"] * scale, r["ci_high"] * scale
+    diff = f"{r['diff'] * scale:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]"
+    p = f"{r['p_holm']:.3g}"
+    return (f"**{diff}**", f"**{p}**") if r["significant"] else (diff, p)
+
+
 def significance_markdown(table: pd.DataFrame, baseline: str) -> str:
     """One table per metric: difference [95 % interval], Holm-adjusted p; bold where it is
     below 0.05."""
@@ -523,14 +533,7 @@ def significance_markdown(table: pd.DataFrame, baseline: str) -> str:
         ]
         out.append("|---" * (len(keys) + 6) + "|")
         for _, r in rows.iterrows():
-            if r["p"] is None or pd.isna(r["p"]):
-                diff, p = f"{r['diff'] * scale:+.{decimals}f}", "-"
-            else:
-                lo, hi = r["ci_low"] * scale, r["ci_high"] * scale
-                diff = f"{r['diff'] * scale:+.{decimals}f} [{lo:+.{decimals}f}, {hi:+.{decimals}f}]"
-                p = f"{r['p_holm']:.3g}"
-                if r["significant"]:
-                    diff, p = f"**{diff}**", f"**{p}**"
+            diff, p = _difference(r, scale, decimals)
             cells = [
                 *(str(r[k]) for k in keys),
                 r["label"],
@@ -575,12 +578,7 @@ def versus_markdown(df: pd.DataFrame, other: pd.DataFrame, name: str) -> tuple[s
         for frame in (a, b):
             x = frame[(frame["label"] == r["label"]) & (frame["bits"] == r["bits"])]["acc"]
             cells.append(_cell(x.mean(), x.std(), len(x), 1.0, 2))
-        diff, p = f"{r['diff']:+.2f}", "-"
-        if r["p"] is not None and not pd.isna(r["p"]):
-            diff += f" [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"
-            p = f"{r['p_holm']:.3g}"
-            if r["significant"]:
-                diff, p = f"**{diff}**", f"**{p}**"
+        diff, p = _difference(r, 1.0, 2)
         out.append(
             f"| {r['label']} | {r['bits']} | {' | '.join(cells)} | {diff} | {p} | {r['test']} |"
         )

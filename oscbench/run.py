@@ -35,7 +35,7 @@ from oscbench.evaluation import (
 from oscbench.gpus import job_device
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
-from oscbench.naming import run_dir_name
+from oscbench.naming import result_key, run_dir_name
 from oscbench.oscillation.policy import Policy, RunContext, build_policies
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.preflight import reject, remove_if_unused
@@ -300,8 +300,7 @@ def objective(spec: RunSpec, final: dict) -> float:
     """What a run returns to a sweeper (Optuna's): its validation accuracy after BN
     re-estimation (a PTQ method's: with the weights rounded to `bits`), never a test
     number; NaN (Optuna: a failed trial) without a validation split."""
-    key = f"val_acc@{spec.bits}bit" if spec.ptq else "val_acc_bn"
-    return float(final.get(key, float("nan")))
+    return float(final.get(result_key(spec.ptq, spec.bits, "val_"), float("nan")))
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

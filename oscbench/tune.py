@@ -100,13 +100,13 @@ def summary(sweep_dir: Path | str) -> list[dict]:
     rows = []
     url = storage_url(sweep_dir)
     for s in optuna.get_all_study_summaries(url):
-        trials = optuna.load_study(study_name=s.study_name, storage=url).trials
-        done = [t for t in trials if t.state == TrialState.COMPLETE]
-        best = max(done, key=lambda t: t.value) if done else None
+        study = optuna.load_study(study_name=s.study_name, storage=url)
+        trials = study.trials
+        best = study.best_trial if completed(study) else None  # as best_params takes it
         rows.append(
             {
                 "study": s.study_name,
-                "complete": len(done),
+                "complete": sum(t.state == TrialState.COMPLETE for t in trials),
                 "failed": sum(t.state == TrialState.FAIL and counted(t) for t in trials),
                 "interrupted": sum(bool(t.user_attrs.get(INTERRUPTED)) for t in trials),
                 "best_trial": best.number if best else None,
