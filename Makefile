@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SWEEP  ?= multirun/compare_methods-cnn_small-digits
 
-.PHONY: install run test lint sweep report bench clean
+.PHONY: install run test lint sweep report claims bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ sweep: install
 
 report: install
 	$(PY) -m oscbench.report $(SWEEP)
+
+claims: install  # the claims study (experiments/claims): about an hour on 2 cores; again: continues
+	$(PY) -m oscbench.claims experiments/claims/study.yaml --sweep-dir multirun/claims $(ARGS)
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)

@@ -43,7 +43,7 @@ from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention, has_window_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
-from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
+from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock, trains_alone
 from oscbench.train import build_ema, schedule, train
 
 
@@ -226,9 +226,9 @@ def execute(
                 if broadcast(world.main and (run_dir / CHECKPOINT).exists(), world)
                 else None
             )
-        if "fp" in (spec.init_from, spec.teacher):  # for quantized runs; FP runs train alone
+        if "fp" in (spec.init_from, spec.teacher):
             root = fp_root or run_dir.parent.parent
-            fp_dir = ensure_fp(overrides, root) if spec.quantized else None
+            fp_dir = None if trains_alone(config) else ensure_fp(overrides, root)
             fp = fp_dir and str(fp_dir)
             teacher = fp if spec.teacher == "fp" else spec.teacher
             spec = dataclasses.replace(

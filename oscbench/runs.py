@@ -58,15 +58,22 @@ def fingerprint(config: dict) -> dict[str, Any]:
     flat = _drop(_flat(config), NOT_RESULTS)
     if config.get("quantizer", {}).get("name") == "none":
         flat = _drop(flat, FP_UNUSED)
-        if config.get("init_from") in (None, "fp"):  # init_from=fp applies to quantized runs
+        if trains_alone(config) and config.get("init_from") in (None, "fp"):
             flat.pop("init_from", None)
-        if config.get("teacher") in (None, "fp"):  # so does teacher=fp: fp runs train alone
+        if trains_alone(config) and config.get("teacher") in (None, "fp"):
             flat = _drop(flat, ("teacher", "distill"))
         if bits_free(config):
             flat = _drop(flat, BITS)
     elif config.get("act_quantizer", {}).get("name") == "none":
         flat.pop("act_bits", None)  # activations stay in full precision
     return flat
+
+
+def trains_alone(config: dict) -> bool:
+    """A full-precision run without policies (fp, ptq) neither starts from nor distils the
+    fp run: `init_from=fp` and `teacher=fp` apply to quantized runs and to FP runs with a
+    policy (osc_reg, which Wenshoj et al. fine-tune from an FP model)."""
+    return config["quantizer"]["name"] == "none" and not config.get("policy")
 
 
 def bits_free(config: dict) -> bool:

@@ -9,11 +9,20 @@ that a seed's two runs share their start; otherwise Welch's test (`ttest_ind`,
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 COLUMNS = ["label", "bits", "seed", "init_from"]  # what `compare` needs besides the metric
+
+
+def t_test(x: np.ndarray, y: np.ndarray, paired: bool, alternative: str = "two-sided"):  # noqa: ANN201
+    """scipy's t-test of mean(x) - mean(y): paired by position (`ttest_rel`) or Welch's
+    (`ttest_ind`, `equal_var=False`)."""
+    if paired:
+        return stats.ttest_rel(x, y, alternative=alternative)
+    return stats.ttest_ind(x, y, equal_var=False, alternative=alternative)
 
 
 def _test(a: pd.DataFrame, b: pd.DataFrame, metric: str, level: float) -> dict:
@@ -27,10 +36,7 @@ def _test(a: pd.DataFrame, b: pd.DataFrame, metric: str, level: float) -> dict:
     out = {"n": len(x), "n_baseline": len(y), "diff": x.mean() - y.mean()}
     if min(len(x), len(y)) < 2:
         return out | {"test": "too few runs", "ci_low": None, "ci_high": None, "p": None}
-    if paired:
-        res = stats.ttest_rel(x.to_numpy(), y.to_numpy())
-    else:
-        res = stats.ttest_ind(x.to_numpy(), y.to_numpy(), equal_var=False)
+    res = t_test(x.to_numpy(), y.to_numpy(), paired)
     ci = res.confidence_interval(confidence_level=level)
     return out | {
         "test": "paired t" if paired else "Welch t",

@@ -181,3 +181,23 @@ def test_missing_data_fails_the_command_before_training(tmp_path):
 def test_data_dir_defaults_to_the_environment_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("OSCBENCH_DATA", str(tmp_path))
     assert compose_config(["dataset=cifar10"]).dataset.root == str(tmp_path)
+
+
+def test_glyphs_are_rendered_offline_the_same_for_every_run_and_as_many_as_asked():
+    small = ["dataset=glyphs", "dataset.train_size=300", "dataset.test_size=500"]
+    a, b = _data(small), _data([*small, "seed=7"])
+    assert (len(a.x_train), len(a.x_val), len(a.x_test)) == (270, 30, 500)
+    assert a.x_test.shape[1:] == (1, 16, 16)
+    for split in ("x_train", "x_val", "x_test"):  # fixed by task_seed, not the run's seed
+        assert torch.equal(getattr(a, split), getattr(b, split))
+    other = _data([*small, "dataset.task_seed=1"])
+    assert not torch.equal(a.x_test, other.x_test)
+    assert set(a.y_test.tolist()) == set(range(10))
+    from oscbench.data.glyphs import base_glyphs, fonts
+
+    glyphs = base_glyphs()
+    assert glyphs.shape == (len(fonts()), 10, 32, 32) and len(fonts()) == 21
+    ink = glyphs.flatten(2).sum(-1)
+    assert (ink > 20).all()  # every font draws every digit
+    flat = glyphs.flatten(0, 1).flatten(1)
+    assert torch.cdist(flat, flat).fill_diagonal_(1).min() > 0  # no two alike

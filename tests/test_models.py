@@ -29,6 +29,7 @@ CASES = {
     ),
     "vit_tiny": (["model=vit_tiny", "model.img_size=224", "model.patch_size=16"], 224),
     "resnet110": (["model=resnet110"], 32),
+    "mobilenetv2_small": (["model=mobilenetv2_small"], 16),
 }
 
 
@@ -92,3 +93,29 @@ def test_qkr_on_swin_is_refused_by_always_and_left_alone_by_auto(capsys):
     _, built = build_config([*swin, "qkr=auto"])
     assert "its attention stays as it is" in capsys.readouterr().err
     assert not any(type(m).__name__ == "QKRAttention" for m in built.model.modules())
+
+
+def test_the_small_mobilenetv2_has_its_stages_and_keeps_the_resolution_at_the_stem():
+    spec, built = build_config(
+        [
+            "model=mobilenetv2_small",
+            "dataset=glyphs",
+            "dataset.train_size=200",
+            "dataset.test_size=20",
+            "method=fp",
+        ]
+    )
+    model = built.model
+    assert model.conv_stem.stride == (1, 1) and model(torch.zeros(2, 1, 16, 16)).shape == (2, 10)
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert [m.in_channels for m in depthwise] == [
+        16,
+        64,
+        96,
+        96,
+        128,
+        128,
+        192,
+    ]  # 16, then in x 4 per block
+    assert any(isinstance(m, nn.ReLU6) for m in model.modules())
+    assert sum(p.numel() for p in model.parameters()) == 67306

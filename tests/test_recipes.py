@@ -71,6 +71,9 @@ def test_every_method_trains_two_epochs_under_its_recipe(method, recipe, tmp_pat
     assert final["acc_bn"] > 0 and record["status"] == "completed"
     if record["config"]["teacher"] == "fp" and record["config"]["quantizer"]["name"] != "none":
         assert final["teacher"].startswith(str(tmp_path / "fp")) and final["kl_to_teacher"] >= 0
+    if method == "osc_reg" and recipe == "paper":  # Wenshoj et al. fine-tune an FP model
+        assert record["config"]["init_from"] == "fp"
+        assert final["init"]["from"].startswith(str(tmp_path / "fp"))
 
 
 def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_path):

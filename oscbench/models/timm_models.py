@@ -157,3 +157,45 @@ def _patch_for(image_size: int) -> int:
     return max(
         (p for p in (16, 8, 4, 2, 1) if image_size % p == 0 and image_size // p >= 4), default=1
     )
+
+
+@dataclass
+class SmallMobileNetV2Config:
+    width: int  # the first stage's channels; then 1.5x, 2x and 3x (MobileNetV2's ratios)
+    expansion: int  # the inverted residuals' expansion (MobileNetV2: 6)
+    features: int  # channels of the last 1x1 conv (MobileNetV2: 1280)
+
+    def __post_init__(self) -> None:
+        for key in ("width", "expansion", "features"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "a positive integer")
+
+
+@MODELS.register("mobilenetv2_small", SmallMobileNetV2Config)
+def mobilenetv2_small(
+    cfg: SmallMobileNetV2Config, num_classes: int, in_channels: int, image_size: int
+) -> nn.Module:
+    """MobileNetV2's blocks (a depthwise-separable block, then inverted residuals: 1x1
+    expansion, depthwise 3x3, linear 1x1 projection, ReLU6) sized for 16-32 pixel inputs,
+    built by timm's EfficientNet builder: a stride-1 stem and four stages, two of stride 2,
+    with the channels exactly as given (no rounding to multiples of 8)."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    w, e = cfg.width, cfg.expansion
+    arch = [
+        [f"ds_r1_k3_s1_c{w}"],
+        [f"ir_r2_k3_s2_e{e}_c{round(1.5 * w)}"],
+        [f"ir_r2_k3_s2_e{e}_c{2 * w}"],
+        [f"ir_r2_k3_s1_e{e}_c{3 * w}"],
+    ]
+    model = EfficientNet(
+        decode_arch_def(arch),
+        num_classes=num_classes,
+        num_features=cfg.features,
+        in_chans=in_channels,
+        stem_size=w,
+        act_layer=nn.ReLU6,
+        round_chs_fn=lambda channels: channels,
+    )
+    model.conv_stem.stride = (1, 1)
+    return model

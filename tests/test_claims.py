@@ -1,0 +1,289 @@
+"""The claims study: every claim is about runs its sweeps make, the verdicts follow their
+rules, and a tiny study runs end to end (`python -m oscbench.claims`, what `make claims` runs)
+with numbers that match the records."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+from scipy import stats
+
+from oscbench import claims, report
+from oscbench.compose import compose
+from oscbench.config import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / "experiments" / "claims" / "study.yaml"
+
+
+def _expand(overrides: list[str]) -> list[list[str]]:
+    """The runs of one multirun command line: the product of its swept values."""
+    axes = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        key = o.get_key_element()
+        values = (
+            list(o.sweep_string_iterator())
+            if o.is_sweep_override()
+            else [o.get_value_element_as_str()]
+        )
+        axes.append([f"{key}={v}" for v in values])
+    return [list(p) for p in itertools.product(*axes)]
+
+
+def test_every_claim_is_about_cells_that_the_studys_sweeps_make():
+    study = OmegaConf.to_container(OmegaConf.load(STUDY))
+    made = {("fp", "fp32")}  # init_from=fp: each seed's FP run
+    for sweep in study["sweeps"]:
+        for run in _expand(sweep):
+            spec = validate(compose([o for o in study["base"] if "launcher" not in o] + run))
+            made.add((spec.method, spec.bits_label))
+            assert spec.init_from == "fp" and spec.model.name == "mobilenetv2_small"
+    parsed = claims.parse_claims(study["claims"])
+    assert len(parsed) > len(study["claims"])  # `over` expanded
+    for c in parsed:
+        for side in (c.a, c.b):
+            assert (side.method, side.bits) in made, (c.claim, side)
+    papers = {c.paper.split(" (")[0].split(" 20")[0] for c in parsed}
+    for who in ("Nagel et al.", "OFQ", "AOQ", "Wenshoj et al."):
+        assert who in papers
+
+
+def _row(diff_low, diff_high, p, expect="higher", margin=0.5, opposite=1.0):
+    return {
+        "n": 5,
+        "expect": expect,
+        "margin": margin,
+        "ci_low": diff_low,
+        "ci_high": diff_high,
+        "p": p,
+        "p_opposite": opposite,
+    }
+
+
+def test_verdicts_follow_the_rules_with_holm_over_the_table():
+    table = pd.DataFrame(
+        [
+            _row(0.2, 1.5, 0.001),  # significant even after Holm (x5): reproduced
+            _row(-0.3, 0.4, 0.3),  # rules out +0.5: not reproduced
+            _row(-0.3, 1.2, 0.2),  # could be either: inconclusive
+            _row(0.1, 0.9, 0.02),  # significant alone, not after Holm over 5: inconclusive
+            _row(-0.4, 0.3, 0.04, "not_lower", 0.5),  # third smallest p: 0.04 x 3 after Holm
+        ]
+    )
+    out = claims.verdicts(table)
+    assert np.isclose(out.loc[0, "p_holm"], 0.005)  # the smallest p times 5
+    assert list(out["verdict"][:4]) == [
+        "reproduced",
+        "not reproduced",
+        "inconclusive",
+        "inconclusive",
+    ]
+    # 0.12 after Holm, and its interval is not below -0.5
+    assert out.loc[4, "verdict"] == "inconclusive"
+    worse = claims.verdicts(pd.DataFrame([_row(-1.4, -0.7, 0.99, "not_lower", 0.5)]))
+    assert worse.loc[0, "verdict"] == "not reproduced"
+    opposite = claims.verdicts(pd.DataFrame([_row(-2.0, 0.6, 0.99, opposite=0.001)]))
+    assert opposite.loc[0, "verdict"] == "not reproduced"  # significant the other way
+
+
+def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
+    def record(method, bits, seed, acc, before, init="fp"):
+        config = {"seed": seed, "init_from": init, "ptq": False, "bits": 2}
+        return {
+            "method": method,
+            "bits": bits,
+            "config": config,
+            "final": {"acc_bn": acc, "acc": before},
+        }
+
+    a = [
+        record("x", "w2a2", s, v, v - d)
+        for s, v, d in [(0, 80.0, 1.0), (1, 82.0, 0.5), (2, 81.0, 2.0)]
+    ]
+    b = [record("lsq", "w2a2", s, v, v) for s, v in [(0, 79.0), (1, 80.5), (2, 80.0)]]
+    by_cell = {("x", "w2a2"): a, ("lsq", "w2a2"): b}
+    versus, bn = claims.parse_claims(
+        [
+            {
+                "paper": "P",
+                "claim": "x wins",
+                "a": "x w2a2 acc",
+                "b": "lsq w2a2 acc",
+                "expect": "higher",
+                "margin": 0.5,
+            },
+            {
+                "paper": "P",
+                "claim": "BN",
+                "a": "x w2a2 acc",
+                "b": "x w2a2 acc_before_bn",
+                "expect": "not_lower",
+                "margin": 0.5,
+            },
+        ]
+    )
+    row = claims.test_claim(versus, by_cell)
+    res = stats.ttest_rel([80.0, 82.0, 81.0], [79.0, 80.5, 80.0], alternative="greater")
+    assert row["test"] == "paired t" and np.isclose(row["p"], res.pvalue)
+    assert np.isclose(row["diff"], 81.0 - 79.8333333333333, rtol=0, atol=1e-12)
+    row = claims.test_claim(bn, by_cell)  # two metrics of one cell pair by seed
+    res = stats.ttest_rel(np.array([1.0, 0.5, 2.0]) + 0.5, np.zeros(3), alternative="greater")
+    assert row["test"] == "paired t" and np.isclose(row["p"], res.pvalue)
+    for r in b:
+        r["config"]["init_from"] = None  # no shared start: Welch
+    row = claims.test_claim(versus, by_cell)
+    res = stats.ttest_ind(
+        [80.0, 82.0, 81.0], [79.0, 80.5, 80.0], equal_var=False, alternative="greater"
+    )
+    assert row["test"] == "Welch t" and np.isclose(row["p"], res.pvalue)
+    missing = claims.parse_claims(
+        [
+            {
+                "paper": "P",
+                "claim": "c",
+                "a": "y w2a2 acc",
+                "b": "lsq w2a2 acc",
+                "expect": "higher",
+                "margin": 1,
+            }
+        ]
+    )[0]
+    assert claims.test_claim(missing, by_cell)["test"] == "no runs of y w2a2"
+
+
+TINY = [
+    "dataset.image_size=8",
+    "dataset.train_size=300",
+    "dataset.test_size=200",
+    "trainer.epochs=1",
+    "trainer.batch_size=32",
+    "seed=0,1",
+]
+
+
+def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(tmp_path):
+    study = OmegaConf.to_container(OmegaConf.load(STUDY))
+    study["base"] = [o for o in study["base"] if "launcher" not in o]  # in this process
+    study["sweeps"] = [["method=lsq,lsq_dampen", "bits=2"]]
+    study["claims"] = [
+        c
+        for c in study["claims"]
+        if c["a"].startswith(("lsq ", "lsq_dampen ")) and "{b}" not in c["a"]
+    ] + [
+        {
+            "paper": "Nagel et al. 2022",
+            "claim": "BN re-estimation",
+            "a": "lsq w2a2 acc",
+            "b": "lsq w2a2 acc_before_bn",
+            "expect": "higher",
+            "margin": 0.5,
+        },
+        {
+            "paper": "Nagel et al. 2022",
+            "claim": "dampening",
+            "a": "lsq_dampen w2a2 acc",
+            "b": "lsq w2a2 acc",
+            "expect": "higher",
+            "margin": 0.5,
+        },
+        {
+            "paper": "AOQ",
+            "claim": "not run",
+            "a": "aoq w2a2 acc",
+            "b": "lsq w2a2 acc",
+            "expect": "higher",
+            "margin": 0.5,
+        },
+    ]
+    path = tmp_path / "study.yaml"
+    path.write_text(OmegaConf.to_yaml(study))
+    sweep_dir, out = tmp_path / "runs", tmp_path / "out"
+    env = {**os.environ, "WANDB_SILENT": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "oscbench.claims",
+        str(path),
+        "--sweep-dir",
+        str(sweep_dir),
+        "--out",
+        str(out),
+        *TINY,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = [json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")]
+    assert sorted((r["method"], r["config"]["seed"]) for r in recs) == sorted(
+        (m, s) for m in ("fp", "lsq", "lsq_dampen") for s in (0, 1)
+    )
+    table = pd.read_csv(out / "claims.csv")
+    bn = table[table["claim"] == "BN re-estimation"].iloc[0]
+    lsq = sorted((r for r in recs if r["method"] == "lsq"), key=lambda r: r["config"]["seed"])
+    gain = [r["final"]["acc_bn"] - r["final"]["acc"] for r in lsq]
+    assert np.isclose(bn["diff"], np.mean(gain), rtol=0, atol=1e-9)
+    assert np.isclose(
+        bn["p"],
+        stats.ttest_rel(
+            [r["final"]["acc_bn"] for r in lsq],
+            [r["final"]["acc"] for r in lsq],
+            alternative="greater",
+        ).pvalue,
+        equal_nan=True,
+    )
+    assert set(table["verdict"]) <= {*claims.VERDICTS, claims.NOT_RUN}
+    assert table.loc[table["claim"] == "not run", "verdict"].item() == claims.NOT_RUN
+    text = (out / "claims.md").read_text()
+    assert (
+        "no runs of aoq w2a2" in text and "| lsq W2A2 | 2 |" in text and "| fp FP32 | 2 |" in text
+    )
+    for figure in (
+        "bn_reestimation.png",
+        "oscillation_by_layer.png",
+        "oscillation_over_training.png",
+    ):
+        assert (out / figure).stat().st_size > 0
+    loaded = report.load_records(sweep_dir)
+    assert set(claims.cells(loaded)) == {("fp", "fp32"), ("lsq", "w2a2"), ("lsq_dampen", "w2a2")}
+    other = next(r for r in loaded if r["method"] == "lsq" and r["config"]["seed"] == 1)
+    other["config"]["trainer"]["lr"] *= 2  # one seed's run differs in more than the seed
+    with pytest.raises(claims.ConfigError, match="lsq w2a2 differ in more than the seed"):
+        claims.cells(loaded)
+    # `make report` on the same runs
+    report.main([str(sweep_dir), "--out", str(tmp_path / "report")])
+    assert "| lsq_dampen |" in (tmp_path / "report" / "table.md").read_text()
+
+
+def test_a_missing_study_file_is_named_without_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "oscbench.claims", str(tmp_path / "x.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert (
+        proc.returncode == 2 and "no study file" in proc.stderr and "Traceback" not in proc.stderr
+    )
+
+
+@pytest.mark.parametrize(
+    ("bad", "says"),
+    [
+        ("lsq w2a2", "method bits metric"),
+        ("lsq w2a2 acc x", "method bits metric"),
+        ("lsq w2a2 accuracy", "the metric is one of acc, "),
+    ],
+)
+def test_a_malformed_side_names_the_form(bad, says):
+    with pytest.raises(claims.ConfigError, match=says):
+        claims.Side.parse(bad)
+    claims.Side.parse("lsq w2a2 crossings@epoch3")  # a metric of the forms with N
