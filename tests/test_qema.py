@@ -1,5 +1,7 @@
 """Q-EMA (oscbench/quant/qema.py): the EMA decides the rounding inside the weight's cell."""
 
+import json
+
 import pytest
 import torch
 
@@ -84,12 +86,21 @@ def test_the_ema_follows_the_weights_after_each_step_and_is_saved():
     assert torch.equal(fresh.to_int(w), q.to_int(w))
 
 
+def _mean_share(run_dir) -> float:
+    """The oscillating share averaged over the epochs of a run's record."""
+    history = json.loads((run_dir / "results.json").read_text())["history"]
+    return sum(e["osc"]["osc_share"] for e in history) / len(history)
+
+
 def test_qema_oscillates_less_than_lsq_on_the_same_seed(tmp_path):
-    """Digits at 2 bits, 30 epochs, seed 0, this machine (2-core AMD EPYC):
-    LSQ 0.63 % oscillating at the end, 109,480 crossings; Q-EMA 0.41 %, 71,481."""
+    """Digits at 2 bits, 30 epochs, seed 0. Over training Q-EMA keeps fewer weights
+    oscillating (mean share 3.0-3.2 % against LSQ's 5.0-5.6 %) and crosses less (70-72k
+    against 106-114k crossings) on the avx2, default and CI paths. The share in the last
+    epoch is not asserted: as the cosine rate reaches zero both end near 0.6 % and their
+    order flips between CPU paths (CI: 0.602 against 0.599 %)."""
     args = ["bits=2", "logger=none", "device=cpu"]
     lsq = run_config(["method=lsq", *args], tmp_path / "lsq")
     qema = run_config(["method=lsq_qema", *args], tmp_path / "qema")
-    assert qema["osc_share"] < lsq["osc_share"]
+    assert _mean_share(tmp_path / "qema") < 0.8 * _mean_share(tmp_path / "lsq")
     assert qema["crossings_total"] < 0.8 * lsq["crossings_total"]
     assert qema["acc_bn"] > 95
