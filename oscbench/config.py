@@ -38,6 +38,7 @@ class TrainerConfig:
     batch_size: int
     optimizer: str  # sgd | adam (weight decay added to the gradient) | adamw (decoupled)
     lr: float
+    finetune_lr: float | None  # a run that starts from weights (init_from): lr instead
     momentum: float  # SGD momentum (Adam, AdamW: beta1)
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
@@ -93,6 +94,12 @@ class TrainerConfig:
             "main, constant",
         )
         check(self.lr > 0, "lr", self.lr, "a number > 0")
+        check(
+            self.finetune_lr is None or self.finetune_lr > 0,
+            "finetune_lr",
+            self.finetune_lr,
+            "null (lr) or a number > 0",
+        )
         check(self.quant_lr >= 0, "quant_lr", self.quant_lr, "a number >= 0")
         check(
             self.act_quant_lr is None or self.act_quant_lr >= 0,

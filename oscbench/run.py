@@ -237,6 +237,10 @@ def execute(
                 teacher=teacher,
                 distill=spec.distill if teacher else dataclasses.replace(spec.distill, loss="none"),
             )
+        if spec.init_from is not None and spec.trainer.finetune_lr is not None:
+            spec = dataclasses.replace(
+                spec, trainer=dataclasses.replace(spec.trainer, lr=spec.trainer.finetune_lr)
+            )
         return _train_and_record(spec, config, run_dir, resume)
 
 

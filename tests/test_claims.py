@@ -174,12 +174,8 @@ TINY = [
 def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(tmp_path):
     study = OmegaConf.to_container(OmegaConf.load(STUDY))
     study["base"] = [o for o in study["base"] if "launcher" not in o]  # in this process
-    study["sweeps"] = [["method=lsq,lsq_dampen", "bits=2"]]
+    study["sweeps"] = [["method=lsq", "bits=2"]]
     study["claims"] = [
-        c
-        for c in study["claims"]
-        if c["a"].startswith(("lsq ", "lsq_dampen ")) and "{b}" not in c["a"]
-    ] + [
         {
             "paper": "Nagel et al. 2022",
             "claim": "BN re-estimation",
@@ -189,10 +185,10 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
             "margin": 0.5,
         },
         {
-            "paper": "Nagel et al. 2022",
-            "claim": "dampening",
-            "a": "lsq_dampen w2a2 acc",
-            "b": "lsq w2a2 acc",
+            "paper": "Wenshoj et al. 2025",
+            "claim": "QAT beats rounding FP",
+            "a": "lsq w2a2 acc",
+            "b": "fp fp32 acc@2bit",
             "expect": "higher",
             "margin": 0.5,
         },
@@ -224,7 +220,7 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
     assert proc.returncode == 0, proc.stderr[-3000:]
     recs = [json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")]
     assert sorted((r["method"], r["config"]["seed"]) for r in recs) == sorted(
-        (m, s) for m in ("fp", "lsq", "lsq_dampen") for s in (0, 1)
+        (m, s) for m in ("fp", "lsq") for s in (0, 1)
     )
     table = pd.read_csv(out / "claims.csv")
     bn = table[table["claim"] == "BN re-estimation"].iloc[0]
@@ -240,6 +236,13 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
         ).pvalue,
         equal_nan=True,
     )
+    fp = sorted((r for r in recs if r["method"] == "fp"), key=lambda r: r["config"]["seed"])
+    versus = table[table["claim"] == "QAT beats rounding FP"].iloc[0]
+    assert versus["test"] == "paired t"  # each lsq run starts from its seed's fp run
+    expected = np.mean([r["final"]["acc_bn"] for r in lsq]) - np.mean(
+        [r["final"]["acc@2bit"] for r in fp]
+    )
+    assert np.isclose(versus["diff"], expected, rtol=0, atol=1e-9)
     assert set(table["verdict"]) <= {*claims.VERDICTS, claims.NOT_RUN}
     assert table.loc[table["claim"] == "not run", "verdict"].item() == claims.NOT_RUN
     text = (out / "claims.md").read_text()
@@ -253,14 +256,14 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
     ):
         assert (out / figure).stat().st_size > 0
     loaded = report.load_records(sweep_dir)
-    assert set(claims.cells(loaded)) == {("fp", "fp32"), ("lsq", "w2a2"), ("lsq_dampen", "w2a2")}
+    assert set(claims.cells(loaded)) == {("fp", "fp32"), ("lsq", "w2a2")}
     other = next(r for r in loaded if r["method"] == "lsq" and r["config"]["seed"] == 1)
     other["config"]["trainer"]["lr"] *= 2  # one seed's run differs in more than the seed
     with pytest.raises(claims.ConfigError, match="lsq w2a2 differ in more than the seed"):
         claims.cells(loaded)
     # `make report` on the same runs
     report.main([str(sweep_dir), "--out", str(tmp_path / "report")])
-    assert "| lsq_dampen |" in (tmp_path / "report" / "table.md").read_text()
+    assert "| lsq |" in (tmp_path / "report" / "table.md").read_text()
 
 
 def test_a_missing_study_file_is_named_without_a_traceback(tmp_path):
