@@ -8,7 +8,7 @@ import torch
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer
 from tests.conftest import build_config, fit
 
-CFG = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+CFG = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto", keep_positive=False)
 
 
 def test_lsq_codes_under_bf16_autocast_are_the_fp32_codes():

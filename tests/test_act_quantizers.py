@@ -112,7 +112,7 @@ def test_ltq_levels_are_uniform_and_aoqs_start_is_fixed():
 
 
 def _lsq_pair(x, init="lsq"):
-    lsq = LSQQuantizer(LSQConfig(False, "lsq", True, "unsigned"), 2, None, False)
+    lsq = LSQQuantizer(LSQConfig(False, "lsq", True, "unsigned", False), 2, None, False)
     plus = LSQPlusQuantizer(LSQPlusConfig(init, True), 2, None, False)
     lsq.init_from(x)
     plus.init_from(x)
@@ -187,7 +187,7 @@ def test_lsq_activations_per_channel_have_ofqs_steps_and_gradients():
     elements per channel (OFQ); each channel quantized exactly as per-tensor LSQ would with
     its own step; the step's gradient a sum over that channel's elements."""
     torch.manual_seed(3)
-    q = LSQQuantizer(LSQConfig(True, "lsq", True, "auto"), 3, None, False)
+    q = LSQQuantizer(LSQConfig(True, "lsq", True, "auto", False), 3, None, False)
     x = torch.relu(torch.randn(8, 6, 5, 5)) * torch.arange(1.0, 7.0).view(1, 6, 1, 1)
     q.init_from(x)
     assert q.s.shape == (6,) and q.per_channel and not q.signed
@@ -209,10 +209,10 @@ def test_lsq_activations_per_channel_have_ofqs_steps_and_gradients():
         ds = (t.round().clamp(q.n, q.p) - t * ((t.round() >= q.n) & (t.round() <= q.p))).abs()
         bound = gamma(x[:, c].numel() + 4) * q.g * (g[:, c].double().abs() * (ds + 1)).sum()
         assert_within(q.s.grad[c], sc.grad, bound)
-    tokens = LSQQuantizer(LSQConfig(True, "lsq", True, "auto"), 3, None, False)
+    tokens = LSQQuantizer(LSQConfig(True, "lsq", True, "auto", False), 3, None, False)
     tokens.init_from(torch.rand(4, 9, 16))  # (batch, tokens, features): a step per token (OFQ)
     assert tokens.s.shape == (9,)
-    head = LSQQuantizer(LSQConfig(True, "lsq", True, "auto"), 3, None, False)
+    head = LSQQuantizer(LSQConfig(True, "lsq", True, "auto", False), 3, None, False)
     head.init_from(torch.rand(4, 16))  # the classifier's input: one step
     assert head.s.shape == () and not head.per_channel
 

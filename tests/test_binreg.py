@@ -34,7 +34,9 @@ def _model(bits=3, shape=(24, 40), seed=0, per_channel=False):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(shape[1], shape[0], bias=False))
     model[0].weight.data.normal_(0, 0.1)
-    lsq = LSQConfig(per_channel=per_channel, init="lsq", grad_scale=True, signed="auto")
+    lsq = LSQConfig(
+        per_channel=per_channel, init="lsq", grad_scale=True, signed="auto", keep_positive=False
+    )
     quantize_model(
         model,
         quantizer_factory(Component("lsq", lsq)),

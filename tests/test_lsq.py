@@ -86,7 +86,7 @@ def test_per_channel_matches_fused_op(bits):
 
 
 def _cfg(**kw):
-    base = dict(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+    base = dict(per_channel=False, init="lsq", grad_scale=True, signed="auto", keep_positive=False)
     return LSQConfig(**{**base, **kw})
 
 
@@ -125,6 +125,23 @@ def test_mse_init_beats_lsq_init_on_mse():
     assert errs["mse"] < errs["lsq"]
 
 
+def test_keep_positive_revives_a_step_driven_below_zero():
+    """With keep_positive a negative step acts as |s| (torch.ao's guard); without it an
+    unsigned quantizer maps everything to 0."""
+    x = torch.rand(8, 4, 5, 5) * 6
+    for keep, expect_zero in ((True, False), (False, True)):
+        q = LSQQuantizer(_cfg(keep_positive=keep), 2, None, False)
+        q.init_from(x)
+        s = q.s.detach().clone()
+        q.s.data.neg_()
+        y = q(x)
+        if expect_zero:
+            assert torch.equal(y, torch.zeros_like(y))
+        else:
+            torch.testing.assert_close(q.s.detach(), s, rtol=0, atol=0)
+            torch.testing.assert_close(y, lsq_quantize(x, s, 0, 3, q.g), rtol=0, atol=0)
+
+
 def test_levels_thresholds_and_codes_agree():
     q = LSQQuantizer(_cfg(), 2, None, True)
     q.init_from(torch.randn(100))
@@ -158,7 +175,9 @@ def test_live_bounds_equal_the_bounds_and_pass_g_times_n_and_p_to_the_step():
     torch.manual_seed(0)
     w = torch.randn(8, 4) * 0.1
     for per_channel in (False, True):
-        cfg = LSQConfig(per_channel=per_channel, init="lsq", grad_scale=True, signed="auto")
+        cfg = LSQConfig(
+            per_channel=per_channel, init="lsq", grad_scale=True, signed="auto", keep_positive=False
+        )
         q = LSQQuantizer(cfg, 3, 8, True)
         q.init_from(w)
         lo, hi = q.live_bounds(w)

@@ -20,7 +20,9 @@ def _layer(values):
     """A 1 x n linear layer quantized by LSQ at 3 bits (codes -4..3) with its step at 1,
     as the only (low-bit) layer of a model."""
     model = nn.Sequential(nn.Linear(len(values), 1, bias=False))
-    lsq = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+    lsq = LSQConfig(
+        per_channel=False, init="lsq", grad_scale=True, signed="auto", keep_positive=False
+    )
     factory = quantizer_factory(Component("lsq", lsq))
     quantize_model(model, factory, lambda *a: None, QuantPlan(3, 3, None))
     layer = model[0]

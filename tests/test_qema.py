@@ -16,6 +16,7 @@ def _quantizer(w, bits=3, warmup=0, decay=0.9, step_code="nearest"):
         init="lsq",
         grad_scale=True,
         signed="auto",
+        keep_positive=False,
         decay=decay,
         warmup=warmup,
         step_code=step_code,

@@ -31,7 +31,9 @@ PERIODS = [10, 1, 1, 1, 6]
 
 def _setup(optimizer="sgd", steps=4):
     model = nn.Sequential(nn.Linear(5, 1, bias=False))
-    lsq = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto")
+    lsq = LSQConfig(
+        per_channel=False, init="lsq", grad_scale=True, signed="auto", keep_positive=False
+    )
     quantize_model(
         model, quantizer_factory(Component("lsq", lsq)), lambda *a: None, QuantPlan(3, 3, None)
     )

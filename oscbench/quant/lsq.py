@@ -31,6 +31,7 @@ class LSQConfig:
     signed: (
         str  # auto (inputs: unsigned unless the calibration data has negatives) | signed | unsigned
     )
+    keep_positive: bool  # s = max(|s|, eps) before each forward (torch.ao); false: as it is
 
     def __post_init__(self) -> None:
         check(self.init in ("lsq", "mse"), "init", self.init, "lsq, mse")
@@ -167,8 +168,18 @@ class LSQQuantizer(Quantizer):
         """Always in float32, also for bf16 activations under autocast, so that codes are
         exact (bf16 holds 8 significant bits: x / s would round before `round`)."""
         self._check_ready()
+        self._keep_positive()
         x = x.float()
         return lsq_quantize(x, self._view(self.s, x), self.n, self.p, self.g)
+
+    def _keep_positive(self) -> None:
+        """`keep_positive`: s = max(|s|, eps), eps = float32's, as torch.ao's
+        `_LearnableFakeQuantize` does before its fused op. Off (Esser et al. state no
+        guard), a step that the optimiser drives below 0 maps every input of an unsigned
+        quantizer to 0 (the classifier's input in W2A2 runs on the claims benchmark, which
+        fell to chance and stayed there)."""
+        if self.cfg.keep_positive:
+            self.s.data.abs_().clamp_(min=torch.finfo(torch.float32).eps)
 
     def _view(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The step broadcast against x: per output channel (dim 0) of a weight, per

@@ -119,6 +119,7 @@ class QEMAQuantizer(LSQQuantizer):
         if not self.active:
             return super().forward(x)
         self._check_ready()
+        self._keep_positive()
         x = x.float()
         s = channel_view(self.s, x, self.per_channel)
         return _QEMARound.apply(x, s, self.ema, self.n, self.p, self.g, self.cfg.step_code)
