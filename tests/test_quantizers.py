@@ -45,7 +45,7 @@ def test_statsq_codes_and_levels_agree(bits):
 def test_aoq_at_init_is_a_uniform_mid_rise_quantizer(bits):
     torch.manual_seed(bits)
     w = torch.randn(64, 9) * 0.3
-    q = AOQQuantizer(AOQConfig(grad_scale=True), bits, None, True)
+    q = AOQQuantizer(AOQConfig(grad_scale=True, keep_positive=False), bits, None, True)
     q.init_from(w)
     s = w.std() / 2 ** (bits - 2)
     half = 2 ** (bits - 1)
@@ -60,7 +60,7 @@ def test_aoq_at_init_is_a_uniform_mid_rise_quantizer(bits):
 
 def test_aoq_gradients_identity_for_w_coefficient_for_level_step_none_for_thresholds():
     w = torch.tensor([-2.0, -0.7, 0.2, 0.9, 3.0], requires_grad=True)
-    q = AOQQuantizer(AOQConfig(grad_scale=False), 2, None, True)
+    q = AOQQuantizer(AOQConfig(grad_scale=False, keep_positive=False), 2, None, True)
     q.init_from(torch.tensor([-1.0, 1.0]))  # std = sqrt(2)
     q.s_th.fill_(1.0)
     q.s_le.data.fill_(0.8)
@@ -72,6 +72,22 @@ def test_aoq_gradients_identity_for_w_coefficient_for_level_step_none_for_thresh
     assert [n for n, _ in q.named_parameters()] == ["s_le"]  # s_th is a buffer
 
 
+def test_aoq_keep_positive_turns_a_negative_level_step_back():
+    """A level step driven below 0 flips every weight's sign; keep_positive restores |s_le|
+    first, so the output is the one at the positive step."""
+    w = torch.tensor([-2.0, -0.7, 0.2, 0.9, 3.0])
+    outputs = {}
+    for keep in (False, True):
+        q = AOQQuantizer(AOQConfig(grad_scale=False, keep_positive=keep), 2, None, True)
+        q.init_from(torch.tensor([-1.0, 1.0]))
+        q.s_th.fill_(1.0)
+        q.s_le.data.fill_(-0.8)
+        outputs[keep] = q(w)
+    levels = torch.tensor([-1.5, -0.5, 0.5, 0.5, 1.5]) * 0.8
+    torch.testing.assert_close(outputs[True], levels, rtol=0, atol=0)
+    torch.testing.assert_close(outputs[False], -levels, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
     """_AOQLevels and the stage-3 _DistanceNorm equal the plain autograd expressions
@@ -80,7 +96,7 @@ def test_aoq_fused_op_equals_autograd_of_its_formula(bits):
 
     torch.manual_seed(bits)
     w0 = torch.randn(32, 8, 3, 3) * 0.2
-    q = AOQQuantizer(AOQConfig(grad_scale=True), bits, None, True)
+    q = AOQQuantizer(AOQConfig(grad_scale=True, keep_positive=False), bits, None, True)
     q.init_from(w0)
     q.s_th.mul_(0.7)  # thresholds and levels apart, as in stage 2
     go = torch.randn_like(w0)

@@ -36,6 +36,7 @@ class AOQConfig:
     """Options of `quantizer: aoq`; its schedule is the `aoq_schedule` policy."""
 
     grad_scale: bool  # scale s_le's gradient by 1/sqrt(numel * 2^(b-1)) as LSQ does (our choice)
+    keep_positive: bool  # s_le = max(|s_le|, eps) before each forward (as LSQ's option)
 
 
 class _AOQLevels(torch.autograd.Function):
@@ -76,6 +77,7 @@ class AOQQuantizer(Quantizer):
     def __init__(self, cfg: AOQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
         self.grad_scale = cfg.grad_scale
+        self.keep_positive = cfg.keep_positive
         self.g = 1.0
         self.half = 2 ** (bits - 1)
         self.centre = (2**bits - 1) / 2
@@ -95,8 +97,15 @@ class AOQQuantizer(Quantizer):
         """Also keeps the detached level coefficients as `last_coef` for the schedule's
         stage-3 term in the same step: c(w), the level of w's bin on the uniform grid of
         the thresholds (also for the two outer bins; AOQ's dampening target), is
-        last_coef * s_th."""
+        last_coef * s_th.
+
+        `keep_positive` (off: AOQ's code has no guard): first s_le = max(|s_le|, eps), as
+        torch.ao's `_LearnableFakeQuantize` keeps its scale. Without it the common recipe's
+        8-bit classifier's level step went below 0 in 2 of 5 W2A2 runs of the claims
+        benchmark (its weights' signs flipped), which ended at 14-24 %."""
         self._check_ready()
+        if self.keep_positive:
+            self.s_le.data.abs_().clamp_(min=torch.finfo(torch.float32).eps)
         coef = self.to_int(w).add_(0.5)  # bin index i - (2^b - 1)/2
         self.last_coef = coef
         return _AOQLevels.apply(w, coef, self.s_le, self.g)
