@@ -28,6 +28,7 @@ from oscbench.quant.base import (
     QUANTIZERS,
     Quantizer,
     UniformGrid,
+    keep_positive_,
 )
 
 
@@ -99,13 +100,13 @@ class AOQQuantizer(Quantizer):
         the thresholds (also for the two outer bins; AOQ's dampening target), is
         last_coef * s_th.
 
-        `keep_positive` (off: AOQ's code has no guard): first s_le = max(|s_le|, eps), as
-        torch.ao's `_LearnableFakeQuantize` keeps its scale. Without it the common recipe's
+        `keep_positive` (off: AOQ's code has no guard): first s_le = max(|s_le|, eps)
+        (`keep_positive_`). Without it the common recipe's
         8-bit classifier's level step went below 0 in 2 of 5 W2A2 runs of the claims
         benchmark (its weights' signs flipped), which ended at 14-24 %."""
         self._check_ready()
         if self.keep_positive:
-            self.s_le.data.abs_().clamp_(min=torch.finfo(torch.float32).eps)
+            keep_positive_(self.s_le)
         coef = self.to_int(w).add_(0.5)  # bin index i - (2^b - 1)/2
         self.last_coef = coef
         return _AOQLevels.apply(w, coef, self.s_le, self.g)

@@ -56,6 +56,13 @@ def channel_view(s: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.T
     return s.view(-1, *([1] * (x.dim() - 1))) if per_channel else s
 
 
+def keep_positive_(step: torch.Tensor) -> None:
+    """A learned step set to max(|step|, eps), eps = float32's, in place through `.data` (no
+    autograd version bump), as torch.ao's `_LearnableFakeQuantize` does before its fused op
+    (the quantizers' `keep_positive`)."""
+    step.data.abs_().clamp_(min=torch.finfo(torch.float32).eps)
+
+
 def straight_through(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`value` in the forward pass, the identity gradient to x in the backward pass.
     Written as value + (x - x), not x + (value - x), so the output is exactly `value`."""

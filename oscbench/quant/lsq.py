@@ -17,6 +17,7 @@ from oscbench.quant.base import (
     UniformGrid,
     channel_view,
     int_range,
+    keep_positive_,
 )
 from oscbench.registry import check
 
@@ -173,13 +174,12 @@ class LSQQuantizer(Quantizer):
         return lsq_quantize(x, self._view(self.s, x), self.n, self.p, self.g)
 
     def _keep_positive(self) -> None:
-        """`keep_positive`: s = max(|s|, eps), eps = float32's, as torch.ao's
-        `_LearnableFakeQuantize` does before its fused op. Off (Esser et al. state no
+        """`keep_positive`: s = max(|s|, eps) (`keep_positive_`). Off (Esser et al. state no
         guard), a step that the optimiser drives below 0 maps every input of an unsigned
         quantizer to 0 (the classifier's input in W2A2 runs on the claims benchmark, which
         fell to chance and stayed there)."""
         if self.cfg.keep_positive:
-            self.s.data.abs_().clamp_(min=torch.finfo(torch.float32).eps)
+            keep_positive_(self.s)
 
     def _view(self, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The step broadcast against x: per output channel (dim 0) of a weight, per
