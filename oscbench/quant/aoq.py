@@ -101,9 +101,9 @@ class AOQQuantizer(Quantizer):
         last_coef * s_th.
 
         `keep_positive` (off: AOQ's code has no guard): first s_le = max(|s_le|, eps)
-        (`keep_positive_`). Without it the common recipe's
-        8-bit classifier's level step went below 0 in 2 of 5 W2A2 runs of the claims
-        benchmark (its weights' signs flipped), which ended at 14-24 %."""
+        (`keep_positive_`). Without it the common recipe's 8-bit classifier's level step
+        went below 0 in 2 of 5 W2A2 runs of the claims benchmark (its weights' signs
+        flipped), which ended at 14-24 %."""
         self._check_ready()
         if self.keep_positive:
             keep_positive_(self.s_le)
