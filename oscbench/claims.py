@@ -68,7 +68,7 @@ def _epoch_osc(record: dict, epoch: int, key: str) -> float | None:
 
 METRICS = {  # name: (what it is, unit)
     "acc": ("test accuracy after BN re-estimation (PTQ: rounded to its bits)", "%"),
-    "acc_before_bn": ("test accuracy before BN re-estimation", "%"),
+    "acc_before_bn": ("test accuracy before BN re-estimation (PTQ: none)", "%"),
     "acc@Nbit": ("test accuracy with the weights rounded to N bits", "%"),
     "osc_share": ("oscillating weights at the end of training", "% of weights"),
     "osc_share@epochN": ("oscillating weights at the end of epoch N", "% of weights"),
@@ -83,8 +83,8 @@ def metric(record: dict, name: str) -> float | None:
     final = record.get("final", {})
     if name == "acc":
         return report._accuracy(record["config"], final)
-    if name == "acc_before_bn":
-        return final.get("acc")
+    if name == "acc_before_bn":  # a PTQ run's `acc` is its model before rounding
+        return None if record["config"].get("ptq") else final.get("acc")
     if name == "osc_share":
         return None if final.get("osc_share") is None else 100 * final["osc_share"]
     if name == "osc_share_depthwise":
@@ -312,7 +312,7 @@ def benchmark_markdown(by_cell: dict) -> str:
 
 
 def bn_figure(by_cell: dict, out: Path) -> Path:
-    """Test accuracy before and after BN re-estimation, per quantized cell (mean ± std)."""
+    """Test accuracy before and after BN re-estimation, per QAT cell (mean ± std)."""
     keys = [k for k in sorted(by_cell, key=lambda k: (k[1], k[0])) if k[1] != "fp32"]
     keys = [k for k in keys if not _values(by_cell[k], "acc_before_bn").empty]
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(keys)), 3.6))

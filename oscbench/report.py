@@ -466,14 +466,16 @@ def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 4))
         cols = sorted(cross.filter(like="acc@").columns, key=lambda c: int(c[4:-3]))
         xs = [int(c[4:-3]) for c in cols]
-        for (label, b), g in cross.groupby(["label", "bits"]):
-            ax.plot(xs, g[cols].mean().values, marker="o", label=f"{label} (trained for {b}-bit)")
+        for (label, b, free), g in cross.groupby(["label", "bits", "bits_free"]):
+            trained = "in full precision" if free else f"for {b}-bit"  # fp ignores `bits`
+            ax.plot(xs, g[cols].mean().values, marker="o", label=f"{label} (trained {trained})")
         ax.set(
             xlabel="bits of rounded weights",
             ylabel="test accuracy (%)",
             title="Cross-bit accuracy (round to nearest)",
+            xticks=xs,
         )
-        _legend(ax, fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")  # accuracy rises with the bits: empty there
         paths.append(_save(fig, out / "cross_bit_accuracy.png"))
     return paths
 

@@ -161,6 +161,16 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
     assert claims.test_claim(missing, by_cell)["test"] == "no runs of y w2a2"
 
 
+def test_a_ptq_run_has_no_accuracy_before_bn_reestimation():
+    """A PTQ run's `acc` is its full-precision model before rounding, not its rounded model
+    before BN re-estimation: the BN claim and figure must not read it as one."""
+    final = {"acc": 90.0, "acc_bn": 90.1, "acc@3bit": 80.0}
+    qat = {"config": {"seed": 0, "ptq": False, "bits": 3}, "final": final}
+    ptq = {"config": {"seed": 0, "ptq": True, "bits": 3}, "final": final}
+    assert claims.metric(qat, "acc_before_bn") == 90.0 and claims.metric(qat, "acc") == 90.1
+    assert claims.metric(ptq, "acc_before_bn") is None and claims.metric(ptq, "acc") == 80.0
+
+
 TINY = [
     "dataset.image_size=8",
     "dataset.train_size=300",
