@@ -7,13 +7,13 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
-from timm.utils import ModelEmaV3
 from torch import nn
 
 from oscbench.accel import deterministic_cpu
@@ -44,7 +44,10 @@ from oscbench.quant.qkr import apply_qkr, has_attention, has_window_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
 from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock, trains_alone
-from oscbench.train import build_ema, schedule, train
+from oscbench.train import schedule, train
+
+if TYPE_CHECKING:
+    from oscbench.ema import ModelEma
 
 
 def pick_device(name: str) -> torch.device:
@@ -76,7 +79,7 @@ class Built:
     policies: list[Policy]
     init: dict | None  # what init_from loaded, and the accuracy before quantization
     objective: Objective  # cross-entropy (label smoothing), and distillation from a teacher
-    ema: ModelEmaV3 | None  # the EMA copy of the model (trainer.ema_decay)
+    ema: ModelEma | None  # the EMA copy of the model (trainer.ema_decay)
 
 
 def build(spec: RunSpec) -> Built:
@@ -140,7 +143,12 @@ def build(spec: RunSpec) -> Built:
     run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
     policies = build_policies(spec.policies, run)
     objective = Objective(spec.distill, spec.trainer.label_smoothing, teacher)
-    return Built(data, model, tracker, policies, init, objective, build_ema(model, spec.trainer))
+    ema = None
+    if spec.trainer.ema_decay is not None:
+        from oscbench.ema import build_ema  # timm: imported only where it is used
+
+        ema = build_ema(model, spec.trainer)
+    return Built(data, model, tracker, policies, init, objective, ema)
 
 
 def extra_metrics(spec: RunSpec, built: Built) -> dict:

@@ -6,9 +6,9 @@ import copy
 import functools
 import itertools
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
-from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,6 +24,9 @@ from oscbench.optim import Optimizers, build_optimizers
 from oscbench.oscillation.policy import Policy, Schedule
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.modules import quantized_layers
+
+if TYPE_CHECKING:
+    from oscbench.ema import ModelEma
 
 PROBE_STREAM = 1 << 20  # batches of Policy.on_epoch_start's probes: epochs apart from training's
 
@@ -116,22 +119,6 @@ def probe_steps(
         set_rng_state(rng)
 
 
-def build_ema(model: nn.Module, cfg: TrainerConfig) -> ModelEmaV3 | None:
-    """timm's model EMA of the whole model (latent weights, quantizer parameters and, with
-    `ema_buffers: average`, float buffers such as BN statistics; `copy` takes the live
-    model's buffers, so no code or mask a policy keeps in a buffer is averaged), updated
-    after every optimizer step, at `ema_decay` (with timm's warm-up if `ema_warmup`).
-    Evaluating the copy quantizes its own latent weights with its own quantizers."""
-    if cfg.ema_decay is None:
-        return None
-    return ModelEmaV3(
-        model,
-        decay=cfg.ema_decay,
-        use_warmup=cfg.ema_warmup,
-        exclude_buffers=cfg.ema_buffers == "copy",
-    )
-
-
 def compiled(module: nn.Module, layout_optimization: bool = False) -> nn.Module:
     """`module` under torch.compile (trainer.compile). The memory layout is
     trainer.channels_last's, not the compiler's: Inductor's own layout optimization (its
@@ -159,7 +146,7 @@ def train(
     resume: dict | None = None,
     save: Callable[[dict], None] | None = None,
     objective: Objective = CROSS_ENTROPY,
-    ema: ModelEmaV3 | None = None,
+    ema: ModelEma | None = None,
 ) -> list[dict]:
     """Train for `cfg.epochs`, then `cfg.extra_epochs` at the constant `cfg.extra_lr` (or
     where the schedule ended); after each epoch `save(state)` a checkpoint, then

@@ -42,6 +42,43 @@ def test_ema_weights_follow_the_formula_and_buffers_are_the_live_models():
     assert "ema_val_acc" in history[-1]
 
 
+@pytest.mark.numeric
+def test_ema_buffers_average_follows_float_buffers_and_copies_the_rest():
+    """`trainer.ema_buffers=average` on a quantized model (whose quantizers keep extra state,
+    which timm's own update took for a tensor and crashed on): the BN statistics follow the
+    same formula as the weights, integer buffers are the live model's."""
+    d = 0.9
+    spec, built = build_config(
+        [
+            "method=lsq",
+            "bits=3",
+            "trainer.epochs=1",
+            f"trainer.ema_decay={d}",
+            "trainer.ema_buffers=average",
+        ]
+    )
+    buffers = dict(built.model.named_buffers())
+    floats = [k for k, v in buffers.items() if v.is_floating_point()]
+    ema = {k: buffers[k].detach().double().clone() for k in floats}
+    big = {k: v.abs() for k, v in ema.items()}
+
+    def fold(model):
+        for k, b in model.named_buffers():
+            if k in ema:
+                ema[k] = d * ema[k] + (1 - d) * b.double()
+                big[k] = torch.maximum(big[k], b.double().abs())
+
+    history = fit(spec, built, [Observer(on_step_end=fold)])
+    copy = dict(built.ema.module.named_buffers())
+    assert any("running_mean" in k for k in floats)
+    for k in floats:
+        assert_within(copy[k], ema[k], history[-1]["step"] * gamma(4) * 2 * big[k])
+    assert any(not torch.equal(copy[k], buffers[k]) for k in floats)  # averaged, not copied
+    for k, b in buffers.items():
+        if not b.is_floating_point():
+            assert torch.equal(copy[k], b), k
+
+
 def test_the_ema_copy_quantizes_its_own_latent_weights():
     spec, built = build_config(
         ["method=lsq", "bits=2", "trainer.epochs=2", "trainer.ema_decay=0.95"]

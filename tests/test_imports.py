@@ -69,3 +69,28 @@ def test_the_check_can_fail():
     graph = module_imports()
     assert "oscbench.quant.lsq" in graph["oscbench.quant"]
     assert "oscbench.quant.base" in graph["oscbench.quant.lsq"]
+
+
+HEAVY = ("timm", "torchvision", "sklearn", "optuna", "wandb", "scipy", "pandas", "matplotlib")
+
+
+def test_start_up_imports_none_of_the_heavy_libraries():
+    """`import oscbench.run` and Hydra's plugin scan (what `python -m oscbench.run bits=9`
+    does before it rejects the value) load none of the libraries that take seconds to
+    import: each is imported where it is used (bench/startup.md times it)."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "import oscbench.run\n"
+        "from hydra.core.plugins import Plugins\n"
+        "from hydra.plugins.launcher import Launcher\n"
+        "from hydra.plugins.sweeper import Sweeper\n"
+        "Plugins.instance().discover(Sweeper); Plugins.instance().discover(Launcher)\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout) == []
