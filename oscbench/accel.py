@@ -35,6 +35,26 @@ class Accel:
         )
 
 
+def compile_refused(device: torch.device) -> str | None:
+    """Why `trainer.compile` must not train on `device` with this torch, or None.
+
+    torch 2.14's Inductor generates wrong AVX2 kernels for the backward pass of BatchNorm,
+    ReLU, average pooling and a Linear layer in a row, the tail of most CNNs (cnn_small's,
+    ResNets', MobileNets'): measured under ATEN_CPU_CAPABILITY=avx2, the input gradient of
+    that chain came out inf (eager: finite), and a compiled LSQ run of cnn_small had NaN
+    weights after its first step. Its AVX-512 and unvectorised kernels are right, and so
+    are torch 2.13.0's AVX2 ones."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if device.type == "cpu" and torch.__version__.startswith("2.14.") and capability == "AVX2":
+        return (
+            f"trainer.compile=true on this CPU's AVX2 code with torch {torch.__version__}: "
+            "its compiler computes wrong gradients for BatchNorm -> ReLU -> pooling -> "
+            "Linear (NaN weights after one step); use trainer.compile=false (eager), or "
+            "torch 2.13, or a GPU (device=cuda)"
+        )
+    return None
+
+
 def deterministic_cpu(compiled: bool) -> None:
     """Deterministic algorithms, without their debugging aid of filling every new tensor
     with NaN (an extra memory pass per allocation; results do not depend on it).

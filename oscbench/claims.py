@@ -36,6 +36,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 from statsmodels.stats.multitest import multipletests
 
+from oscbench import figures as plots
 from oscbench import report
 from oscbench.registry import ConfigError
 from oscbench.stats import t_test
@@ -315,7 +316,7 @@ def bn_figure(by_cell: dict, out: Path) -> Path:
     """Test accuracy before and after BN re-estimation, per QAT cell (mean ± std)."""
     keys = [k for k in sorted(by_cell, key=lambda k: (k[1], k[0])) if k[1] != "fp32"]
     keys = [k for k in keys if not _values(by_cell[k], "acc_before_bn").empty]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(keys)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(keys)), 3.6), layout="constrained")
     xs = np.arange(len(keys))
     for shift, name, label in ((-0.2, "acc_before_bn", "before"), (0.2, "acc", "after")):
         vals = [_values(by_cell[k], name) for k in keys]
@@ -332,7 +333,7 @@ def bn_figure(by_cell: dict, out: Path) -> Path:
     ax.set_ylim(max(0, low - 5), 100)
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
-    return report._save(fig, out / "bn_reestimation.png")
+    return plots.save(fig, out / "bn_reestimation.png")
 
 
 def write(study: dict, records: list[dict], out: Path) -> pd.DataFrame:

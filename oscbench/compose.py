@@ -3,6 +3,7 @@ the fp run a quantized run starts from, the method presets' declarations, tests.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -11,7 +12,7 @@ import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.singleton import Singleton
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -37,14 +38,60 @@ def paper_recipe(cfg: DictConfig) -> str:
     return cfg.method.get("paper") or "common"
 
 
+COMPONENTS = ("quantizer", "act_quantizer")  # groups whose options a plugin's schema names
+
+
 def resolve_recipe(cfg: DictConfig, overrides: list[str], hydra_node: bool = False) -> DictConfig:
-    """`recipe=paper` composed again as `recipe=<the method's paper recipe>`: Hydra cannot
-    choose a config group (a paper's activation quantizer) from a value, so the choice is
-    made here, and the record holds the recipe that ran."""
-    if cfg.recipe.name != "paper":
+    """The configuration as it runs under its recipe, so that the record says what ran:
+
+    - `recipe=paper` is composed again as `recipe=<the method's paper recipe>` (Hydra cannot
+      choose a config group, a paper's activation quantizer, from a value);
+    - a recipe's setting of a quantizer that the run's quantizer does not have
+      (nagel2022's `quantizer.init` on StatsQ) is left out, and named in
+      `recipe.not_applied`: a paper's recipe applies to any method, as far as it fits;
+    - a full-precision run without policies (fp, ptq) neither starts from nor distils the fp
+      run, which a recipe asks for the quantized runs: `init_from=fp`, `teacher=fp` and its
+      distillation are dropped."""
+    if cfg.recipe.name == "paper":
+        kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
+        return compose([*kept, f"recipe={paper_recipe(cfg)}"], hydra_node)
+    not_applied = [f"{group}.{key}" for group, key in _unfit(cfg)]
+    alone = cfg.quantizer.name == "none" and not cfg.get("policy")
+    if not (not_applied or (alone and "fp" in (cfg.init_from, cfg.teacher))):
         return cfg
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
-    return compose([*kept, f"recipe={paper_recipe(cfg)}"], hydra_node)
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        for group, key in _unfit(cfg):
+            del cfg[group][key]
+        if not_applied:
+            cfg.recipe.not_applied = not_applied
+        if alone and cfg.init_from == "fp":
+            cfg.init_from = None
+        if alone and cfg.teacher == "fp":
+            cfg.teacher, cfg.distill.loss = None, "none"
+    return cfg
+
+
+def _unfit(cfg: DictConfig) -> list[tuple[str, str]]:
+    """The (group, key) pairs that the recipe sets and the group's chosen plugin has no
+    option for (every key, for quantizer=none)."""
+    from oscbench.quant.base import QUANTIZERS  # the registries: only where a recipe sets keys
+
+    found = []
+    for group, keys in _recipe_keys(str(cfg.recipe.name)).items():
+        name = cfg[group].name
+        schema = QUANTIZERS.get(name).schema if name != "none" else None
+        fields = {f.name for f in dataclasses.fields(schema)} if schema else set()
+        found += [(group, k) for k in keys if k not in fields and k in cfg[group]]
+    return found
+
+
+@cache
+def _recipe_keys(recipe: str) -> dict[str, tuple[str, ...]]:
+    """The options conf/recipe/<recipe>.yaml sets in each component group."""
+    path = Path(CONF_DIR, "recipe", f"{recipe}.yaml")
+    node = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+    return {g: tuple(node[g]) for g in COMPONENTS if isinstance(node.get(g), dict)}
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ class TrainerConfig:
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
     warmup_fraction: float  # linear warm-up over this share of the main steps, then `schedule`
-    schedule: str  # cosine | linear: decay to 0 at the end of the main epochs
+    schedule: str  # cosine | linear: decay to 0 at the end of the main epochs | constant
     label_smoothing: float  # of the cross-entropy with the labels (0 = off)
     extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
     extra_lr: float | None  # their constant learning rate; null: where the schedule ended
@@ -71,7 +71,8 @@ class TrainerConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         optimizers = ("sgd", "adam", "adamw")
         check(self.optimizer in optimizers, "optimizer", self.optimizer, ", ".join(optimizers))
-        check(self.schedule in ("cosine", "linear"), "schedule", self.schedule, "cosine, linear")
+        schedules = ("cosine", "linear", "constant")
+        check(self.schedule in schedules, "schedule", self.schedule, ", ".join(schedules))
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0 <= x < 1")
         check(
             self.quant_optimizer in ("shared", "adam", "sgd"),

@@ -27,6 +27,37 @@ def say(text: str, stream: TextIO | None = None) -> None:
             pass
 
 
+class ClosedSafe:
+    """A text stream (stdout) that, once its reader has gone (a closed pipe: `--help | head
+    -1`), is pointed at /dev/null instead of raising: printing never stops a program."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def _gone(self) -> None:
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+        except (OSError, ValueError):
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (BrokenPipeError, ValueError):
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (BrokenPipeError, ValueError):
+            self._gone()
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._stream, name)
+
+
 def warn(text: str) -> None:
     say(f"oscbench: {text}", sys.stderr)
 

@@ -18,22 +18,52 @@ CREATED: list[Path] = []  # the directories this process created for its run, de
 
 
 def reject(message: str) -> None:
-    """Bad input: say what and how to fix it on stderr, exit 2 (Hydra lets SystemExit by)."""
+    """Bad input: say what and how to fix it on stderr, exit 2 (Hydra lets SystemExit by).
+    The directories created for the run or sweep are removed where they are still empty."""
     print(f"oscbench: {message}", file=sys.stderr, flush=True)
+    for directory in CREATED:
+        try:
+            directory.rmdir()
+        except OSError:
+            break
     sys.exit(2)
 
 
-def check_writable(directory: Path, key: str) -> None:
+def unwritable(directory: Path) -> OSError | None:
+    """Why `directory` (created with its parents if missing) cannot be written, or None."""
     CREATED[:] = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=directory):  # a name of its own: ranks probe at once
             pass
     except OSError as e:
-        reject(
-            f"cannot write the run directory {directory} ({e.strerror or e}); "
-            f"choose another with {key}=PATH, or make it writable"
-        )
+        return e
+    return None
+
+
+def cannot_write(directory: Path, problem: OSError, key: str) -> str:
+    return (
+        f"cannot write the run directory {directory} ({problem.strerror or problem}); "
+        f"choose another with {key}=PATH, or make it writable"
+    )
+
+
+def skip_if_completed(task: DictConfig, overrides: list[str], run_dir: Path) -> None:
+    """A run directory that cannot be written but holds this completed run (a read-only
+    copy of a study): say so and show its summary, as a rerun does, and exit 0 (Hydra
+    would fail writing its own files there)."""
+    from oscbench.config import resolved, validate
+    from oscbench.console import say
+    from oscbench.record import load_results, print_summary
+    from oscbench.run import identified
+    from oscbench.runs import RESULTS, find_completed, run_key
+
+    key = run_key(identified(resolved(task), overrides))
+    done = find_completed(run_dir, key)
+    if done is not None:
+        say(f"oscbench: {done} already holds this completed run (read-only: nothing written)")
+        print_summary(validate(task), load_results(done), done / RESULTS)
+        sys.exit(0)
 
 
 def remove_if_unused(run_dir: Path) -> None:
@@ -60,12 +90,22 @@ class Preflight(Callback):
         from oscbench.config import validate
         from oscbench.registry import ConfigError
 
-        task = OmegaConf.masked_copy(config, [k for k in config if k != "hydra"])
+        task = resolve_recipe(
+            OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]),
+            list(config.hydra.overrides.task),
+        )
         try:
-            validate(resolve_recipe(task, list(config.hydra.overrides.task)))
+            validate(task)
         except ConfigError as e:
             reject(str(e))
-        check_writable(Path(config.hydra.run.dir), "hydra.run.dir")
+        run_dir = Path(config.hydra.run.dir)
+        problem = unwritable(run_dir)
+        if problem is not None:
+            skip_if_completed(task, list(config.hydra.overrides.task), run_dir)
+            reject(cannot_write(run_dir, problem, "hydra.run.dir"))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_writable(Path(config.hydra.sweep.dir), "hydra.sweep.dir")
+        sweep_dir = Path(config.hydra.sweep.dir)
+        problem = unwritable(sweep_dir)
+        if problem is not None:
+            reject(cannot_write(sweep_dir, problem, "hydra.sweep.dir"))

@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 from oscbench.config import LoggerConfig, RunSpec
 from oscbench.console import say, warn
 from oscbench.files import DamagedFile, read_json, set_aside, write_json_atomic
+from oscbench.interrupt import INTERRUPTS, signal_of
 from oscbench.runs import RESULTS, run_key
 
 
@@ -298,7 +299,13 @@ class Recorder:
             self.mirror.summarise(final)
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
-        if exc is not None:
+        if isinstance(exc, INTERRUPTS):  # from outside: not the run's failure
+            epoch = len(self.data["history"])
+            self.data["status"] = "interrupted"
+            self.data["error"] = f"interrupted by {signal_of(exc).name} after epoch {epoch}"
+            self._save()
+            exc.record, exc.epoch = self.path, epoch  # for the line the command prints
+        elif exc is not None:
             self.data["status"] = "failed"
             self.data["error"] = "".join(traceback.format_exception(exc_type, exc, tb))
             self._save()

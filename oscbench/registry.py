@@ -58,9 +58,8 @@ def parse(schema: type[T], node: Any, path: str) -> T:
     fields = {f.name for f in dataclasses.fields(schema)}
     unknown = sorted(set(data) - fields)
     if unknown:
-        raise ConfigError(
-            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
-        )
+        allowed = ", ".join(sorted(fields)) or "none (it takes no options)"
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {allowed}")
     missing = sorted(
         f.name
         for f in dataclasses.fields(schema)

@@ -20,19 +20,16 @@ import math
 import sys
 from pathlib import Path
 
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from oscbench.compose import presets  # noqa: E402
-from oscbench.console import warn  # noqa: E402
-from oscbench.latex import latex_table  # noqa: E402
-from oscbench.naming import result_key  # noqa: E402
-from oscbench.registry import ConfigError  # noqa: E402
-from oscbench.runs import bits_free, fingerprint, run_key, scan_records  # noqa: E402
-from oscbench.stats import compare, versus  # noqa: E402
+from oscbench import figures as plots
+from oscbench.compose import presets
+from oscbench.console import warn
+from oscbench.latex import latex_table
+from oscbench.naming import result_key
+from oscbench.registry import ConfigError
+from oscbench.runs import bits_free, fingerprint, run_key, scan_records
+from oscbench.stats import compare, versus
 
 RECIPE = "recipe.name"  # the setting that names a run's training recipe (conf/recipe/)
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
@@ -157,11 +154,6 @@ def _with_setting_columns(df: pd.DataFrame, varying: list[str]) -> pd.DataFrame:
     return df
 
 
-def _label(row: pd.Series, varying: list[str]) -> str:
-    shown = [f"{k}={row[k]}" for k in varying if row[k] != "-"]
-    return row["method"] + (f" [{', '.join(shown)}]" if shown else "")
-
-
 def _method_order(methods) -> list[str]:  # noqa: ANN001
     """The presets in their declared `order` (conf/method/), then any other label."""
     methods, order = set(methods), [p.name for p in presets()]
@@ -199,32 +191,39 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def recipe_differences(stats: pd.DataFrame) -> str:
     """Each method under its paper's recipe against the common one: the difference of the
-    means per bit-width, for accuracy and the oscillating share (empty without recipes)."""
+    means per bit-width, for accuracy and the oscillating share, between rows that agree in
+    every other setting that varies (empty without recipes; '-' where the common recipe has
+    no such row)."""
     if RECIPE not in stats.index.names:
         return ""
     bits = sorted(stats.index.get_level_values("bits").unique())
+    others = [n for n in stats.index.names if n not in ("method", RECIPE, "bits")]
     metrics = ("acc", "osc_share")
     head = [f"Δ{m} {b}-bit" for m in ("acc", "osc") for b in bits]
     out = [
         "\n### Each paper's recipe against the common one\n",
         "Difference of the means (the paper's recipe minus common) for the methods run under "
-        "both; the tables above give each with its spread over seeds.\n",
-        "| method | recipe | " + " | ".join(head) + " |",
-        "|---" * (2 + len(head)) + "|",
+        "both, between rows alike in every other setting; the tables above give each with its "
+        "spread over seeds.\n",
+        "| " + " | ".join(["method", "recipe", *others, *head]) + " |",
+        "|---" * (2 + len(others) + len(head)) + "|",
     ]
     flat = stats.reset_index()
     for method, g in flat.groupby("method", sort=False):
-        common = g[g[RECIPE] == "common"].set_index("bits")
-        for recipe, h in g[g[RECIPE] != "common"].groupby(RECIPE):
-            h = h.set_index("bits")
+        common = g[g[RECIPE] == "common"]
+        for key, h in g[g[RECIPE] != "common"].groupby([RECIPE, *others], sort=False):
+            alike = common
+            for k, v in zip(others, key[1:], strict=True):
+                alike = alike[alike[k] == v]
+            base, h = alike.set_index("bits"), h.set_index("bits")
             cells = []
             for metric in metrics:
                 _, scale, decimals = METRICS[metric]
+                col = f"{metric}_mean"
                 for b in bits:
-                    col = f"{metric}_mean"
-                    d = h[col].get(b, math.nan) - common[col].get(b, math.nan)
+                    d = h[col].get(b, math.nan) - base[col].get(b, math.nan)
                     cells.append("-" if math.isnan(d) else f"{d * scale:+,.{decimals}f}")
-            out.append(f"| {method} | {recipe} | " + " | ".join(cells) + " |")
+            out.append("| " + " | ".join([method, *map(str, key), *cells]) + " |")
     return "\n".join(out) + "\n"
 
 
@@ -294,189 +293,34 @@ def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
     return "\n".join(out)
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legends sit outside the axes
-    plt.close(fig)
-    return path
-
-
-def _styles(labels: list[str]) -> dict[str, dict]:
-    """One look per curve label: ten colours, then the same colours dashed, dotted, ..."""
-    colours = plt.get_cmap("tab10").colors
-    dashes = ["-", "--", ":", "-."]
-    return {
-        label: {"color": colours[i % 10], "linestyle": dashes[i // 10 % 4]}
-        for i, label in enumerate(labels)
-    }
-
-
-HATCHES = {"-": None, "--": "//", ":": "..", "-.": "xx"}  # bars' pattern for a line style
-
-
-def _legend(ax: plt.Axes, fontsize: int = 8) -> None:
-    """The legend to the right of the axes, where it hides no curve."""
-    ax.legend(fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
-
-
-def _runs(tracked: pd.DataFrame, label: str, bits: int) -> pd.Series:
-    return tracked[(tracked["label"] == label) & (tracked["bits"] == bits)]["record"]
-
-
-def oscillation_figures(
-    records: list[dict],
-    tracked: pd.DataFrame,
-    labels: list[str],
-    bits: list[int],
-    style: dict,
-    out: Path,
-) -> list[Path]:
-    """Oscillation over training: the oscillating share and the threshold crossings of
-    every epoch, one column per bit-width, the mean over seeds and a band of one standard
-    deviation. Oscillation by depth: the last epoch's oscillating share of each tracked
-    layer, input to output, the methods side by side as grouped bars (mean over seeds), one
-    panel per bit-width (as Nagel et al. plot it per layer)."""
-    rows = (("osc_share", 100.0, "oscillating weights (%)"), ("crossings", 1.0, "crossings"))
-    fig, axes = plt.subplots(2, len(bits), figsize=(4.5 * len(bits), 6.4), squeeze=False)
-    for col, b in enumerate(bits):
-        for label in labels:
-            for row, (key, scale, name) in enumerate(rows):
-                curves = pd.DataFrame(
-                    [
-                        [h["osc"][key] * scale for h in records[i]["history"] if "osc" in h]
-                        for i in _runs(tracked, label, b)
-                    ]
-                )
-                if curves.empty:
-                    continue
-                ax, epochs = axes[row][col], curves.columns + 1
-                mean, std = curves.mean(), curves.std().fillna(0)  # one seed: no band
-                ax.plot(epochs, mean, label=label, **style[label])
-                band = (mean - std, mean + std)
-                ax.fill_between(epochs, *band, color=style[label]["color"], alpha=0.15)
-                ax.set(xlabel="epoch", ylabel=name, title=f"{b}-bit")
-    _legend(axes[0][-1])
-    fig.suptitle("Oscillation over training (mean over seeds, band: ± one std)")
-    paths = [_save(fig, out / "oscillation_over_training.png")]
-
-    fig, axes = plt.subplots(len(bits), 1, figsize=(9, 3.2 * len(bits)), squeeze=False)
-    for ax, b in zip(axes[:, 0], bits, strict=True):
-        shares = {}
-        for label in labels:
-            last = [records[i]["history"][-1]["osc"] for i in _runs(tracked, label, b)]
-            layers = [o["layers"] for o in last if o.get("layers")]
-            if layers:
-                frame = pd.DataFrame(
-                    [{k: v["osc_share"] * 100 for k, v in ls.items()} for ls in layers]
-                )
-                shares[label] = frame.mean()
-        width = 0.8 / max(len(shares), 1)
-        for k, (label, share) in enumerate(shares.items()):
-            xs = [x + (k - (len(shares) - 1) / 2) * width for x in range(len(share))]
-            hatch = HATCHES[style[label]["linestyle"]]  # past ten labels colours repeat
-            ax.bar(xs, share.values, width, label=label, color=style[label]["color"], hatch=hatch)
-        names = next(iter(shares.values())).index if shares else []
-        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-        ax.set(xlabel="layer (input to output)", ylabel="oscillating (%)", title=f"{b}-bit")
-    _legend(axes[0][0])
-    fig.suptitle("Oscillating weights per layer, last epoch (mean over seeds)")
-    return [*paths, _save(fig, out / "oscillation_by_layer.png")]
-
-
 def figures(records: list[dict], df: pd.DataFrame, out: Path) -> list[Path]:
-    """Accuracy vs bits, oscillating share over training, per-weight oscillation counts,
-    distance to the nearest threshold, and cross-bit accuracy of PTQ / osc_reg. Curves
-    are labelled by method and varying settings, like the table's rows."""
-    varying = varying_settings(df)
-    ok = _with_setting_columns(df[df["status"] == "completed"], varying)
+    """The report's figures (oscbench/figures.py) of the completed runs: accuracy vs bits,
+    oscillation over training and per layer, per-weight oscillation counts and distances
+    to the thresholds at the lowest bit-width, and cross-bit accuracy where runs were
+    rounded to other widths. One colour per method in all of them."""
+    ok = df[df["status"] == "completed"]
     if ok.empty:
         return []
-    ok["label"] = [_label(r, varying) for _, r in ok.iterrows()]
-    order = {m: i for i, m in enumerate(_method_order(ok["method"]))}
-    labels = sorted(ok["label"].unique(), key=lambda s: (order[s.split(" [")[0]], s))
-    style = _styles(labels)
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    exp = _expand_bits_free(ok)
-    for label in labels:
-        g = exp[exp["label"] == label].groupby("bits")["acc"]
-        ax.errorbar(
-            g.mean().index,
-            g.mean().values,
-            yerr=g.std().fillna(0).values,
-            marker="o",
-            capsize=3,
-            label=label,
-            **style[label],
-        )
-    ax.set(xlabel="weight bits", ylabel="test accuracy (%)", title="Accuracy vs bit-width")
-    _legend(ax)
-    paths.append(_save(fig, out / "accuracy_vs_bits.png"))
-
+    order = _method_order(ok["method"])
+    ok = ok.assign(label=plots.series(ok))
+    rank = {m: i for i, m in enumerate(order)}
+    ok = ok.sort_values(["method", "label"], key=lambda c: c.map(rank) if c.name == "method" else c)
+    style = plots.looks(ok, order)
+    paths = [plots.accuracy_vs_bits(_expand_bits_free(ok), style, out)]
     has_osc = [
         bool(records[i]["history"]) and "osc" in records[i]["history"][-1] for i in ok["record"]
     ]
     tracked = ok[has_osc]
     if len(tracked):
-        bits = sorted(tracked["bits"].unique())
-        paths += oscillation_figures(records, tracked, labels, bits, style, out)
-
-        low = min(bits)
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-        for label in labels:
-            finals = [
-                records[i]["final"]
-                for i in tracked[(tracked["label"] == label) & (tracked["bits"] == low)]["record"]
-            ]
-            finals = [f for f in finals if "osc_count_hist" in f and "threshold_distance" in f]
-            if not finals:
-                continue
-            hists = [f["osc_count_hist"] for f in finals]
-            width = max(map(len, hists))
-            counts = pd.DataFrame([h + [0] * (width - len(h)) for h in hists]).sum()
-            share = counts / counts.sum()
-            axes[0].plot(share.index, share.values, marker=".", label=label, **style[label])
-            dist = pd.DataFrame([f["threshold_distance"]["counts"][:-1] for f in finals]).sum()
-            edges = finals[0]["threshold_distance"]["edges"]
-            axes[1].plot(
-                [(a + b) / 2 for a, b in zip(edges, edges[1:], strict=False)],
-                (dist / dist.sum()).values,
-                label=label,
-                **style[label],
-            )
-        axes[0].set(
-            yscale="log",
-            xlabel="oscillations of a weight over training",
-            ylabel="share of weights",
-            title=f"Oscillations per weight, {low}-bit",
-        )
-        axes[1].set(
-            xlabel="distance to nearest threshold (steps)",
-            ylabel="share of weights",
-            title=f"Latent weights vs thresholds, {low}-bit, end",
-        )
-        _legend(axes[1])
-        paths.append(_save(fig, out / "oscillation_histograms.png"))
-
-    cross = (
-        ok[ok.filter(like="acc@").notna().any(axis=1)] if ok.filter(like="acc@").size else ok[:0]
-    )
+        paths += [
+            plots.over_training(records, tracked, style, out),
+            plots.by_layer(records, tracked, style, out),
+        ]
+        paths += [p for p in [plots.histograms(records, tracked, style, out)] if p]
+    rounded = ok.filter(like="acc@")
+    cross = ok[rounded.notna().any(axis=1)] if rounded.size else ok[:0]
     if len(cross):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        cols = sorted(cross.filter(like="acc@").columns, key=lambda c: int(c[4:-3]))
-        xs = [int(c[4:-3]) for c in cols]
-        for (label, b, free), g in cross.groupby(["label", "bits", "bits_free"]):
-            trained = "in full precision" if free else f"for {b}-bit"  # fp ignores `bits`
-            ax.plot(xs, g[cols].mean().values, marker="o", label=f"{label} (trained {trained})")
-        ax.set(
-            xlabel="bits of rounded weights",
-            ylabel="test accuracy (%)",
-            title="Cross-bit accuracy (round to nearest)",
-            xticks=xs,
-        )
-        ax.legend(fontsize=7, loc="lower right")  # accuracy rises with the bits: empty there
-        paths.append(_save(fig, out / "cross_bit_accuracy.png"))
+        paths.append(plots.cross_bits(cross, style, out))
     return paths
 
 
@@ -565,6 +409,15 @@ def versus_markdown(df: pd.DataFrame, other: pd.DataFrame, name: str) -> tuple[s
     p over the table (oscbench.stats.versus); bold where significant."""
     a, b = _tested_frame(df), _tested_frame(other)
     table = versus(a, b, "acc")
+    if table.empty:
+        shared = sorted(set(a["label"]) & set(b["label"]))
+        return (
+            f"\n### Against {name}\n\nNo method at a bit-width that both hold (these: "
+            f"{', '.join(sorted(set(a['label'])))}; {name}: {', '.join(sorted(set(b['label'])))}"
+            + (f"; both: {', '.join(shared)}, at other bit-widths" if shared else "")
+            + "): nothing to compare.\n",
+            table,
+        )
     out = [
         f"\n### Against {name} (these runs minus those, test accuracy %)\n",
         "Mean ± std over seeds; the difference of the means, its 95 % interval and Holm's "
@@ -710,6 +563,12 @@ def main(argv: list[str] | None = None) -> None:
         paths = write_report(records, out, args.baseline, tuned, versus_dir)
     except ConfigError as e:
         parser.exit(2, f"oscbench.report: {e}\n")
+    except OSError as e:
+        parser.exit(
+            2,
+            f"oscbench.report: cannot write the report to {out} ({e.strerror or e}); choose "
+            "another with --out DIR, or make it writable\n",
+        )
     print((out / "table.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,16 +13,18 @@ from typing import TYPE_CHECKING
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch import nn
 
-from oscbench.accel import deterministic_cpu
+from oscbench import interrupt
+from oscbench.accel import compile_refused, deterministic_cpu
 from oscbench.batchnorm import global_batch_norm
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
 from oscbench.compose import CONF_DIR, compose, method_free, presets, resolve_recipe
 from oscbench.config import RunSpec, resolved, validate
-from oscbench.console import epoch_line, say, warn
+from oscbench.console import ClosedSafe, epoch_line, say, warn
 from oscbench.data.base import Data, build_data
 from oscbench.distill import Objective, build_teacher, kl_to_teacher
 from oscbench.distributed import World, broadcast, from_env, start
@@ -43,7 +46,7 @@ from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention, has_window_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
 from oscbench.registry import ConfigError
-from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock, trains_alone
+from oscbench.runs import RESULTS, find_completed, fingerprint, run_key, run_lock
 from oscbench.train import schedule, train
 
 if TYPE_CHECKING:
@@ -86,6 +89,9 @@ def build(spec: RunSpec) -> Built:
     """Seed, load data, build the model, quantize and calibrate it, build the tracker and
     the policies: everything before the first optimizer step."""
     device = pick_device(spec.device)
+    refused = compile_refused(device) if spec.trainer.compile else None
+    if refused:
+        raise ConfigError(refused)
     torch.manual_seed(spec.seed)
     if device.type == "cpu":
         deterministic_cpu(compiled=spec.trainer.compile)
@@ -176,26 +182,54 @@ def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
     """The full-precision run a quantized run starts from with `init_from=fp`: Hydra
     composes the run's overrides that do not concern the method with `method=fp`, and the
     fp preset's own group choices (which an experiment's defaults may have overridden).
-    Returns its spec, its resolved config and its run directory's name, that of a plain
-    `method=fp` run with the same overrides."""
+    Returns its spec, its resolved config and its run directory's name: that of a plain
+    `method=fp` run with the overrides that make its identity (`recipe=paper` as the recipe
+    it resolved to; no `teacher`, `distill` or `finetune_lr`, which an FP run ignores)."""
     kept = [*method_free(overrides), "method=fp"]
     (fp,) = [p for p in presets() if p.name == "fp"]
     cfg = compose([*kept, *fp.choices])
-    name = run_dir_name(compose(kept, hydra_node=True))
-    return validate(cfg), resolved(cfg), name
+    config = resolved(cfg)
+    own = fingerprint(config)
+    named = []
+    for o in OverridesParser.create().parse_overrides(kept):
+        key = o.key_or_group
+        if key == "recipe":
+            named.append(f"recipe={config['recipe']['name']}")
+        elif any(k == key or k.startswith(key + ".") for k in own):
+            named.append(o.input_line)
+    name = run_dir_name(compose(kept, hydra_node=True), named)
+    return validate(cfg), config, name
 
 
-def ensure_fp(overrides: list[str], root: Path) -> Path:
+def identified(config: dict, overrides: list[str]) -> dict:
+    """The run's resolved config, and for a run that starts from or distils the fp run
+    (`init_from=fp`, `teacher=fp`) that run's identity (`fp_run`: its recipe, and the key of
+    its configuration less the seed, which is the run's own): runs whose own configs are
+    alike but whose fp runs differ (`recipe=paper` against `recipe=aoq2025`: AOQ's fp run
+    trains under the common recipe in the first, under AOQ's in the second) are different
+    runs, and the seeds of one cell still differ in nothing but the seed."""
+    if "fp" not in (config.get("init_from"), config.get("teacher")):
+        return config
+    _, fp_config, _ = fp_counterpart(overrides)
+    key = run_key({k: v for k, v in fp_config.items() if k != "seed"})
+    return config | {"fp_run": {"recipe": fp_config["recipe"]["name"], "key": key}}
+
+
+def ensure_fp(overrides: list[str], root: Path, asked: str) -> Path:
     """The directory of the completed fp run below `root` that a run with these overrides
-    starts from; trained first (once, whichever job gets there first) if there is none."""
+    starts from or distils (`asked`: which setting asked for it); trained first (once,
+    whichever job gets there first) if there is none. On several processes rank 0 looks
+    and every rank follows its answer, training the fp run together."""
     fp_spec, fp_config, name = fp_counterpart(overrides)
     key = run_key(fp_config)
-    found = find_completed(root, key)
+    world = from_env()
+    found = broadcast(find_completed(root, key) if world.main else None, world)
     if found is None:
         fp_dir = root / name
-        say(f"oscbench: init_from=fp: no completed fp run yet; training one in {fp_dir}")
+        say(f"oscbench: {asked}: no completed fp run yet; training one in {fp_dir}")
         execute(fp_spec, fp_config, fp_dir, overrides, search_root=root, fp_root=root)
-        found = find_completed(root, key)  # here, or where a parallel job finished it first
+        # here, or where a parallel job finished it first
+        found = broadcast(find_completed(root, key) if world.main else None, world)
     return found
 
 
@@ -212,9 +246,10 @@ def execute(
     With `trainer.resume=auto` a completed run of the same configuration anywhere below
     `search_root` (default: the run directory) is not trained again, and a checkpoint in the
     run directory is resumed. A lock per configuration keeps parallel jobs from training the
-    same run twice. `init_from=fp` starts a quantized run from the fp run below `fp_root`
-    (composed from `overrides`, the run's command-line overrides)."""
+    same run twice. `init_from=fp` and `teacher=fp` take the fp run below `fp_root`
+    (composed from `overrides`, the run's command-line overrides), trained first if needed."""
     search_root = search_root or run_dir
+    config = identified(config, overrides)
     key = run_key(config)
     world = from_env()  # several processes: rank 0 locks and decides, the others follow
     with run_lock(search_root, key) if world.main else contextlib.nullcontext():
@@ -234,20 +269,24 @@ def execute(
                 if broadcast(world.main and (run_dir / CHECKPOINT).exists(), world)
                 else None
             )
-        if "fp" in (spec.init_from, spec.teacher):
-            root = fp_root or run_dir.parent.parent
-            fp_dir = None if trains_alone(config) else ensure_fp(overrides, root)
-            fp = fp_dir and str(fp_dir)
-            teacher = fp if spec.teacher == "fp" else spec.teacher
+        asked = [f"{k}=fp" for k in ("init_from", "teacher") if getattr(spec, k) == "fp"]
+        if asked:
+            fp = str(ensure_fp(overrides, fp_root or run_dir.parent.parent, " and ".join(asked)))
             spec = dataclasses.replace(
                 spec,
                 init_from=fp if spec.init_from == "fp" else spec.init_from,
-                teacher=teacher,
-                distill=spec.distill if teacher else dataclasses.replace(spec.distill, loss="none"),
+                teacher=fp if spec.teacher == "fp" else spec.teacher,
             )
         if spec.init_from is not None and spec.trainer.finetune_lr is not None:
             spec = dataclasses.replace(
                 spec, trainer=dataclasses.replace(spec.trainer, lr=spec.trainer.finetune_lr)
+            )
+        not_applied = config["recipe"].get("not_applied")
+        if not_applied:
+            say(
+                f"oscbench: recipe={spec.recipe} sets {', '.join(not_applied)}, which "
+                f"quantizer={spec.quantizer.name} and act_quantizer={spec.act_quantizer.name} "
+                "do not have: not applied (the record lists them under recipe.not_applied)"
             )
         return _train_and_record(spec, config, run_dir, resume)
 
@@ -348,5 +387,22 @@ def main(cfg: DictConfig) -> float:
         raise
 
 
+def cli() -> int:
+    """`python -m oscbench.run`: `main`, with SIGTERM raised as SIGINT is (an interrupted
+    run's record says so), a closed stdout tolerated, and an interruption ended with one
+    line and the shell's exit code for the signal."""
+    interrupt.install()
+    sys.stdout = ClosedSafe(sys.stdout)
+    try:
+        main()
+    except interrupt.INTERRUPTS as e:
+        sig = interrupt.signal_of(e)
+        where = getattr(e, "record", None)
+        said = f"; {where} says so after epoch {e.epoch}" if where else ""
+        warn(f"interrupted by {sig.name}{said}; the same command resumes from the last checkpoint")
+        return 128 + sig.value
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

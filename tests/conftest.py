@@ -18,6 +18,16 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
 
 
+def unprivileged(cmd: list[str]) -> list[str]:
+    """`cmd` run without the power to ignore file permissions: as root (CI's and this
+    machine's user), through util-linux's setpriv without CAP_DAC_OVERRIDE, so that a
+    read-only directory is read-only to it too."""
+    if os.geteuid() != 0:
+        return cmd
+    drop = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", *cmd]
+
+
 def compose_config(overrides: list[str]) -> DictConfig:
     return compose(overrides)
 

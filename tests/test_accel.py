@@ -5,8 +5,11 @@ import math
 import pytest
 import torch
 
+from oscbench.accel import compile_refused
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer
+from oscbench.registry import ConfigError
 from tests.conftest import build_config, fit
+from tests.learned import above
 
 CFG = LSQConfig(per_channel=False, init="lsq", grad_scale=True, signed="auto", keep_positive=False)
 
@@ -35,33 +38,41 @@ def test_gradients_flow_to_bf16_inputs():
     assert x.grad.dtype == torch.bfloat16 and q.s.grad.dtype == torch.float32
 
 
+@pytest.mark.learned
 @pytest.mark.parametrize("method", ["lsq", "aoq", "lsq_freeze"])
 def test_bf16_channels_last_training_runs_and_learns(method):
     spec, built = build_config(
         [
             f"method={method}",
             "bits=4",
-            "trainer.epochs=3",
+            "trainer.epochs=10",
             "trainer.precision=bf16",
             "trainer.channels_last=always",
         ]
     )
     history = fit(spec, built)
     assert all(math.isfinite(h["train_loss"]) for h in history)
-    assert history[-1]["val_acc"] > 30  # chance: 10 %; AOQ's 3-stage schedule is slow to start
+    above("validation accuracy (%)", history[-1]["val_acc"], 30)  # chance: 10 %
     conv = built.model[3]
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.slow
+@pytest.mark.learned
 def test_compiled_forward_trains_as_eager_does(tmp_path):
     """Fused kernels round differently, which flips some codes, so the two runs are not
-    comparable number by number; both must learn digits alike."""
+    comparable number by number; both must learn digits alike. Where this torch's compiler
+    is known to compute wrong gradients (torch 2.14's AVX2 kernels: `compile_refused`), the
+    run is refused instead, with the fix."""
+    if compile_refused(torch.device("cpu")):
+        with pytest.raises(ConfigError, match="use trainer.compile=false"):
+            build_config(["trainer.epochs=3", "trainer.compile=true"])
+        return
     eager_spec, eager = build_config(["trainer.epochs=3"])
     comp_spec, comp = build_config(["trainer.epochs=3", "trainer.compile=true"])
-    for history in (fit(eager_spec, eager), fit(comp_spec, comp)):
+    for name, history in (("eager", fit(eager_spec, eager)), ("compiled", fit(comp_spec, comp))):
         assert all(math.isfinite(h["train_loss"]) for h in history)
-        assert history[-1]["val_acc"] > 90  # chance: 10 %
+        above(f"{name}: validation accuracy (%)", history[-1]["val_acc"], 90)  # chance: 10 %
 
 
 @pytest.mark.numeric

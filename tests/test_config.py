@@ -9,9 +9,9 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigKeyError
 
 from oscbench.config import validate
-from oscbench.preflight import check_writable
+from oscbench.preflight import unwritable
 from oscbench.registry import ConfigError
-from tests.conftest import compose_config
+from tests.conftest import compose_config, unprivileged
 
 
 @pytest.mark.parametrize(
@@ -101,6 +101,30 @@ def test_an_unwritable_run_directory_is_named_without_a_traceback(tmp_path):
     assert "hydra.run.dir=PATH" in proc.stderr
 
 
+def test_a_completed_run_in_a_read_only_directory_is_skipped_and_another_refused(tmp_path):
+    """A read-only copy of a study: rerunning a run it holds shows the run and writes
+    nothing; a run it does not hold cannot be written there and is refused with the fix."""
+    run_dir = tmp_path / "run"
+    args = ["trainer.epochs=1", "logger=none", f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "oscbench.run", *args]
+    assert subprocess.run(cmd, capture_output=True, timeout=300).returncode == 0
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    run_dir.chmod(0o555)
+    try:
+        again = subprocess.run(unprivileged(cmd), capture_output=True, text=True, timeout=300)
+        other = subprocess.run(
+            unprivileged([*cmd, "trainer.lr=0.1"]), capture_output=True, text=True, timeout=300
+        )
+    finally:
+        run_dir.chmod(0o755)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"{run_dir} already holds this completed run" in again.stdout
+    assert "test accuracy" in again.stdout
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert f"cannot write the run directory {run_dir}" in other.stderr
+
+
 def test_small_input_slips_are_caught_or_understood():
     assert validate(compose_config(["cross_bits=3"])).cross_bits == [3]
     with pytest.raises(ConfigError, match="policy.dampen.lambda_end=-1.0 is invalid"):
@@ -119,14 +143,13 @@ def test_method_presets_set_the_quantizer_and_can_be_overridden():
 def test_processes_probing_one_run_directory_at_once_do_not_trip_over_each_other(tmp_path):
     """The ranks of a DDP run check the same run directory at the same moment: each probes
     with a file of its own (a shared probe name was removed under another rank's feet)."""
-    failures: list[BaseException] = []
+    failures: list[OSError] = []
 
     def probe() -> None:
         for _ in range(200):
-            try:
-                check_writable(tmp_path / "run", "hydra.run.dir")
-            except SystemExit as e:
-                failures.append(e)
+            problem = unwritable(tmp_path / "run")
+            if problem is not None:
+                failures.append(problem)
 
     threads = [threading.Thread(target=probe) for _ in range(4)]
     for t in threads:

@@ -12,6 +12,7 @@ from oscbench.distill import DistillConfig, Objective
 from oscbench.record import load_results
 from tests.bounds import assert_within, gamma
 from tests.conftest import build_config, fit, run_config
+from tests.learned import below
 from tests.test_sweeps import records, sweep
 
 QUICK = ["logger=none", "device=cpu"]
@@ -108,6 +109,7 @@ def test_the_teacher_is_frozen_in_eval_mode_and_runs_without_gradients(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics too
 
 
+@pytest.mark.learned
 def test_a_distilled_student_ends_closer_to_its_teacher(tmp_path):
     """The same 2-bit student, the same teacher and seed: soft+hard at weight 1 against
     weight 0 (the labels' cross-entropy alone); the KL from the teacher on the test split."""
@@ -129,7 +131,7 @@ def test_a_distilled_student_ends_closer_to_its_teacher(tmp_path):
         kl[w] = final["kl_to_teacher"]
         assert final["teacher"] == str(tmp_path / "fp")
     print(f"KL(teacher || student) on the test split: without {kl[0.0]:.4f}, with {kl[1.0]:.4f}")
-    assert kl[1.0] < kl[0.0]  # 0.0120 against 0.0158 on this machine
+    below("KL from the teacher: distilled, against undistilled", kl[1.0], kl[0.0])
     assert all(math.isfinite(v) for v in kl.values())
 
 
@@ -146,10 +148,13 @@ def test_teacher_fp_in_a_sweep_trains_the_fp_run_once(tmp_path, launcher):
         "logger=none",
         *extra,
     ]
-    sweep(tmp_path, *args)
+    out = sweep(tmp_path, *args).stdout
     recs = records(tmp_path)
     fp = [k for k, r in recs.items() if r["config"]["method"]["name"] == "fp"]
     assert len(fp) == 1  # trained once, by whichever job got there first
+    assert fp[0] == "fp/fp32-cnn_small-digits-s0"  # named as it is: no distillation settings
+    assert "teacher=fp: no completed fp run yet" in out and "init_from" not in out
+    assert recs[fp[0]]["config"]["teacher"] is None
     students = [r for r in recs.values() if r["config"]["method"]["name"] != "fp"]
     assert len(students) == 2
     for r in students:

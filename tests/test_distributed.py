@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from oscbench.distributed import World, all_sum, broadcast, from_env, start
+from oscbench.runs import RESULTS
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -174,6 +175,26 @@ def test_only_rank_zero_writes_and_prints_in_rank_zeros_directory(tmp_path):
     written = {p.name for p in (tmp_path / "1").rglob("*") if p.is_file()}
     assert not written & {"results.json", "checkpoint.pt", "model_final.pt"}
     assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("record ") == 1
+
+
+def test_two_processes_train_the_missing_fp_run_together_then_the_run_that_needs_it(tmp_path):
+    """`init_from=fp` and `teacher=fp` on 2 processes with no fp run yet (every paper
+    recipe asks for both): rank 0 looks for the fp run and both ranks follow its answer, so
+    they train it together and then the quantized run from it (each rank looking on its own,
+    they fell out of step and waited on each other until the collective timeout)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += ["-m", "oscbench.run", "method=lsq", "bits=2", "trainer.epochs=1", *SMALL]
+    cmd += ["init_from=fp", "teacher=fp", "distill.loss=soft", "trainer.dist_timeout_s=60"]
+    cmd += ["logger=none", "device=cpu", f"hydra.run.dir={tmp_path}/lsq/run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = {r.parent.parent.name: json.loads(r.read_text()) for r in tmp_path.rglob(RESULTS)}
+    assert sorted(records) == ["fp", "lsq"]
+    assert all(r["status"] == "completed" for r in records.values())
+    assert all(r["machine"]["processes"] == 2 for r in records.values())
+    fp_dir = str(next((tmp_path / "fp").iterdir()))
+    assert records["lsq"]["final"]["init"]["from"] == fp_dir == records["lsq"]["final"]["teacher"]
+    assert proc.stdout.count("init_from=fp and teacher=fp: no completed fp run yet") == 1
 
 
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path):

@@ -81,3 +81,23 @@ def test_weights_of_another_model_are_refused(tmp_path):
         build_config([f"init_from={tmp_path / 'r18.pth'}"])
     with pytest.raises(ConfigError, match="no such file"):
         build_config([f"init_from={tmp_path / 'nothing'}"])
+
+
+@pytest.mark.parametrize("key", ["init_from", "teacher"])
+def test_a_quantized_run_or_a_record_given_as_weights_is_named_for_what_it_is(key, tmp_path):
+    """A QAT run's directory is refused as a quantized model (not as 'an OrderedDict'), and
+    its results.json as a record with the directory to give instead (not with PyTorch's
+    advice on unpickling)."""
+    run_config(["method=lsq", "bits=2", "trainer.epochs=1", *QUICK], tmp_path / "qat")
+    extra = ["distill.loss=soft"] if key == "teacher" else []
+    with pytest.raises(ConfigError) as err:
+        build_config([f"{key}={tmp_path / 'qat'}", *extra])
+    assert f"{key}={tmp_path / 'qat' / FINAL_MODEL} holds a quantized model" in str(err.value)
+    assert f"give an fp run (method=fp) or {key}=fp" in str(err.value)
+    record = tmp_path / "qat" / "results.json"
+    with pytest.raises(ConfigError) as err:
+        build_config([f"{key}={record}", *extra])
+    assert str(err.value) == (
+        f"{key}={record} is a JSON file (a run's record), not weights; give "
+        f"{tmp_path / 'qat'}, its run directory"
+    )

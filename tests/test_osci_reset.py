@@ -12,6 +12,7 @@ from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.lsq import LSQConfig
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
 from tests.bounds import assert_within, gamma
+from tests.learned import above
 
 pytestmark = pytest.mark.numeric
 
@@ -129,6 +130,7 @@ def test_an_open_window_is_saved_with_the_policy_and_resumes_exactly():
     assert torch.equal(model[0].weight, layer2.weight) and layer2.weight[0, 0].item() == 0.0
 
 
+@pytest.mark.learned
 def test_the_preset_resets_weights_in_a_digits_run(tmp_path):
     from oscbench.record import load_results
     from tests.conftest import run_config
@@ -137,8 +139,8 @@ def test_the_preset_resets_weights_in_a_digits_run(tmp_path):
     args += ["trainer.epochs=6", "policy.osci_reset.period=40", "policy.osci_reset.track_steps=10"]
     run_config(args, tmp_path)
     history = load_results(tmp_path)["history"]
-    assert sum(h["osci_reset/resets"] for h in history) >= 1
-    assert sum(h["osci_reset/reset_share"] for h in history) > 0
+    assert sum(h["osci_reset/resets"] for h in history) >= 1  # the schedule's
+    above("share of weights reset", sum(h["osci_reset/reset_share"] for h in history), 0)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from oscbench.quant.modules import quantized_layers
 from oscbench.quant.rtn import RTNConfig, RTNQuantizer
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, aoq_coef, build_config, fit, run_config
+from tests.learned import above, below
 
 pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
@@ -79,6 +80,7 @@ def test_aoq_stage_two_learns_level_step_not_thresholds_stage_three_dampens():
     assert torch.equal(extra.detach(), expected.detach())  # the same norms, added alike
 
 
+@pytest.mark.learned
 def test_aoq_crosses_more_thresholds_than_lsq_in_stage_one():
     """AOQ's claim: shrinking thresholds lets weights cross them. Same seed and epochs."""
     crossings = {}
@@ -86,12 +88,13 @@ def test_aoq_crosses_more_thresholds_than_lsq_in_stage_one():
         spec, built = build_config([f"method={method}", "bits=2", "trainer.epochs=10"])
         history = fit(spec, built)
         crossings[method] = sum(h["osc"]["crossings"] for h in history[:2])  # first 20%
-    assert crossings["aoq"] > 2 * crossings["lsq"]
+    above("AOQ's crossings in stage 1, against twice LSQ's", crossings["aoq"], 2 * crossings["lsq"])
 
 
 # --- Dampening ---------------------------------------------------------------------
 
 
+@pytest.mark.learned
 def test_dampening_lowers_oscillation_and_distance_to_grid(tmp_path):
     """The mechanism, with a strong pull (lambda_end 1.0): at the paper's 0.1 over 10 digits
     epochs the effect is smaller than the spread of one run over CPU code paths (oscillating
@@ -104,8 +107,13 @@ def test_dampening_lowers_oscillation_and_distance_to_grid(tmp_path):
     damp = run_config(
         ["method=lsq_dampen", "policy.dampen.lambda_end=1.0", *base], tmp_path / "dampen"
     )
-    assert damp["osc_share"] < 0.75 * lsq["osc_share"]
-    assert damp["threshold_distance"]["mean_to_level"] < lsq["threshold_distance"]["mean_to_level"]
+    below(
+        "oscillating share: dampened, against 0.75 LSQ's",
+        damp["osc_share"],
+        0.75 * lsq["osc_share"],
+    )
+    dist = [r["threshold_distance"]["mean_to_level"] for r in (damp, lsq)]
+    below("distance to the grid (steps): dampened, against LSQ's", *dist)
     assert damp["dampen/lambda"] == 1.0  # reached lambda_end on the last step
 
 
@@ -186,7 +194,7 @@ def test_frozen_weights_keep_their_code_and_do_not_drift():
 
     history = fit(spec, built, [Observer(on_step_end=check)])
     assert not violations, violations[:3]
-    assert history[-1]["freeze/frozen_share"] > 0
+    above("frozen share", history[-1]["freeze/frozen_share"], 0)
     assert history[0]["freeze/threshold"] == 0.0  # off in the first 25%
     assert history[-1]["freeze/threshold"] == 0.011  # 3-bit end value, on the last step
 
@@ -269,7 +277,8 @@ def test_cga_keeps_confident_weights_bit_identical_during_the_phase():
     assert steps["phase"] == built.data.steps_per_epoch(64) and not broken
     assert steps["moved"] > 0  # the not-confident weights did train
     assert history[-1]["lr"] == 1e-5 and history[-1]["cga/active"] == 1.0
-    assert 0.9 < history[-1]["cga/frozen_share"] < 1.0
+    above("frozen share in the CGA epoch", history[-1]["cga/frozen_share"], 0.9)
+    below("frozen share in the CGA epoch", history[-1]["cga/frozen_share"], 1.0)
     assert history[0]["cga/active"] == 0.0
 
 
@@ -293,6 +302,7 @@ def test_regulariser_with_a_detached_scale_has_gradient_two_lambda_q_minus_w_ove
     assert model[1].weight.grad is None  # norm layers excluded
 
 
+@pytest.mark.learned
 def test_regulariser_moves_weights_towards_thresholds(tmp_path):
     near = {}
     for lam in (0, 1):
@@ -309,4 +319,4 @@ def test_regulariser_moves_weights_towards_thresholds(tmp_path):
         )
         near[lam] = final["threshold_distance"]["near_share"]
         assert {"acc@2bit", "acc@3bit", "acc@4bit", "acc@8bit"} <= set(final)
-    assert near[1] > near[0]
+    above("share near a threshold: regularised, against not", near[1], near[0])

@@ -97,3 +97,69 @@ def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_
     line = next(x for x in differences.splitlines() if x.startswith("| aoq | aoq2025 | "))
     cells = line.strip("|").split("|")[2:]
     assert len(cells) == 2 and all(c.strip()[0] in "+-" for c in cells)
+
+
+def test_runs_that_start_from_different_fp_runs_are_different_runs():
+    """`method=aoq recipe=paper` composes to AOQ's recipe, as `recipe=aoq2025` does, but its
+    fp run trains under fp's paper recipe (common), not AOQ's: the runs differ in what they
+    start from and distil, so in their identity (and a sweep over both trains both)."""
+    from oscbench.config import resolved
+    from oscbench.run import identified
+    from oscbench.runs import run_key
+
+    found = {}
+    for recipe in ("paper", "aoq2025"):
+        overrides = ["method=aoq", "bits=2", f"recipe={recipe}"]
+        config = identified(resolved(compose(overrides)), overrides)
+        found[recipe] = (run_key(config), config["fp_run"]["recipe"])
+    assert found["paper"][1] == "common" and found["aoq2025"][1] == "aoq2025"
+    assert found["paper"][0] != found["aoq2025"][0]
+    seeds = [  # the fp run's identity, less its seed: seeds of one cell still share it
+        identified(resolved(compose([*o, f"seed={s}"])), [*o, f"seed={s}"])["fp_run"]
+        for o in [["method=aoq", "bits=2", "recipe=paper"]]
+        for s in (0, 1)
+    ]
+    assert seeds[0] == seeds[1]
+
+
+@pytest.mark.parametrize(
+    ("method", "not_applied"),
+    [("ofq", ["quantizer.init", "quantizer.grad_scale"]), ("aoq", ["quantizer.init"])],
+)
+def test_a_recipe_applies_what_fits_the_method_and_names_what_does_not(method, not_applied):
+    """nagel2022 sets LSQ's init and gradient scale: StatsQ has neither, AOQ no init."""
+    cfg = compose([f"method={method}", "recipe=nagel2022"])
+    spec = validate(cfg)
+    assert spec.recipe == "nagel2022" and list(cfg.recipe.not_applied) == not_applied
+    assert spec.trainer.quant_optimizer == "adam" and spec.trainer.lr == 0.01  # the rest applies
+    for key in not_applied:
+        assert key.split(".")[1] not in cfg.quantizer
+
+
+def test_a_recipe_run_says_what_it_did_not_apply(tmp_path, capsys):
+    run_config(
+        ["method=aoq", "recipe=nagel2022", *QUICK[:2], "trainer.epochs=1"], tmp_path / "m" / "r"
+    )
+    out = capsys.readouterr().out
+    assert "recipe=nagel2022 sets quantizer.init, which quantizer=aoq" in out
+    assert load_results(tmp_path / "m" / "r")["config"]["recipe"]["not_applied"] == [
+        "quantizer.init"
+    ]
+
+
+def test_a_full_precision_run_records_no_fp_run_to_start_from_or_distil():
+    """A recipe asks quantized runs to start from and distil the fp run; the fp run itself
+    does neither, and its record says so."""
+    from oscbench.config import resolved
+
+    config = resolved(compose(["method=fp", "recipe=aoq2025"]))
+    assert config["init_from"] is None and config["teacher"] is None
+    assert config["distill"]["loss"] == "none"
+    osc_reg = resolved(compose(["method=osc_reg", "recipe=wenshoj2025"]))
+    assert osc_reg["init_from"] == "fp"  # an FP run with a policy fine-tunes the fp run
+
+
+def test_wenshoj_et_al_fine_tune_with_adam_at_their_notebooks_constant_rate():
+    spec = validate(compose(["method=osc_reg", "recipe=wenshoj2025"]))
+    t = spec.trainer
+    assert (t.optimizer, t.lr, t.schedule, t.weight_decay) == ("adam", 2.5e-4, "constant", 0.0)

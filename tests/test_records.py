@@ -3,6 +3,7 @@ configurations, records that survive a closed stdout, W&B and damaged files."""
 
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -310,3 +311,42 @@ def test_init_from_that_fills_part_of_the_model_is_refused_unless_told(tmp_path,
     _, built = build_config([f"init_from={tmp_path / 'part.pth'}", "init_strict=false"])
     assert built.init["loaded"] == 6
     assert "loaded 6 of 20 tensors; not filled: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(sig, code, tmp_path):
+    """SIGTERM (SLURM at a time limit, before its SIGKILL) and Ctrl-C after the first epoch:
+    the record says `interrupted` and when (not `running` for ever, not `failed` with a
+    traceback), one line says so, the exit code is the shell's for the signal, and the same
+    command continues from the checkpoint."""
+    cmd = [sys.executable, "-m", "oscbench.run", "trainer.epochs=8", "logger=none"]
+    cmd += [f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    assert proc.stdout.readline().startswith(b"epoch 1/8")
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    record = load_results(tmp_path)
+    epoch = len(record["history"])
+    assert proc.returncode == code, err.decode()[-2000:]
+    assert record["status"] == "interrupted" and 1 <= epoch < 8
+    assert record["error"] == f"interrupted by {sig.name} after epoch {epoch}"
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err.decode(), lines
+    assert lines[0].startswith(f"oscbench: interrupted by {sig.name}; {tmp_path / 'results.json'}")
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming {tmp_path} after epoch {epoch} of 8" in again.stdout
+    assert load_results(tmp_path)["status"] == "completed"
+
+
+def test_help_into_a_closed_pipe_exits_quietly():
+    """`python -m oscbench.run --help | head -1`: the reader is gone before Hydra prints."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oscbench.run", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and err == b""

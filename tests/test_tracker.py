@@ -189,6 +189,32 @@ def test_dq_over_dw_on_a_hand_made_trajectory():
         assert move.epoch_stats() == {"dq": 0.0, "dw": 0.0, "dq_dw": 0.0}  # reset, no motion
 
 
+def test_dq_over_dw_stays_a_ratio_of_movements_when_a_learned_step_turns_negative():
+    """An LSQ step pushed below zero (no guard: `keep_positive: false`) reverses the grid:
+    the quantized movement is still |code change| x |step|, never negative."""
+    from tests.conftest import build_config
+
+    spec, built = build_config(["bits=2", "trainer.epochs=1"])
+    tracker, layer = built.tracker, built.tracker.layers[0]
+    q = layer.weight_quantizer
+    with torch.no_grad():
+        q.s.mul_(-1)
+        tracker.update()  # the reversed grid's codes: the starting point
+        before = q.to_int(layer.weight).clone()
+        w0 = layer.weight.detach().clone()
+        layer.weight.add_(0.3 * q.s.abs() * torch.sign(torch.randn_like(layer.weight)))
+        for state in tracker.moves:
+            state.epoch_stats()  # the sums from the flip and the start on: reset
+        tracker.update()
+    moved = (q.to_int(layer.weight) - before).abs().sum().item()
+    stats = tracker.moves[0].epoch_stats()
+    step = q.s.abs().item()
+    assert moved > 0 and abs(stats["dq"] - moved * step) <= unit_roundoff() * moved * step
+    dw = (layer.weight.detach().double() - w0.double()).abs().sum().item()  # float32 sum of n
+    assert abs(stats["dw"] - dw) <= gamma(layer.weight.numel() + 1) * dw
+    assert stats["dq_dw"] > 0
+
+
 def test_model_tracker_reports_the_ratio_and_the_step_share():
     from oscbench.train import train
     from tests.conftest import build_config

@@ -9,6 +9,7 @@ import torch
 from oscbench.record import load_results
 from tests.bounds import assert_within, gamma
 from tests.conftest import build_config, run_config
+from tests.learned import below
 
 
 def _second_half_error(history):
@@ -18,6 +19,7 @@ def _second_half_error(history):
     return error / (sum(h["trs/target"] for h in half) / len(half))
 
 
+@pytest.mark.learned
 @pytest.mark.parametrize(
     ("bits", "steer"),
     [(2, "latent"), (4, "latent_and_steps")],
@@ -29,7 +31,7 @@ def test_the_measured_transition_rate_follows_the_schedule(bits, steer, tmp_path
     args = ["method=lsq_trs", f"bits={bits}", "trainer.epochs=12", "logger=none"]
     run_config([*args, f"policy.trs.steer={steer}", "device=cpu"], tmp_path)
     history = load_results(tmp_path)["history"]
-    assert _second_half_error(history) <= 0.2
+    below("second half's error, a share of the target", _second_half_error(history), 0.2)
     lrs = [h["trs/lr"] for h in history]  # the learning-rate trace that achieves it
     assert all(math.isfinite(v) and v >= 0 for v in lrs) and len(set(lrs)) > 1
     targets = [h["trs/target"] for h in history]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,14 +13,13 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from oscbench import report
 from oscbench.compose import presets
 from oscbench.config import validate
-from oscbench.tune import INTERRUPTED, storage_url
+from oscbench.tune import INTERRUPTED, distributions, storage_url
 from tests.conftest import check_latex, compose_config
 
 QUICK = ["trainer.epochs=3", "logger=none", "device=cpu"]
@@ -33,9 +33,9 @@ def test_every_preset_declares_a_search_space_over_its_own_settings(method):
     space = OmegaConf.to_container(cfg.method.search_space)
     for key in space:
         assert OmegaConf.select(cfg, key, default="<absent>") != "<absent>", key
-    distributions, fixed = create_params_from_overrides([f"{k}={v}" for k, v in space.items()])
-    assert len(distributions) == len(space) and not fixed
-    for key, dist in distributions.items():  # both ends of every range are valid runs
+    found = distributions(space)  # the sweeper's own parser; it refuses a fixed value
+    assert len(found) == len(space)
+    for key, dist in found.items():  # both ends of every range are valid runs
         for value in (dist.low, dist.high):
             validate(compose_config([f"method={method}", f"{key}={value}"]))
 
@@ -186,3 +186,78 @@ def test_a_killed_study_keeps_its_trials_reruns_the_interrupted_one_and_a_failur
     assert resumed["resumed_at_epoch"] == 2 and resumed["attempts"] == 2
     assert resumed["final"]["val_acc_bn"] == trials[4].value
     assert all(r["attempts"] == 1 for r in records.values() if r is not resumed)
+
+
+@pytest.mark.parametrize("trials", ["abc", "0", "-1", "2.5"])
+def test_a_budget_that_is_not_a_positive_count_is_refused_before_anything_is_written(
+    trials, tmp_path
+):
+    sweep = tmp_path / "sweep"
+    proc = _run(
+        None,
+        "experiment=tune_methods",
+        "method=lsq",
+        "bits=2",
+        f"tune.trials={trials}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"tune.trials={trials} is invalid; allowed: an integer >= 1" in proc.stderr
+    assert not sweep.exists()  # no optuna.db, no empty studies, no directory
+
+
+ALWAYS_FAILS = """
+import oscbench.run as run
+def execute(*args, **kwargs):
+    raise RuntimeError("this run fails")
+run.execute = execute
+"""
+
+
+def test_a_tuning_sweep_in_which_every_trial_fails_exits_non_zero(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["experiment=tune_methods", "method=lsq", "bits=2", "tune.trials=2"]
+    proc = _run(_script(tmp_path, ALWAYS_FAILS), *args, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "no trial completed in lsq-bits2" in proc.stderr
+    trials = optuna.load_study(study_name="lsq-bits2", storage=storage_url(sweep)).trials
+    assert [t.state for t in trials] == [TrialState.FAIL] * 2
+
+
+def test_a_damaged_study_file_is_named_with_the_fix_by_every_command_that_reads_it(tuned, tmp_path):
+    """tune_methods (continuing), final_methods and the report's --tuned: one line that
+    names the file and what to do, no SQLAlchemy traceback."""
+    sweep = tmp_path / "tuned"
+    shutil.copytree(tuned, sweep)
+    db = sweep / "optuna.db"
+    db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])  # a disk that filled up
+    tune = ["experiment=tune_methods", "method=lsq,lsq_dampen", "bits=2", "tune.trials=3"]
+    final = ["experiment=final_methods", "method=lsq", "bits=2", "seed=1", f"tune.dir={sweep}"]
+    report_cmd = [sys.executable, "-m", "oscbench.report", str(sweep), "--tuned", str(sweep)]
+    procs = [
+        _run(None, *tune, f"hydra.sweep.dir={sweep}"),
+        _run(None, *final, f"hydra.sweep.dir={tmp_path / 'final'}"),
+        subprocess.run(report_cmd, capture_output=True, text=True, timeout=600),
+    ]
+    for proc in procs:
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+        assert f"{db} is damaged" in proc.stderr and "move it aside" in proc.stderr
+    assert not (tmp_path / "final").exists()  # a rejected command leaves no sweep directory
+
+
+def test_the_journal_storage_tunes_and_final_runs_read_it(tmp_path):
+    """Optuna's file journal (for sweep directories on NFS): the studies live in
+    optuna.journal, and final_methods finds them there."""
+    sweep = tmp_path / "sweep"
+    args = ["experiment=tune_methods", "method=lsq", "bits=2", "tune.trials=2"]
+    proc = _run(None, *args, "hydra.sweeper.storage=journal", f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "optuna.journal").is_file() and not (sweep / "optuna.db").exists()
+    best = OmegaConf.load(sweep / "best.yaml")
+    assert [(b.study, b.complete) for b in best] == [("lsq-bits2", 2)]
+    final = ["experiment=final_methods", "method=lsq", "bits=2", "seed=1", f"tune.dir={sweep}"]
+    proc = _run(None, *final, f"hydra.sweep.dir={tmp_path / 'final'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = _records(tmp_path / "final")
+    assert record["config"]["trainer"]["lr"] == best[0].params["trainer.lr"]

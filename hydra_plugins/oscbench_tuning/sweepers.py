@@ -3,12 +3,18 @@
 Hydra instantiates sweepers only from the hydra_plugins package, so they live here; the
 studies' bookkeeping is oscbench.tune. Hydra imports every plugin module at start-up:
 Optuna (over a second to import) is imported only when a sweep starts.
+
+oscbench's own sweeper on current Optuna, not hydra-optuna-sweeper: that plugin pins
+optuna<3 (2021's Optuna, SQLAlchemy 1), without the file journal that NFS needs. Hydra's
+sweeper interface is small (setup, sweep), and a study per cell, resumed after a kill, was
+most of what oscbench had built around the plugin anyway.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
+import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +24,6 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
@@ -37,17 +42,36 @@ def _cells(config_loader: Any, grid: DictConfig, arguments: list[str]) -> tuple[
     return cells, keys
 
 
-class TuneSweeper(OptunaSweeper):
+class _Launching(Sweeper):
+    """A sweeper that launches its jobs through the configured Hydra launcher."""
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        self.config, self.hydra_context = config, hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+        self.job_idx = 0
+
+    def launch(self, jobs: list[list[str]]) -> list:
+        results = self.launcher.launch(jobs, initial_job_idx=self.job_idx)
+        self.job_idx += len(results)
+        return results
+
+
+class TuneSweeper(_Launching):
     """One Optuna study per cell of `grid` x the command line's sweeps (a method at a
     bit-width), each over the shared `params` (the learning rate) and its method preset's
-    own `method.search_space`, with the same budget `n_trials` for every cell. The
-    studies share one SQLite file in the sweep directory (oscbench.tune.STORAGE), each
-    named by its cell. Relaunching the same command continues them: finished trials stay
-    as they are, a trial a kill left running is marked failed and its parameters run again
-    (the run resumes from its checkpoint), and only the trials missing from the budget
-    run. A trial that raises is recorded as failed and its study goes on
-    (`max_failure_rate: 1.0`). Each cell's result is in studies/<cell>.yaml, all of them in
-    best.yaml."""
+    own `method.search_space`, with the same budget `n_trials` for every cell, asked and
+    told `n_jobs` trials at a time (the launcher's parallel jobs). The studies share one
+    file in the sweep directory (`storage`: sqlite, or journal for NFS), each named by its
+    cell. Relaunching the same command continues them: finished trials stay as they are, a
+    trial a kill left running is marked failed and its parameters run again (the run
+    resumes from its checkpoint), and only the trials missing from the budget run. A trial
+    that raises, or returns no number, is recorded as failed and its study goes on, up to
+    `max_failure_rate` of a batch; a study left without a completed trial fails the sweep
+    (exit 1). Each cell's result is in studies/<cell>.yaml, all of them in best.yaml."""
 
     def __init__(
         self,
@@ -55,57 +79,110 @@ class TuneSweeper(OptunaSweeper):
         seed: int,
         grid: DictConfig,
         direction: str,
-        n_trials: int,
+        n_trials: Any,
         n_jobs: int,
         max_failure_rate: float,
         params: DictConfig | None,
+        storage: str,
     ) -> None:
-        super().__init__(
-            None, direction, None, None, n_trials, n_jobs, max_failure_rate, None, None, params
-        )
         self.sampler_config, self.seed, self.grid = sampler, seed, grid
-        self.n_trials, self.direction = n_trials, direction
+        self.direction, self.n_trials, self.n_jobs = direction, n_trials, n_jobs
+        self.max_failure_rate, self.params, self.storage = max_failure_rate, params, storage
+
+    def _check(self) -> None:
+        """Bad settings, refused before the storage is touched."""
+        from oscbench.preflight import reject
+
+        trials = self.n_trials
+        if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
+            reject(
+                f"tune.trials={trials} is invalid; allowed: an integer >= 1 (trials per method "
+                "and bit-width)"
+            )
+        if self.storage not in ("sqlite", "journal"):
+            reject(f"hydra.sweeper.storage={self.storage} is invalid; allowed: sqlite, journal")
+        if not (isinstance(self.n_jobs, int) and self.n_jobs >= 1):
+            reject(f"hydra.sweeper.n_jobs={self.n_jobs} is invalid; allowed: an integer >= 1")
 
     def sweep(self, arguments: list[str]) -> None:
+        from oscbench.preflight import reject
+        from oscbench.registry import ConfigError
+        from oscbench.tune import cell_name, distributions, open_study, summary
+
+        self._check()
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        loader = self.hydra_context.config_loader
+        shared = OmegaConf.to_container(self.params or OmegaConf.create({}))
+        cells, keys = _cells(loader, self.grid, arguments)
+        plans = []
+        try:  # every search space read, then every study opened, before any trial runs
+            for cell in cells:
+                job = loader.load_sweep_config(self.config, list(cell))
+                own = OmegaConf.to_container(job.method.get("search_space") or OmegaConf.create())
+                plans.append((list(cell), distributions({**shared, **own})))
+            names = [cell_name(cell, keys) for cell, _ in plans]
+            for name in names:
+                open_study(sweep_dir, self.storage, name, self.direction)
+        except ConfigError as e:  # a damaged storage file, a fixed value in a search space
+            reject(str(e))
+        (sweep_dir / "studies").mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        for (cell, space), name in zip(plans, names, strict=True):
+            self._tune(sweep_dir, name, cell, space)
+        rows = summary(sweep_dir)
+        OmegaConf.save(OmegaConf.create(rows), sweep_dir / "best.yaml")
+        empty = [r["study"] for r in rows if r["study"] in names and r["complete"] == 0]
+        if empty:
+            print(
+                f"oscbench: tuning: no trial completed in {', '.join(empty)} (every one failed; "
+                f"the runs' records below {sweep_dir} say why)",
+                file=sys.stderr,
+            )
+            sys.exit(1)
+
+    def _tune(self, sweep_dir: Path, name: str, cell: list[str], space: dict) -> None:
         import optuna
 
-        from oscbench.tune import cell_name, completed, reopen, sampler_seed, storage_url, summary
+        from oscbench.tune import completed, open_study, reopen, sampler_seed
 
-        impl = self.sweeper
-        sweep_dir = Path(impl.config.hydra.sweep.dir)
-        (sweep_dir / "studies").mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(impl.config, sweep_dir / "multirun.yaml")
-        shared = OmegaConf.to_container(self.sweeper.params or OmegaConf.create({}))
-        loader = impl.hydra_context.config_loader
-        cells, keys = _cells(loader, self.grid, arguments)
-        for cell in cells:
-            name = cell_name(cell, keys)
-            job = loader.load_sweep_config(impl.config, list(cell))
-            own = OmegaConf.to_container(job.method.get("search_space") or OmegaConf.create({}))
-            study = optuna.create_study(
-                study_name=name,
-                storage=storage_url(sweep_dir),
-                direction=self.direction,
-                load_if_exists=True,
-            )
-            impl.study_name, impl.storage = name, storage_url(sweep_dir)
-            impl.n_trials = reopen(study, self.n_trials)
-            impl.params = OmegaConf.create({**shared, **own})
-            impl.sampler = instantiate(self.sampler_config, seed=sampler_seed(self.seed, study))
-            log.info(f"study {name}: {impl.n_trials} of {self.n_trials} trials to run")
-            try:
-                impl.sweep(list(cell))
-            except ValueError as e:  # Optuna: no completed trial to take the best of
-                if completed(study):
-                    raise
-                log.warning(f"study {name}: no trial completed ({e})")
-            result = sweep_dir / "optimization_results.yaml"
-            if result.exists():
-                shutil.move(result, sweep_dir / "studies" / f"{name}.yaml")
-        OmegaConf.save(OmegaConf.create(summary(sweep_dir)), sweep_dir / "best.yaml")
+        study = open_study(sweep_dir, self.storage, name, self.direction)
+        study.sampler = instantiate(self.sampler_config, seed=sampler_seed(self.seed, study))
+        left = reopen(study, self.n_trials)
+        log.info(f"study {name}: {left} of {self.n_trials} trials to run")
+        values = dict(o.split("=", 1) for o in cell)
+        while left > 0:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, left))]
+            for t in trials:
+                for key, value in values.items():
+                    t.set_user_attr(key, value)
+            jobs = [[*cell, *(f"{k}={v}" for k, v in t.params.items())] for t in trials]
+            failed = 0
+            for t, result in zip(trials, self.launch(jobs), strict=True):
+                try:
+                    value = float(result.return_value)  # a failed job raises its error here
+                except Exception as e:
+                    value, why = math.nan, f"{type(e).__name__}: {e}"
+                else:
+                    why = "no validation accuracy (NaN)"
+                if math.isfinite(value):
+                    study.tell(t, value)
+                    continue
+                study.tell(t, state=optuna.trial.TrialState.FAIL)
+                log.warning(f"study {name}: trial {t.number} failed ({why.splitlines()[-1]})")
+                failed += 1
+            if failed / len(trials) > self.max_failure_rate:
+                raise RuntimeError(
+                    f"study {name}: {failed} of {len(trials)} trials failed, more than "
+                    f"max_failure_rate={self.max_failure_rate}"
+                )
+            left -= len(trials)
+        if completed(study):
+            best = study.best_trial
+            result = {"best_params": best.params, "best_value": best.value, "trial": best.number}
+            OmegaConf.save(OmegaConf.create(result), sweep_dir / "studies" / f"{name}.yaml")
 
 
-class BestSweeper(Sweeper):
+class BestSweeper(_Launching):
     """Every combination of `grid` x the command line's sweeps (methods, bit-widths, fresh
     seeds), each run with its cell's best parameters from the tuning sweep in `tuned`
     (`use: best`) or with its preset's own values (`use: defaults`: the untuned baseline).
@@ -119,24 +196,16 @@ class BestSweeper(Sweeper):
         cell_keys: list[str],
         max_batch_size: int | None = None,
     ) -> None:
-        if use not in ("best", "defaults"):
-            raise ValueError(f"hydra.sweeper.use={use}: use best or defaults")
         self.tuned, self.use, self.grid = tuned, use, grid
         self.cell_keys, self.max_batch_size = list(cell_keys), max_batch_size
-
-    def setup(
-        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
-    ) -> None:
-        self.config, self.hydra_context = config, hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(
-            hydra_context=hydra_context, task_function=task_function, config=config
-        )
 
     def sweep(self, arguments: list[str]) -> list:
         from oscbench.preflight import reject
         from oscbench.registry import ConfigError
         from oscbench.tune import best_params
 
+        if self.use not in ("best", "defaults"):
+            reject(f"hydra.sweeper.use={self.use} is invalid; allowed: best, defaults")
         jobs, _ = _cells(self.hydra_context.config_loader, self.grid, arguments)
         if self.use == "best":
             try:
@@ -149,8 +218,7 @@ class BestSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         returns, size = [], self.max_batch_size or len(jobs)
         for start in range(0, len(jobs), size):
-            batch = jobs[start : start + size]
-            results = self.launcher.launch(batch, initial_job_idx=start)
+            results = self.launch(jobs[start : start + size])
             for r in results:
                 _ = r.return_value  # a failed job raises here, with its error
             returns.append(results)

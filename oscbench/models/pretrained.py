@@ -19,6 +19,7 @@ from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL
 from oscbench.console import say
 from oscbench.files import DamagedFile
 from oscbench.registry import ConfigError
+from oscbench.runs import RESULTS
 
 
 def read_state_dict(path: Path, key: str = "init_from") -> dict[str, torch.Tensor]:
@@ -30,6 +31,9 @@ def read_state_dict(path: Path, key: str = "init_from") -> dict[str, torch.Tenso
             if (path / name).exists():
                 return read_state_dict(path / name, key)
         raise ConfigError(f"{key}={path}: a directory without {FINAL_MODEL} or {CHECKPOINT}")
+    if path.suffix == ".json":
+        head = f"{path.parent}, its run directory" if path.name == RESULTS else "a weights file"
+        raise ConfigError(f"{key}={path} is a JSON file (a run's record), not weights; give {head}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -38,13 +42,19 @@ def read_state_dict(path: Path, key: str = "init_from") -> dict[str, torch.Tenso
         else:
             state = torch.load(path, map_location="cpu", weights_only=path.name != CHECKPOINT)
     except Exception as e:  # truncated, corrupt, or not a weights file at all
+        first = (str(e).strip().splitlines() or [""])[0][:200]  # torch's advice is for pickles
         raise DamagedFile(
             f"{key}={path} cannot be read as PyTorch or safetensors weights "
-            f"({type(e).__name__}: {e}); is it complete, and a weights file?"
+            f"({type(e).__name__}: {first}); is it complete, and a weights file?"
         ) from None
-    for key in ("model", "state_dict", "model_state_dict"):  # common checkpoint wrappers
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
+    for wrapper in ("model", "state_dict", "model_state_dict"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if isinstance(state, dict) and any("weight_quantizer." in str(k) for k in state):
+        raise ConfigError(
+            f"{key}={path} holds a quantized model (a QAT run's, with its quantizers' state); "
+            f"{key} takes full-precision weights: give an fp run (method=fp) or {key}=fp"
+        )
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DamagedFile(
             f"{key}={path} holds a {type(state).__name__}, not a state dict of tensors; "

@@ -158,8 +158,9 @@ class Movement(nn.Module):
 
 
 def level_spacing(levels: torch.Tensor) -> torch.Tensor:
-    """Distance between neighbouring levels, from `Quantizer.levels` ((L,) or (C, L))."""
-    return (levels[..., 1] - levels[..., 0]).detach()
+    """Distance between neighbouring levels, from `Quantizer.levels` ((L,) or (C, L)): a
+    distance, so positive also where a learned step went negative and reversed the grid."""
+    return (levels[..., 1] - levels[..., 0]).detach().abs()
 
 
 HIST_MAX = 20  # per-epoch histogram of oscillations so far: 0, 1, ..., 19, >= 20
