@@ -61,8 +61,9 @@ def table(rows: list[dict], paths: list[str]) -> str:
         "value the test checks on that path, and its bound where that is another measured "
         "value. Safety: the smallest gap between value and bound over the paths, in units "
         "of the gap's range over the paths (below 1: another CPU could well cross the bound; "
-        "inf: the gap is the same on every path). A missing cell: the test stopped before "
-        "that check.",
+        "inf: the gap is the same on every path). A missing cell: the test checked no value "
+        "there (it stopped before, or took another branch: the compiled run is refused on "
+        "avx2 with torch 2.14).",
         "",
         "| test | value | bound | " + " | ".join(paths) + " | safety |",
         "|---|---|---|" + "---|" * len(paths) + "---|",

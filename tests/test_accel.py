@@ -41,6 +41,9 @@ def test_gradients_flow_to_bf16_inputs():
 @pytest.mark.learned
 @pytest.mark.parametrize("method", ["lsq", "aoq", "lsq_freeze"])
 def test_bf16_channels_last_training_runs_and_learns(method):
+    """10 epochs at 4 bits: validation accuracy 96.5-97.9 % on every CPU path (AOQ after 3
+    epochs: 46.5, 34.7, 19.4 % on the native, avx2 and default paths: its staged schedule
+    is slow to start)."""
     spec, built = build_config(
         [
             f"method={method}",

@@ -177,14 +177,28 @@ def test_only_rank_zero_writes_and_prints_in_rank_zeros_directory(tmp_path):
     assert proc.stdout.count("epoch 2/2") == 1 and proc.stdout.count("record ") == 1
 
 
+SLOW_RECORD = """
+import time
+import oscbench.record as record
+_finish = record.Recorder.finish
+def finish(self, final):
+    if self.writes:
+        time.sleep(3)  # rank 0 writes the fp run's record after rank 1 has finished it
+    _finish(self, final)
+record.Recorder.finish = finish
+"""
+
+
 def test_two_processes_train_the_missing_fp_run_together_then_the_run_that_needs_it(tmp_path):
     """`init_from=fp` and `teacher=fp` on 2 processes with no fp run yet (every paper
     recipe asks for both): rank 0 looks for the fp run and both ranks follow its answer, so
-    they train it together and then the quantized run from it (each rank looking on its own,
-    they fell out of step and waited on each other until the collective timeout)."""
+    they train it together and then the quantized run from it. Each rank looking on its own,
+    rank 1 looked before rank 0 had written the fp run's record (here, 3 s late), found none,
+    and the ranks fell out of step until the collective timeout."""
+    script = _patched(tmp_path, SLOW_RECORD)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "oscbench.run", "method=lsq", "bits=2", "trainer.epochs=1", *SMALL]
-    cmd += ["init_from=fp", "teacher=fp", "distill.loss=soft", "trainer.dist_timeout_s=60"]
+    cmd += [str(script), "method=lsq", "bits=2", "trainer.epochs=1", *SMALL]
+    cmd += ["init_from=fp", "teacher=fp", "distill.loss=soft", "trainer.dist_timeout_s=30"]
     cmd += ["logger=none", "device=cpu", f"hydra.run.dir={tmp_path}/lsq/run"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -25,9 +25,9 @@ def _second_half_error(history):
     [(2, "latent"), (4, "latent_and_steps")],
 )
 def test_the_measured_transition_rate_follows_the_schedule(bits, steer, tmp_path):
-    """12 epochs of digits. This machine (2-core AMD EPYC): error 0.078 of the target at
-    2 bits (seeds 1, 2: 0.060, 0.083; one thread, default vector code: 0.073), 0.093 at 4
-    bits with the steps steered too."""
+    """12 epochs of digits: the error is 0.082, 0.080, 0.086 of the target at 2 bits, and
+    0.101, 0.091, 0.092 at 4 bits with the steps steered too (native, avx2, default paths:
+    bench/margins.md)."""
     args = ["method=lsq_trs", f"bits={bits}", "trainer.epochs=12", "logger=none"]
     run_config([*args, f"policy.trs.steer={steer}", "device=cpu"], tmp_path)
     history = load_results(tmp_path)["history"]
