@@ -3,6 +3,7 @@ the fp run a quantized run starts from, the method presets' declarations, tests.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from functools import cache
@@ -59,7 +60,7 @@ def resolve_recipe(cfg: DictConfig, overrides: list[str], hydra_node: bool = Fal
     alone = cfg.quantizer.name == "none" and not cfg.get("policy")
     if not (not_applied or (alone and "fp" in (cfg.init_from, cfg.teacher))):
         return cfg
-    cfg = cfg.copy()
+    cfg = copy.deepcopy(cfg)  # the caller's stays as it was composed
     with open_dict(cfg):
         for group, key in _unfit(cfg):
             del cfg[group][key]

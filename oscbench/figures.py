@@ -121,13 +121,16 @@ def _span(boxes: list) -> matplotlib.transforms.Bbox:
     return matplotlib.transforms.Bbox.union(boxes)
 
 
-def handles_of(axes: list[plt.Axes]) -> tuple[list, list[str]]:
-    """Every labelled artist of the axes, each label once, in the order drawn."""
+def handles_of(axes: list[plt.Axes], style: dict) -> tuple[list, list[str]]:
+    """Every labelled artist of the axes, each label once, in the order of the series in
+    `style` (methods in their order, a method's variants after it)."""
     seen: dict[str, object] = {}
     for ax in axes:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, h)
-    return list(seen.values()), list(seen)
+    rank = {label: i for i, label in enumerate(style)}
+    labels = sorted(seen, key=lambda x: rank.get(x.split(", trained")[0], len(rank)))
+    return [seen[x] for x in labels], labels
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -148,7 +151,7 @@ def accuracy_vs_bits(runs: pd.DataFrame, style: dict, out: Path) -> Path:
         )
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="weight bits", ylabel="test accuracy (%)", title="Accuracy vs bit-width")
-    legend(fig, [ax], *handles_of([ax]))
+    legend(fig, [ax], *handles_of([ax], style))
     return save(fig, out / "accuracy_vs_bits.png")
 
 
@@ -178,7 +181,7 @@ def over_training(records: list[dict], runs: pd.DataFrame, style: dict, out: Pat
                 ax.set(xlabel="epoch", ylabel=name, title=f"{b}-bit")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     flat = list(axes.flat)
-    legend(fig, flat, *handles_of(flat))
+    legend(fig, flat, *handles_of(flat, style))
     fig.suptitle("Oscillation over training (mean over seeds, band: ± one std)")
     return save(fig, out / "oscillation_over_training.png")
 
@@ -218,7 +221,7 @@ def by_layer(records: list[dict], runs: pd.DataFrame, style: dict, out: Path) ->
     bottom.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     bottom.set_xlabel("layer (input to output)")
     flat = list(axes[:, 0])
-    legend(fig, flat, *handles_of(flat))
+    legend(fig, flat, *handles_of(flat, style))
     fig.suptitle("Oscillating weights per layer, last epoch (mean over seeds)")
     return save(fig, out / "oscillation_by_layer.png")
 
@@ -257,7 +260,7 @@ def histograms(records: list[dict], runs: pd.DataFrame, style: dict, out: Path) 
         ylabel="share of weights",
         title=f"Latent weights against thresholds, {low}-bit, end",
     )
-    legend(fig, list(axes), *handles_of(list(axes)))
+    legend(fig, list(axes), *handles_of(list(axes), style))
     return save(fig, out / "oscillation_histograms.png")
 
 
@@ -278,5 +281,5 @@ def cross_bits(runs: pd.DataFrame, style: dict, out: Path) -> Path:
         title="Cross-bit accuracy (round to nearest)",
         xticks=xs,
     )
-    legend(fig, [ax], *handles_of([ax]))
+    legend(fig, [ax], *handles_of([ax], style))
     return save(fig, out / "cross_bit_accuracy.png")
