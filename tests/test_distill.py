@@ -156,7 +156,7 @@ def test_teacher_fp_in_a_sweep_trains_the_fp_run_once(tmp_path, launcher):
     recs = records(tmp_path)
     fp = [k for k, r in recs.items() if r["config"]["method"]["name"] == "fp"]
     assert len(fp) == 1  # trained once, by whichever job got there first
-    assert fp[0] == "fp/fp32-cnn_small-digits-s0"  # named as it is: no distillation settings
+    assert fp[0] == "fp/fp32-cnn_small-digits-s0-trainer.epochs:1"  # no distillation settings
     assert "teacher=fp: no completed fp run yet" in out and "init_from" not in out
     assert recs[fp[0]]["config"]["teacher"] is None
     students = [r for r in recs.values() if r["config"]["method"]["name"] != "fp"]
