@@ -6,14 +6,14 @@ STAMP  := $(VENV)/.installed
 
 SWEEP  ?= multirun/compare_methods-cnn_small-digits
 
-.PHONY: install run test lint sweep report claims bench clean
+.PHONY: install run test lint sweep report claims bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]' -c constraints.txt
 	touch $(STAMP)
 
 run: install
@@ -33,6 +33,18 @@ claims: install  # the claims study (experiments/claims): about an hour on 2 cor
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)
+
+WHEEL_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(p)_x86_64)
+
+gpu-wheels:  # here: what gpu-check needs on a GPU machine (Python 3.12), into .whl/
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(WHEEL_PLATFORMS) -d .whl -r bench/gpu_wheels.txt
+	$(PYTHON) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+
+gpu-check:  # on a GPU machine: .whl/ beside its own torch, then bench/gpu_check.py (bench/gpu.md)
+	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/oscbench-site .whl/*.whl
+	PYTHONPATH=/tmp/oscbench-site:. $(PYTHON) bench/gpu_check.py $(ARGS)
 
 lint: install
 	$(PY) -m ruff check oscbench tests

@@ -24,10 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch.utils import benchmark
 
 from oscbench.accel import Accel
@@ -278,15 +278,17 @@ def tracker_cost(min_run_time: float) -> dict:
     tracker = median_time(built.tracker.update, min_run_time)
     weights = built.tracker.total
 
-    def per_weight(modules: nn.ModuleList) -> float:
-        return sum(b.numel() * b.element_size() for b in modules.buffers() if b.dim()) / weights
+    def per_weight(buffers: Iterable[torch.Tensor]) -> float:
+        """Bytes of the buffers with an element per tracked weight, per weight."""
+        sized = [b for b in buffers if b.numel() == weights]
+        return sum(b.numel() * b.element_size() for b in sized) / weights
 
     return {
         "step_s": total,
         "tracker_s": tracker,
         "share": tracker / total,
-        "bytes_per_weight": per_weight(built.tracker.states),  # oscillation (issue 7)
-        "movement_bytes_per_weight": per_weight(built.tracker.moves),  # d_Q / d_w (issue 13)
+        "bytes_per_weight": per_weight(built.tracker.buffers(recurse=False)),  # issue 7
+        "movement_bytes_per_weight": per_weight(built.tracker.moves.buffers()),  # d_Q / d_w
         "tracked_weights": weights,
     }
 

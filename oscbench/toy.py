@@ -232,7 +232,7 @@ def linear_recovery(cfg: DictConfig, seed: int) -> dict:
             "recovered": int((codes == w_true).sum()),
             "recovered_share": float((codes == w_true).float().mean()),
             "codes": codes,
-            "crossings": int(tracker.states[0].epoch_switches),
+            "crossings": int(tracker.epoch_switches[0]),
             "final_loss": final_loss,
             "seconds": time.time() - start,
         }

@@ -170,6 +170,7 @@ def test_teacher_fp_in_a_sweep_trains_the_fp_run_once(tmp_path, launcher):
 
 def test_soft_plus_hard_trains_deits_distillation_head_from_the_teacher(tmp_path):
     deit = ["model=deit_tiny", "model.img_size=8", "model.patch_size=2", "model.distilled=true"]
+    deit += ["dataset=synthetic", "dataset.image_size=8", "dataset.train_size=160"]
     run_config(["method=fp", "trainer.epochs=1", *deit, *QUICK], tmp_path / "fp")
     overrides = [*deit, "bits=4", f"teacher={tmp_path / 'fp'}", "distill.loss=soft+hard"]
     spec, built = build_config([*overrides, "trainer.epochs=1"])

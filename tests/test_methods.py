@@ -43,6 +43,27 @@ def test_every_preset_learns_and_records_its_own_metrics(method, tmp_path):
     above("test accuracy after BN re-estimation (%)", final["acc_bn"], 50)  # chance: 10 %
 
 
+@pytest.mark.slow
+@pytest.mark.oldest
+@pytest.mark.parametrize("method", [p.name for p in presets()])
+def test_every_preset_trains_two_epochs(method, tmp_path):
+    """On the oldest supported torch (.ci/oldest; the 10-epoch test above covers the newest):
+    every preset completes two epochs of digits with finite losses, metrics and policy
+    values, and a quantized one moves its codes."""
+    final = run_config(
+        [f"method={method}", "bits=3", "trainer.epochs=2", "logger=none", "device=cpu"],
+        tmp_path,
+    )
+    res = load_results(tmp_path)
+    assert res["status"] == "completed" and res["method"] == method
+    for record in res["history"]:
+        assert all(math.isfinite(v) for v in record.values() if isinstance(v, float)), record
+    for key in ("acc", "acc_bn", "loss", "val_acc", "val_loss"):
+        assert math.isfinite(final[key]), key
+    if validate(compose_config([f"method={method}", "bits=3"])).quantized:
+        assert final["crossings_total"] > 0
+
+
 def test_preset_values_are_overridable():
     cfg = compose_config(["method=lsq_dampen", "policy.dampen.lambda_end=0.05"])
     assert validate(cfg).policies[0].options.lambda_end == 0.05

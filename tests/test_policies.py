@@ -208,7 +208,7 @@ def test_freezing_takes_the_rounded_ema_code_and_keeps_earlier_codes():
     policy = built.policies[0]
     policy.started = True  # the code EMAs exist: set them by hand
     layer = policy.layers[0]
-    st, tr = policy.states[0], built.tracker.states[0]
+    st, tr = policy.states[0], built.tracker.tracked()[0][1]
     flat = slice(0, 6)
     with torch.no_grad():
         st.ema_code.view(-1)[flat] = torch.tensor([1.4, 1.6, -2.5, -0.4, 3.0, 2.2])

@@ -46,7 +46,7 @@ def test_freezing_code_ema_starts_with_freezing_and_moves_only_while_it_is_on():
     updates it only while freeze_threshold > 0."""
     spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.epochs=4"])
     freeze = built.policies[0]
-    st, tr = freeze.states[0], built.tracker.states[0]
+    st, tr = freeze.states[0], built.tracker.tracked()[0][1]
     steps = []
 
     def record(step, total):
@@ -71,7 +71,7 @@ def test_the_tracker_sees_frozen_weights_at_their_frozen_code():
     momentum or weight decay carry its latent value across a threshold."""
     spec, built = build_config(["method=lsq_freeze", "bits=3", "trainer.weight_decay=9.0"])
     freeze = built.policies[0]
-    st, tr = freeze.states[0], built.tracker.states[0]
+    st, tr = freeze.states[0], built.tracker.tracked()[0][1]
     with torch.no_grad():  # half the layer frozen at its current codes
         st.frozen.view(-1)[::2] = True
         st.code.copy_(tr.code)

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from oscbench.oscillation.tracker import LayerTracker, TrackerConfig
+from oscbench.compose import presets
+from oscbench.oscillation.tracker import LayerTracker, OscillationTracker, TrackerConfig
 from tests.bounds import gamma, unit_roundoff
+from tests.conftest import build_config, fit
 
 pytestmark = pytest.mark.numeric  # rerun in CI under other CPU code paths
 
@@ -232,6 +234,44 @@ def test_model_tracker_reports_the_ratio_and_the_step_share():
     layers = osc["layers"].values()
     assert osc["dq"] == sum(v["dq"] for v in layers)
     assert osc["dq_dw"] == osc["dq"] / osc["dw"] > 0
-    last = sum(int(s.switches) for s in built.tracker.states)
-    exact = last / built.tracker.total
+    assert osc["crossings"] == sum(v["crossings"] for v in layers) > 0
+    exact = int(built.tracker.switches) / built.tracker.total
     assert abs(shares[-1] - exact) <= unit_roundoff() * exact  # one float32 division
+
+
+@pytest.mark.parametrize("method", [p.name for p in presets()])
+def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
+    """Two epochs of every quantized preset, once with the flat tracker and once with the
+    per-layer one it replaced (tests/reference_tracker.py): the same epoch records (every
+    per-layer and model number, exactly), the same trained weights, and the same per-weight
+    state (codes, directions, frequencies, counts), also where policies read the tracker
+    (freezing, TRS, OsciReset) and so steer training by it. A preset that trains in full
+    precision has no tracker."""
+    import oscbench.run
+    from tests import reference_tracker
+
+    def trained(tracker_class: type) -> tuple[list[dict], dict, dict]:
+        monkeypatch.setattr(oscbench.run, "OscillationTracker", tracker_class)
+        spec, built = build_config([f"method={method}", "bits=3", "trainer.epochs=2"])
+        history = fit(spec, built)
+        tracker = built.tracker
+        if not spec.quantized:
+            assert tracker is None
+            return history, {}, {}
+        if isinstance(tracker, reference_tracker.OscillationTracker):
+            state = {
+                k: torch.cat([getattr(s, k).flatten() for s in tracker.states])
+                for k in ("code", "direction", "freq", "count")
+            }
+        else:
+            state = {k: getattr(tracker, k) for k in ("code", "direction", "freq", "count")}
+        return history, built.model.state_dict(), state
+
+    flat, per_layer = trained(OscillationTracker), trained(reference_tracker.OscillationTracker)
+    assert flat[0] == per_layer[0]  # every number of every epoch record
+    assert "osc" not in flat[0][-1] or flat[0][-1]["osc"]["crossings"] > 0
+    for a, b in ((flat[1], per_layer[1]), (flat[2], per_layer[2])):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], torch.Tensor):
+                assert torch.equal(a[key], b[key]), key

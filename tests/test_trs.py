@@ -54,9 +54,9 @@ def test_talr_follows_its_update_rule_and_scales_the_latent_step():
     shares = [0.0, 0.01, 0.0, 0.002, 0.004]
     mu, rate = 0.05, cfg.rate_start
     for t, share in enumerate(shares):
-        for s in tracker.states:  # as if the last update had changed this share of codes
-            s.switches.fill_(round(share * s.code.numel()))
-        exact = sum(int(s.switches) for s in tracker.states) / tracker.total
+        # as if the last update had changed this share of codes
+        tracker.switches.fill_(round(share * tracker.total))
+        exact = int(tracker.switches) / tracker.total
         trs.on_step_start(t, 100)
         if t > 0:
             rate = cfg.momentum * rate + (1 - cfg.momentum) * exact

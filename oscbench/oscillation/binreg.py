@@ -61,13 +61,17 @@ class _BinTerm(torch.autograd.Function):
         c = torch.clamp_min(w, lo).clamp_max_(hi)  # clamp(w, lo, hi): 6x slower on a CPU
         e = (c - wq).reshape(-1)
         v = e if centre is None else (c - centre).reshape(-1)
-        count = torch.bincount(code, minlength=bins).to(c.dtype)
-        mean = torch.bincount(code, weights=v, minlength=bins).to(c.dtype) / count.clamp(min=1)
+        # Per-bin sums by index_add_, not bincount, whose CUDA kernel reads the largest code
+        # on the host (a synchronisation every step); the same sums in the same order on the
+        # CPU, and deterministic on CUDA under torch.use_deterministic_algorithms. The counts
+        # are summed in float64: exact, as bincount's integers were.
+        ones = v.new_ones((), dtype=torch.float64).expand(len(v))
+        count = v.new_zeros(bins, dtype=torch.float64).index_add_(0, code, ones).to(c.dtype)
+        mean = v.new_zeros(bins).index_add_(0, code, v) / count.clamp(min=1)
         a = torch.where(count > 1, 1 / (count - 1).clamp(min=1), 0.0)
-        index = code.int()  # index_select takes int32 or int64
-        a_v = torch.index_select(a, 0, index).mul_(v)
+        a_v = torch.index_select(a, 0, code).mul_(v)
         variance = torch.dot(a_v, v) - torch.dot(a * count * mean, mean)
-        ctx.save_for_backward(w, c, lo, hi, e, a_v, index, a * mean)
+        ctx.save_for_backward(w, c, lo, hi, e, a_v, code, a * mean)
         ctx.divisor = divisor
         return torch.dot(e, e) / divisor + variance
 
@@ -142,8 +146,7 @@ class BinReg(Policy):
         with torch.no_grad():
             code = q.to_int(w).float()
             centre = None if grid.step.numel() == 1 else code * grid.step.mean()  # None: w_q
-            small = torch.uint8 if bins <= 256 else torch.int32  # bincount: uint8 is faster
-            idx = code.sub_(grid.n).reshape(-1).to(small)
+            idx = code.sub_(grid.n).reshape(-1).int()  # index_add_'s index: int32 or int64
         wq = layer.last_quantized_weight
         return _BinTerm.apply(w, lo, hi, wq, idx, centre, bins, divisor)
 

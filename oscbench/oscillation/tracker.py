@@ -57,6 +57,31 @@ class TrackerConfig:
         return min(1.0, max(self.momentum, 1.0 / (self.window_fraction * max(total_steps, 1))))
 
 
+def _saturate(count: torch.Tensor, steps: int) -> int:
+    """Clamps the oscillation counts every SATURATE_EVERY updates; returns steps + 1."""
+    if steps % SATURATE_EVERY == 0:
+        count.clamp_(max=COUNT_MAX - SATURATE_EVERY)
+    return steps + 1
+
+
+def advance(
+    state: nn.Module, new: torch.Tensor, momentum: float, wide: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One update of the per-weight state in `state`'s buffers `code`, `direction`, `freq`
+    and `count` from the new int8 codes (`code` is left to the caller); returns the code
+    changes (int16 when `wide`), their signs and the oscillation mask (int8 0/1)."""
+    delta = torch.sub(new.to(torch.int16) if wide else new, state.code)
+    direction = delta.sign().to(torch.int8)
+    # Branch-free int8 arithmetic (a `where` on a random mask is ~10x slower on CPUs).
+    # Directions are -1 (0xFF), 0 or 1: a reversal is exactly direction ^ last == -2.
+    osc = torch.bitwise_xor(direction, state.direction).eq_(-2)  # int8 0/1
+    state.freq.mul_(1 - momentum).add_(osc, alpha=momentum)
+    state.count.add_(osc)
+    # last switch direction: kept where direction == 0 (mask |d| - 1 = 0xFF), else d
+    state.direction.bitwise_and_(direction.abs().sub_(1)).bitwise_or_(direction)
+    return delta, direction, osc
+
+
 class LayerTracker(nn.Module):
     """State of one quantized weight tensor, all in buffers (saved with the tracker).
 
@@ -90,19 +115,9 @@ class LayerTracker(nn.Module):
         int16 when wide). Ignored outside training mode (returns None)."""
         if not self.training:
             return None
-        if self._steps % SATURATE_EVERY == 0:
-            self.count.clamp_(max=COUNT_MAX - SATURATE_EVERY)
-        self._steps += 1
+        self._steps = _saturate(self.count, self._steps)
         new = codes.to(torch.int8, copy=True)  # becomes the state: never the caller's tensor
-        delta = torch.sub(new.to(torch.int16) if self.wide else new, self.code)
-        direction = delta.sign().to(torch.int8)
-        # Branch-free int8 arithmetic (a `where` on a random mask is ~10x slower on CPUs).
-        # Directions are -1 (0xFF), 0 or 1: a reversal is exactly direction ^ last == -2.
-        osc = torch.bitwise_xor(direction, self.direction).eq_(-2)  # int8 0/1
-        self.freq.mul_(1 - self.momentum).add_(osc, alpha=self.momentum)
-        self.count.add_(osc)
-        # last switch direction: kept where direction == 0 (mask |d| - 1 = 0xFF), else d
-        self.direction.bitwise_and_(direction.abs().sub_(1)).bitwise_or_(direction)
+        delta, direction, osc = advance(self, new, self.momentum, self.wide)
         self.code = new
         self.switches.copy_(direction.count_nonzero())
         self.epoch_switches.add_(self.switches)
@@ -166,79 +181,171 @@ def level_spacing(levels: torch.Tensor) -> torch.Tensor:
 HIST_MAX = 20  # per-epoch histogram of oscillations so far: 0, 1, ..., 19, >= 20
 
 
+def summarise(layers: dict[str, dict], counts: torch.Tensor) -> dict:
+    """The model's epoch metrics from its layers' (weighted by weight count; the model's
+    d_Q / d_w is the ratio of its sums), with a histogram of the per-weight oscillation
+    `counts` so far, and the layers' own."""
+    total = sum(s["numel"] for s in layers.values())
+    dq = sum(s["dq"] for s in layers.values())
+    dw = sum(s["dw"] for s in layers.values())
+    return {
+        "count_hist": torch.bincount(
+            counts.long().clamp(max=HIST_MAX), minlength=HIST_MAX + 1
+        ).tolist(),
+        "osc_share": sum(s["osc_share"] * s["numel"] for s in layers.values()) / total,
+        "mean_freq": sum(s["mean_freq"] * s["numel"] for s in layers.values()) / total,
+        "crossings": sum(s["crossings"] for s in layers.values()),
+        "oscillations": sum(s["oscillations"] for s in layers.values()),
+        "dq": dq,
+        "dw": dw,
+        "dq_dw": dq / dw if dw > 0 else 0.0,
+        "tracked_weights": total,
+        "layers": layers,
+    }
+
+
+def tracked_layers(model: nn.Module, cfg: TrackerConfig) -> tuple[list[str], list[QuantizedLayer]]:
+    """The names and the quantized layers of `model` that are tracked: the 8-bit first and
+    last ones only with `track_first_last`."""
+    found = [
+        (name, layer)
+        for name, layer in quantized_layers(model)
+        if cfg.track_first_last or not layer.is_first_or_last
+    ]
+    return [name for name, _ in found], [layer for _, layer in found]
+
+
+class LayerView:
+    """One tracked layer's share of the flat state (views into the tracker's buffers, which
+    are updated in place): what policies read of a layer (`code`, `freq`, `momentum`)."""
+
+    def __init__(self, tracker: OscillationTracker, start: int, shape: torch.Size) -> None:
+        self.tracker, self.start, self.shape = tracker, start, shape
+
+    def _view(self, name: str) -> torch.Tensor:
+        flat = getattr(self.tracker, name)
+        return flat[self.start : self.start + self.shape.numel()].view(self.shape)
+
+    code = property(lambda self: self._view("code"))
+    direction = property(lambda self: self._view("direction"))
+    freq = property(lambda self: self._view("freq"))
+    count = property(lambda self: self._view("count"))
+    momentum = property(lambda self: self.tracker.momentum)
+
+
 class OscillationTracker(nn.Module):
-    """The measurement of a whole model: one `LayerTracker` per tracked quantized layer
-    (the 8-bit first and last ones only with `track_first_last`). Built by the run and
-    handed to the loop, which calls `update` once per optimizer step, and to the policies
-    that read it (`tracked()`, `step_share()`); its state is saved with the run's
-    checkpoints. Each layer also has a `Movement` (d_Q / d_w)."""
+    """The measurement of a whole model: the per-weight state (`LayerTracker`'s, 8 bytes a
+    weight) of every tracked quantized layer (the 8-bit first and last ones only with
+    `track_first_last`) in one flat buffer each, so that an update is a few kernels over
+    all layers, not a dozen per layer (on a GPU, launches cost more than the arithmetic).
+    Per layer remain its codes (`Quantizer.to_int`, written into the flat buffer) and its
+    `Movement` (d_Q / d_w). Per-layer counts come from one running sum over the flat mask.
+    Built by the run and handed to the loop, which calls `update` once per optimizer step,
+    and to the policies that read it (`tracked()`, `step_share()`); its state is saved with
+    the run's checkpoints. The numbers are `LayerTracker`'s per layer, bit for bit."""
 
     def __init__(self, model: nn.Module, cfg: TrackerConfig, total_steps: int) -> None:
         super().__init__()
         self.momentum = cfg.effective_momentum(total_steps)
-        found = [
-            (name, layer)
-            for name, layer in quantized_layers(model)
-            if cfg.track_first_last or not layer.is_first_or_last
+        self.names, self.layers = tracked_layers(model, cfg)  # the layers: not submodules
+        self.wide = any(layer.weight_quantizer.bits > 7 for layer in self.layers)
+        sizes = [layer.weight.numel() for layer in self.layers]
+        self.total = sum(sizes)
+        if self.total >= 2**31:
+            raise ValueError(f"{self.total:,} tracked weights: the tracker counts in int32")
+        ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+        self.views = [
+            LayerView(self, int(end) - n, layer.weight.shape)
+            for end, n, layer in zip(ends, sizes, self.layers, strict=True)
         ]
-        self.names = [name for name, _ in found]
-        self.layers: list[QuantizedLayer] = [layer for _, layer in found]  # not submodules
-        self.states = nn.ModuleList(
-            LayerTracker(
-                layer.weight_quantizer.to_int(layer.weight),
-                self.momentum,
-                layer.weight_quantizer.bits,
-            ).to(layer.weight.device)
-            for layer in self.layers
+        device = self.layers[0].weight.device if self.layers else torch.device("cpu")
+        codes = (
+            torch.cat(
+                [layer.weight_quantizer.to_int(layer.weight).flatten() for layer in self.layers]
+            )
+            if self.layers
+            else torch.zeros(0)
         )
+        self._steps = 0  # since construction or load; the first update clamps the counts
+        self.register_buffer("code", codes.to(device=device, dtype=torch.int8))
+        self.register_buffer("direction", torch.zeros_like(self.code))
+        self.register_buffer("freq", torch.zeros_like(self.code, dtype=torch.float32))
+        self.register_buffer("count", torch.zeros_like(self.code, dtype=torch.int16))
+        self.register_buffer("switches", torch.zeros((), dtype=torch.int64, device=device))
+        layers = len(self.layers)
+        self.register_buffer(
+            "epoch_switches", torch.zeros(layers, dtype=torch.int64, device=device)
+        )
+        self.register_buffer(
+            "epoch_oscillations", torch.zeros(layers, dtype=torch.int64, device=device)
+        )
+        self.register_buffer("ends", (ends - 1).to(device), persistent=False)  # last weights
         self.moves = nn.ModuleList(Movement(layer.weight) for layer in self.layers)
-        self.total = sum(layer.weight.numel() for layer in self.layers)
 
-    def tracked(self) -> list[tuple[QuantizedLayer, LayerTracker]]:
-        return list(zip(self.layers, self.states, strict=True))
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = 0  # clamp the loaded counts on the next update
+
+    def tracked(self) -> list[tuple[QuantizedLayer, LayerView]]:
+        return list(zip(self.layers, self.views, strict=True))
+
+    def _per_layer(self, mask: torch.Tensor) -> torch.Tensor:
+        """Count of nonzero elements of the flat int8 `mask` in each layer (int64)."""
+        running = torch.cumsum(mask.ne(0).view(torch.int8), 0, dtype=torch.int32)
+        at_ends = running.index_select(0, self.ends)
+        return torch.diff(at_ends, prepend=at_ends.new_zeros(1)).long()
 
     @torch.no_grad()
     def update(self) -> None:
-        """Once per optimizer step: feed each layer's current integer codes (layers in
-        training mode only: evaluating a model never counts as a step)."""
-        for layer, state, move in zip(self.layers, self.states, self.moves, strict=True):
-            if layer.training:
-                q, w = layer.weight_quantizer, layer.weight
-                delta = state.update(q.to_int(w))
-                move.update(w, delta, level_spacing(q.levels(w)))
+        """Once per optimizer step: feed each layer's current integer codes (evaluating a
+        model never counts as a step: nothing happens when the layers are not training)."""
+        if not self.layers or not all(layer.training for layer in self.layers):
+            return
+        self._steps = _saturate(self.count, self._steps)
+        new = torch.empty_like(self.code)
+        for layer, view in zip(self.layers, self.views, strict=True):
+            part = new[view.start : view.start + view.shape.numel()].view(view.shape)
+            part.copy_(layer.weight_quantizer.to_int(layer.weight))
+        delta, direction, osc = advance(self, new, self.momentum, self.wide)
+        self.code.copy_(new)
+        switches = self._per_layer(direction)
+        self.switches.copy_(switches.sum())
+        self.epoch_switches.add_(switches)
+        self.epoch_oscillations.add_(self._per_layer(osc))
+        for layer, view, move in zip(self.layers, self.views, self.moves, strict=True):
+            q, w = layer.weight_quantizer, layer.weight
+            part = delta[view.start : view.start + view.shape.numel()].view(view.shape)
+            move.update(w, part, level_spacing(q.levels(w)))
 
     def step_share(self) -> torch.Tensor:
         """The share of tracked weights whose code changed in the last update, as a device
         scalar (reading it does not synchronise with the host)."""
-        return sum(s.switches for s in self.states) / max(self.total, 1)
+        return self.switches / max(self.total, 1)
 
+    @torch.no_grad()
     def stats(self, threshold: float) -> dict | None:
-        """Epoch metrics per layer and over the model (weighted by weight count; the model's
-        d_Q / d_w is the ratio of its sums), and a histogram of per-weight oscillation counts
-        so far; resets the epoch counters. None when no layer is tracked."""
-        states = zip(self.names, self.states, self.moves, strict=True)
-        layers = {name: s.epoch_stats(threshold) | m.epoch_stats() for name, s, m in states}
-        if not layers:
+        """Epoch metrics per layer and over the model (`summarise`); resets the epoch
+        counters. None when no layer is tracked."""
+        if not self.layers:
             return None
-        total = sum(s["numel"] for s in layers.values())
-        dq = sum(s["dq"] for s in layers.values())
-        dw = sum(s["dw"] for s in layers.values())
-        counts = torch.cat([s.count.flatten() for s in self.states])
-        return {
-            "count_hist": torch.bincount(
-                counts.long().clamp(max=HIST_MAX), minlength=HIST_MAX + 1
-            ).tolist(),
-            "osc_share": sum(s["osc_share"] * s["numel"] for s in layers.values()) / total,
-            "mean_freq": sum(s["mean_freq"] * s["numel"] for s in layers.values()) / total,
-            "crossings": sum(s["crossings"] for s in layers.values()),
-            "oscillations": sum(s["oscillations"] for s in layers.values()),
-            "dq": dq,
-            "dw": dw,
-            "dq_dw": dq / dw if dw > 0 else 0.0,
-            "tracked_weights": total,
-            "layers": layers,
+        switches, oscillations = self.epoch_switches.tolist(), self.epoch_oscillations.tolist()
+        self.epoch_switches.zero_()
+        self.epoch_oscillations.zero_()
+        layers = {
+            name: {
+                "numel": view.shape.numel(),
+                "osc_share": (view.freq > threshold).float().mean().item(),
+                "mean_freq": view.freq.mean().item(),
+                "crossings": switches[i],
+                "oscillations": oscillations[i],
+            }
+            | move.epoch_stats()
+            for i, (name, view, move) in enumerate(
+                zip(self.names, self.views, self.moves, strict=True)
+            )
         }
+        return summarise(layers, self.count)
 
     def counts(self) -> torch.Tensor:
         """Per-weight oscillation counts of every tracked weight, flattened (histograms)."""
-        return torch.cat([s.count.flatten().long() for s in self.states]).cpu()
+        return self.count.long().cpu()

@@ -44,6 +44,41 @@ class LSQConfig:
         )
 
 
+def _save_and_scale(ctx, xs, r, q, code, s, g: float) -> torch.Tensor:  # noqa: ANN001
+    """The end of an LSQ-style forward: saves the straight-through mask (the unclamped code
+    `r` equals the clamped `q`) and `code` - x/s inside the range, n or p outside, for the
+    backward; returns q * s. Eagerly it writes into the buffers of xs, r and q (three in
+    all). Compiled, the same values come from pure ops, which Inductor fuses anyway: torch
+    2.11's compiled backward read the mask and the step gradient as zeros after `q.mul_(s)`
+    (a run with no gradients at all, at chance accuracy; 2.14 is right either way)."""
+    cpu = xs.device.type == "cpu"
+    if torch.compiler.is_compiling():
+        inside = torch.eq(r, q).float() if cpu else torch.eq(r, q)
+        ds, out = code - xs * inside, q * s
+    else:
+        inside = torch.eq(r, q, out=r) if cpu else torch.eq(r, q)
+        ds, out = torch.sub(code, xs.mul_(inside), out=xs), q.mul_(s)
+    ctx.save_for_backward(inside, ds)
+    ctx.g, ctx.s_shape = g, s.shape
+    return out
+
+
+def _lsq_grads(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # noqa: ANN001
+    """The gradients to x and s from what `_save_and_scale` saved."""
+    inside, ds = ctx.saved_tensors
+    grad_x = grad * inside if ctx.needs_input_grad[0] else None
+    grad_s = None
+    if ctx.needs_input_grad[1]:
+        if len(ctx.s_shape) == 0 or ctx.s_shape.numel() == 1:
+            grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(ctx.s_shape)
+        elif ctx.s_shape[0] == 1:  # one step per input channel (dim 1) of an activation
+            grad_s = (grad * ds).sum_to_size(ctx.s_shape)
+        else:  # one step per output channel (dim 0)
+            grad_s = torch.linalg.vecdot(grad.flatten(1), ds.flatten(1)).reshape(ctx.s_shape)
+        grad_s = grad_s * ctx.g
+    return grad_x, grad_s
+
+
 class _LSQRound(torch.autograd.Function):
     """x -> s * clamp(round(x / s), n, p) with LSQ's gradients.
 
@@ -60,27 +95,11 @@ class _LSQRound(torch.autograd.Function):
         xs = x * s.reciprocal()
         r = torch.round(xs)
         q = r.clamp(n, p)
-        inside = torch.eq(r, q, out=r) if x.device.type == "cpu" else torch.eq(r, q)
-        ds = torch.sub(q, xs.mul_(inside), out=xs)  # q - x/s inside the range, n or p outside
-        ctx.save_for_backward(inside, ds)
-        out = q.mul_(s)  # three buffers in all: x/s (then ds), round (then the mask), q
-        ctx.g, ctx.s_shape = g, s.shape
-        return out
+        return _save_and_scale(ctx, xs, r, q, q, s, g)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        inside, ds = ctx.saved_tensors
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            if len(ctx.s_shape) == 0 or ctx.s_shape.numel() == 1:
-                grad_s = torch.dot(grad.reshape(-1), ds.reshape(-1)).reshape(ctx.s_shape)
-            elif ctx.s_shape[0] == 1:  # one step per input channel (dim 1) of an activation
-                grad_s = (grad * ds).sum_to_size(ctx.s_shape)
-            else:  # one step per output channel (dim 0)
-                grad_s = torch.linalg.vecdot(grad.flatten(1), ds.flatten(1)).reshape(ctx.s_shape)
-            grad_s = grad_s * ctx.g
-        return grad_x, grad_s, None, None, None
+        return *_lsq_grads(ctx, grad), None, None, None
 
 
 def lsq_quantize(x: torch.Tensor, s: torch.Tensor, n: int, p: int, g: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from oscbench.quant.base import QUANTIZED, QUANTIZERS, channel_view
-from oscbench.quant.lsq import LSQConfig, LSQQuantizer, _LSQRound
+from oscbench.quant.lsq import LSQConfig, LSQQuantizer, _lsq_grads, _save_and_scale
 from oscbench.registry import check
 
 
@@ -37,9 +37,9 @@ class QEMAConfig(LSQConfig):
 class _QEMARound(torch.autograd.Function):
     """LSQ's fake quantization with the code chosen by the EMA: with t = x/s and e = ema/s,
     code = clamp(floor(t) + [e - floor(t) >= 1/2], n, p). The gradients are LSQ's
-    (oscbench.quant.lsq._LSQRound): straight through where the code is inside [n, p]; for
-    the step, g times (c - t) there and n or p outside, with c = round(t) (`step_code:
-    nearest`) or c = the EMA's code (`step_code: ema`)."""
+    (oscbench.quant.lsq: `_save_and_scale`, `_lsq_grads`): straight through where the code
+    is inside [n, p]; for the step, g times (c - t) there and n or p outside, with
+    c = round(t) (`step_code: nearest`) or c = the EMA's code (`step_code: ema`)."""
 
     @staticmethod
     def forward(ctx, x, s, ema, n: int, p: int, g: float, step_code: str):  # noqa: ANN001, ANN205
@@ -48,17 +48,12 @@ class _QEMARound(torch.autograd.Function):
         raw = torch.floor(xs)
         raw += (ema * inv).sub_(raw).ge_(0.5)
         q = raw.clamp(n, p)
-        inside = torch.eq(raw, q, out=raw) if x.device.type == "cpu" else torch.eq(raw, q)
         code = q if step_code == "ema" else torch.round(xs).clamp_(n, p)
-        ds = torch.sub(code, xs.mul_(inside), out=xs)
-        ctx.save_for_backward(inside, ds)
-        ctx.g, ctx.s_shape = g, s.shape
-        return q.mul_(s)
+        return _save_and_scale(ctx, xs, raw, q, code, s, g)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        grad_x, grad_s, *_ = _LSQRound.backward(ctx, grad)
-        return grad_x, grad_s, None, None, None, None, None
+        return *_lsq_grads(ctx, grad), None, None, None, None, None
 
 
 @QUANTIZERS.register("qema", QEMAConfig)
