@@ -15,6 +15,7 @@ Writes bench/results.md and bench/results.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -24,11 +25,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from oscbench.accel import Accel
 from oscbench.compose import compose, presets
@@ -279,18 +281,59 @@ def tracker_cost(min_run_time: float) -> dict:
     weights = built.tracker.total
 
     def per_weight(buffers: Iterable[torch.Tensor]) -> float:
-        """Bytes of the buffers with an element per tracked weight, per weight."""
-        sized = [b for b in buffers if b.numel() == weights]
-        return sum(b.numel() * b.element_size() for b in sized) / weights
+        return sum(b.numel() * b.element_size() for b in buffers) / weights
 
+    flat = (b for b in built.tracker.buffers(recurse=False) if b.numel() == weights)
     return {
         "step_s": total,
         "tracker_s": tracker,
         "share": tracker / total,
-        "bytes_per_weight": per_weight(built.tracker.buffers(recurse=False)),  # issue 7
-        "movement_bytes_per_weight": per_weight(built.tracker.moves.buffers()),  # d_Q / d_w
+        "bytes_per_weight": per_weight(flat),  # oscillation (issue 7)
+        "movement_bytes_per_weight": per_weight(m.previous for m in built.tracker.moves),
         "tracked_weights": weights,
     }
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts the ATen ops that reach a kernel (views and other metadata-only ops left
+    out): on a GPU each is a kernel launch or a host-side op of its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if not func.is_view and func.overloadpacket not in _METADATA:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+_METADATA = {torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten.alias}
+
+
+def ops_per(fn: Callable[[], None]) -> int:
+    fn()  # warm-up: lazily created state
+    with _OpCount() as count:
+        fn()
+    return count.n
+
+
+def launches() -> dict:
+    """Ops per training step of FP and of every preset at 4 bits, and per tracker update,
+    on resnet18-CIFAR, with the tracker advancing in one span as on a GPU: what a GPU step
+    launches, where launches, not arithmetic, set the cost of a small model's step
+    (bench/gpu_check.py's profile gives the real kernels)."""
+    out = {}
+    for method in ["fp", *METHODS]:
+        built, step = setup("resnet18_cifar", method, 4)
+        if built.tracker is not None:
+            built.tracker.groups = [list(range(len(built.tracker.layers)))]
+        out[method] = {"step": ops_per(step)}
+        if built.tracker is not None:
+            out[method]["tracker"] = ops_per(built.tracker.update)
+            out[method]["tracked_layers"] = len(built.tracker.layers)
+    print("launches", out, flush=True)
+    return out
 
 
 def lsq_vs_fused(min_run_time: float) -> dict:
@@ -432,6 +475,24 @@ def write(results: dict, path_md: Path) -> None:
         f"({t['tracked_weights']:,} weights)",
         "",
     ]
+    if "launches" in results:
+        fp = results["launches"]["fp"]["step"]
+        lines += [
+            "## Ops per step (issue 26): resnet18-CIFAR, what a GPU step launches",
+            "",
+            "ATen ops that reach a kernel (views left out), counted in one step and in one",
+            "tracker update. On a GPU each is a launch of a few microseconds: with an",
+            "11 ms FP step at batch 256 (bench/README.md, One GPU), launches set its cost.",
+            "",
+            "| method | step | / FP | of which the tracker | tracked layers |",
+            "|---|---|---|---|---|",
+        ]
+        for method, r in results["launches"].items():
+            lines.append(
+                f"| {method} | {r['step']:,} | {r['step'] / fp:.2f}x | "
+                f"{r.get('tracker', 0):,} | {r.get('tracked_layers', 0)} |"
+            )
+        lines.append("")
     if "teacher" in results:
         lines += [
             "## Distillation: a step with a teacher (issue 14)",
@@ -520,6 +581,19 @@ def write(results: dict, path_md: Path) -> None:
     path_md.write_text("\n".join(lines) + "\n")
 
 
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "step": lambda a: step_times(a.min_run_time, a.rounds),
+    "tracker": lambda a: tracker_cost(a.min_run_time),
+    "launches": lambda a: launches(),
+    "teacher": lambda a: teacher_cost(a.min_run_time, a.rounds),
+    "compile": lambda a: compile_cost(a.min_run_time, a.rounds),
+    "ddp": lambda a: ddp_cost(a.min_run_time),
+    "gpu": lambda a: gpu_throughput(a.min_run_time, a.rounds),  # where CUDA is
+    "lsq": lambda a: lsq_vs_fused(a.min_run_time),
+    "memory": lambda a: peak_memory(a.threads),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
@@ -529,7 +603,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="where results.md/json go")
     parser.add_argument(
         "--only",
-        choices=["step", "tracker", "teacher", "compile", "ddp", "gpu", "lsq", "memory"],
+        choices=list(SECTIONS),
         help="measure this section again, keep the others of --out's results.json",
     )
     args = parser.parse_args()
@@ -540,24 +614,17 @@ def main() -> None:
     torch.manual_seed(0)
     start = time.time()
     sections = {
-        "step": lambda: step_times(args.min_run_time, args.rounds),
-        "tracker": lambda: tracker_cost(args.min_run_time),
-        "teacher": lambda: teacher_cost(args.min_run_time, args.rounds),
-        "compile": lambda: compile_cost(args.min_run_time, args.rounds),
-        "ddp": lambda: ddp_cost(args.min_run_time),
-        **(
-            {"gpu": lambda: gpu_throughput(args.min_run_time, args.rounds)}
-            if torch.cuda.is_available()
-            else {}
-        ),
-        "lsq": lambda: lsq_vs_fused(args.min_run_time),
-        "memory": lambda: peak_memory(args.threads),
+        name: functools.partial(measure, args)
+        for name, measure in SECTIONS.items()
+        if name != "gpu" or torch.cuda.is_available()
     }
     machine = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     command = " ".join(["python bench/bench.py", *sys.argv[1:]])
+    if args.only and args.only not in sections:
+        sys.exit(f"bench: --only {args.only} needs a CUDA device; there is none here")
     if args.only:
         results = json.loads((args.out / "results.json").read_text())
         results[args.only] = sections[args.only]()

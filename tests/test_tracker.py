@@ -241,20 +241,23 @@ def test_model_tracker_reports_the_ratio_and_the_step_share():
 
 @pytest.mark.parametrize("method", [p.name for p in presets()])
 def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
-    """Two epochs of every quantized preset, once with the flat tracker and once with the
-    per-layer one it replaced (tests/reference_tracker.py): the same epoch records (every
-    per-layer and model number, exactly), the same trained weights, and the same per-weight
-    state (codes, directions, frequencies, counts), also where policies read the tracker
+    """Two epochs of every quantized preset with the per-layer tracker the flat one replaced
+    (tests/reference_tracker.py) and with the flat one, advancing layer by layer (the CPU's
+    way) and in one span over all layers (a GPU's): the same epoch records (every per-layer
+    and model number, exactly), the same trained weights, and the same per-weight state
+    (codes, directions, frequencies, counts), also where policies read the tracker
     (freezing, TRS, OsciReset) and so steer training by it. A preset that trains in full
     precision has no tracker."""
     import oscbench.run
     from tests import reference_tracker
 
-    def trained(tracker_class: type) -> tuple[list[dict], dict, dict]:
+    def trained(tracker_class: type, one_span: bool = False) -> tuple[list[dict], dict, dict]:
         monkeypatch.setattr(oscbench.run, "OscillationTracker", tracker_class)
         spec, built = build_config([f"method={method}", "bits=3", "trainer.epochs=2"])
-        history = fit(spec, built)
         tracker = built.tracker
+        if one_span and tracker is not None:
+            tracker.groups = [list(range(len(tracker.layers)))]
+        history = fit(spec, built)
         if not spec.quantized:
             assert tracker is None
             return history, {}, {}
@@ -264,14 +267,16 @@ def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
                 for k in ("code", "direction", "freq", "count")
             }
         else:
+            assert len(tracker.groups) == (1 if one_span else len(tracker.layers))
             state = {k: getattr(tracker, k) for k in ("code", "direction", "freq", "count")}
         return history, built.model.state_dict(), state
 
-    flat, per_layer = trained(OscillationTracker), trained(reference_tracker.OscillationTracker)
-    assert flat[0] == per_layer[0]  # every number of every epoch record
-    assert "osc" not in flat[0][-1] or flat[0][-1]["osc"]["crossings"] > 0
-    for a, b in ((flat[1], per_layer[1]), (flat[2], per_layer[2])):
-        assert a.keys() == b.keys()
-        for key in a:
-            if isinstance(a[key], torch.Tensor):
-                assert torch.equal(a[key], b[key]), key
+    per_layer = trained(reference_tracker.OscillationTracker)
+    assert "osc" not in per_layer[0][-1] or per_layer[0][-1]["osc"]["crossings"] > 0
+    for flat in (trained(OscillationTracker), trained(OscillationTracker, one_span=True)):
+        assert flat[0] == per_layer[0]  # every number of every epoch record
+        for a, b in ((flat[1], per_layer[1]), (flat[2], per_layer[2])):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert torch.equal(a[key], b[key]), key

@@ -18,6 +18,7 @@ are powers of two that rarely move, so there the two agree).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -216,8 +217,9 @@ def tracked_layers(model: nn.Module, cfg: TrackerConfig) -> tuple[list[str], lis
 
 
 class LayerView:
-    """One tracked layer's share of the flat state (views into the tracker's buffers, which
-    are updated in place): what policies read of a layer (`code`, `freq`, `momentum`)."""
+    """A span of the flat state, shaped (views into the tracker's buffers, which are updated
+    in place): one layer's is what policies read of it (`code`, `freq`, `momentum`);
+    `update` advances a span of several layers at once."""
 
     def __init__(self, tracker: OscillationTracker, start: int, shape: torch.Size) -> None:
         self.tracker, self.start, self.shape = tracker, start, shape
@@ -236,13 +238,14 @@ class LayerView:
 class OscillationTracker(nn.Module):
     """The measurement of a whole model: the per-weight state (`LayerTracker`'s, 8 bytes a
     weight) of every tracked quantized layer (the 8-bit first and last ones only with
-    `track_first_last`) in one flat buffer each, so that an update is a few kernels over
-    all layers, not a dozen per layer (on a GPU, launches cost more than the arithmetic).
-    Per layer remain its codes (`Quantizer.to_int`, written into the flat buffer) and its
-    `Movement` (d_Q / d_w). Per-layer counts come from one running sum over the flat mask.
-    Built by the run and handed to the loop, which calls `update` once per optimizer step,
-    and to the policies that read it (`tracked()`, `step_share()`); its state is saved with
-    the run's checkpoints. The numbers are `LayerTracker`'s per layer, bit for bit."""
+    `track_first_last`) in one flat buffer each, so that on a GPU an update advances every
+    layer's state in a few kernels, not a dozen per layer (launches cost more there than
+    the arithmetic; `update`).
+    Per layer remain its codes (`Quantizer.to_int`, written into the flat buffer), its
+    counts and its `Movement` (d_Q / d_w). Built by the run and handed to the loop, which
+    calls `update` once per optimizer step, and to the policies that read it (`tracked()`,
+    `step_share()`); its state is saved with the run's checkpoints. The numbers are
+    `LayerTracker`'s per layer, bit for bit."""
 
     def __init__(self, model: nn.Module, cfg: TrackerConfig, total_steps: int) -> None:
         super().__init__()
@@ -251,12 +254,11 @@ class OscillationTracker(nn.Module):
         self.wide = any(layer.weight_quantizer.bits > 7 for layer in self.layers)
         sizes = [layer.weight.numel() for layer in self.layers]
         self.total = sum(sizes)
-        if self.total >= 2**31:
-            raise ValueError(f"{self.total:,} tracked weights: the tracker counts in int32")
-        ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+        ends = list(itertools.accumulate(sizes))
+        self.bounds = [(end - n, end) for end, n in zip(ends, sizes, strict=True)]
         self.views = [
-            LayerView(self, int(end) - n, layer.weight.shape)
-            for end, n, layer in zip(ends, sizes, self.layers, strict=True)
+            LayerView(self, a, layer.weight.shape)
+            for (a, _), layer in zip(self.bounds, self.layers, strict=True)
         ]
         device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         codes = (
@@ -279,8 +281,9 @@ class OscillationTracker(nn.Module):
         self.register_buffer(
             "epoch_oscillations", torch.zeros(layers, dtype=torch.int64, device=device)
         )
-        self.register_buffer("ends", (ends - 1).to(device), persistent=False)  # last weights
         self.moves = nn.ModuleList(Movement(layer.weight) for layer in self.layers)
+        each = [[i] for i in range(len(self.layers))]
+        self.groups = [list(range(len(self.layers)))] if device.type == "cuda" else each
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -289,33 +292,39 @@ class OscillationTracker(nn.Module):
     def tracked(self) -> list[tuple[QuantizedLayer, LayerView]]:
         return list(zip(self.layers, self.views, strict=True))
 
-    def _per_layer(self, mask: torch.Tensor) -> torch.Tensor:
-        """Count of nonzero elements of the flat int8 `mask` in each layer (int64)."""
-        running = torch.cumsum(mask.ne(0).view(torch.int8), 0, dtype=torch.int32)
-        at_ends = running.index_select(0, self.ends)
-        return torch.diff(at_ends, prepend=at_ends.new_zeros(1)).long()
-
     @torch.no_grad()
     def update(self) -> None:
         """Once per optimizer step: feed each layer's current integer codes (evaluating a
-        model never counts as a step: nothing happens when the layers are not training)."""
+        model never counts as a step: nothing happens when the layers are not training).
+
+        The state advances in `groups` of consecutive layers, each one span of the flat
+        buffers: on a GPU all layers at once (a few launches), on a CPU layer by layer, so
+        that each pass finds the layer's codes still in cache (resnet18-CIFAR: 25 ms an
+        update, against 35 ms in one span). The numbers are the same either way."""
         if not self.layers or not all(layer.training for layer in self.layers):
             return
         self._steps = _saturate(self.count, self._steps)
-        new = torch.empty_like(self.code)
-        for layer, view in zip(self.layers, self.views, strict=True):
-            part = new[view.start : view.start + view.shape.numel()].view(view.shape)
-            part.copy_(layer.weight_quantizer.to_int(layer.weight))
-        delta, direction, osc = advance(self, new, self.momentum, self.wide)
-        self.code.copy_(new)
-        switches = self._per_layer(direction)
+        switches = []
+        for group in self.groups:
+            start, end = self.bounds[group[0]][0], self.bounds[group[-1]][1]
+            new = self.code.new_empty(end - start)
+            for i in group:
+                (a, b), layer = self.bounds[i], self.layers[i]
+                codes = layer.weight_quantizer.to_int(layer.weight)
+                new[a - start : b - start].view(layer.weight.shape).copy_(codes)
+            span = LayerView(self, start, torch.Size([end - start]))
+            delta, direction, osc = advance(span, new, self.momentum, self.wide)
+            span.code.copy_(new)
+            for i in group:
+                (a, b), layer = self.bounds[i], self.layers[i]
+                q, w = layer.weight_quantizer, layer.weight
+                a, b = a - start, b - start
+                switches.append(direction[a:b].count_nonzero())
+                self.epoch_oscillations[i].add_(osc[a:b].count_nonzero())
+                self.moves[i].update(w, delta[a:b].view(w.shape), level_spacing(q.levels(w)))
+        switches = torch.stack(switches)
         self.switches.copy_(switches.sum())
         self.epoch_switches.add_(switches)
-        self.epoch_oscillations.add_(self._per_layer(osc))
-        for layer, view, move in zip(self.layers, self.views, self.moves, strict=True):
-            q, w = layer.weight_quantizer, layer.weight
-            part = delta[view.start : view.start + view.shape.numel()].view(view.shape)
-            move.update(w, part, level_spacing(q.levels(w)))
 
     def step_share(self) -> torch.Tensor:
         """The share of tracked weights whose code changed in the last update, as a device
