@@ -66,7 +66,7 @@ def _saturate(count: torch.Tensor, steps: int) -> int:
 
 
 def advance(
-    state: nn.Module, new: torch.Tensor, momentum: float, wide: bool
+    state: LayerTracker | LayerView, new: torch.Tensor, momentum: float, wide: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One update of the per-weight state in `state`'s buffers `code`, `direction`, `freq`
     and `count` from the new int8 codes (`code` is left to the caller); returns the code
