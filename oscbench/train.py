@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import importlib
 import itertools
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -29,6 +31,31 @@ if TYPE_CHECKING:
     from oscbench.ema import ModelEma
 
 PROBE_STREAM = 1 << 20  # batches of Policy.on_epoch_start's probes: epochs apart from training's
+
+# What `train` calls once per optimizer step, as (module, attribute): code that must not make
+# a GPU wait for the host (tests/test_host_syncs.py, bench/gpu_check.py watch it).
+PER_STEP = (
+    ("oscbench.train", "train_step"),
+    ("oscbench.optim", "Optimizers.schedule_step"),
+    ("oscbench.ema", "ModelEma.update"),
+)
+
+
+@contextlib.contextmanager
+def per_step_wrapped(wrap: Callable[[Callable], Callable]) -> Iterator[None]:
+    """Inside, each of PER_STEP is `wrap(it)`; restored on leaving."""
+    saved = []
+    for module, path in PER_STEP:
+        *parents, name = path.split(".")
+        owner = functools.reduce(getattr, parents, importlib.import_module(module))
+        saved.append((owner, name, getattr(owner, name)))
+    try:
+        for owner, name, fn in saved:
+            setattr(owner, name, wrap(fn))
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
 
 
 def train_step(

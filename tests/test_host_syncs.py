@@ -7,10 +7,8 @@ import functools
 
 import pytest
 
-import oscbench.ema
-import oscbench.optim
-import oscbench.train
 from oscbench.compose import presets
+from oscbench.train import per_step_wrapped
 from tests.conftest import run_config
 from tests.syncs import HostSyncs
 
@@ -20,12 +18,12 @@ CASES = [(p.name, []) for p in presets()] + [("lsq", ["trainer.ema_decay=0.9"])]
 @pytest.mark.parametrize(
     ("method", "extra"), CASES, ids=lambda c: c if isinstance(c, str) else "+".join(c)
 )
-def test_no_per_step_call_of_the_loop_would_synchronise_a_gpu(method, extra, monkeypatch, tmp_path):
+def test_no_per_step_call_of_the_loop_would_synchronise_a_gpu(method, extra, tmp_path):
     """Every preset (and LSQ with an EMA copy), 4 epochs at batch 256 (every policy's
     phase reached: BinReg's from its second epoch), with each per-step call of the loop
-    (`train_step`, the schedule's step, the EMA's update) watched; per-epoch code may
-    synchronise. BinReg's bin sums were `torch.bincount`, whose CUDA kernel reads the
-    largest code on the host."""
+    (`oscbench.train.PER_STEP`: `train_step`, the schedule's step, the EMA's update)
+    watched; per-epoch code may synchronise. BinReg's bin sums were `torch.bincount`, whose
+    CUDA kernel reads the largest code on the host."""
     probe = HostSyncs()
 
     def watched(fn):  # noqa: ANN001, ANN202
@@ -36,13 +34,7 @@ def test_no_per_step_call_of_the_loop_would_synchronise_a_gpu(method, extra, mon
 
         return inner
 
-    monkeypatch.setattr(oscbench.train, "train_step", watched(oscbench.train.train_step))
-    monkeypatch.setattr(
-        oscbench.optim.Optimizers,
-        "schedule_step",
-        watched(oscbench.optim.Optimizers.schedule_step),
-    )
-    monkeypatch.setattr(oscbench.ema.ModelEma, "update", watched(oscbench.ema.ModelEma.update))
     overrides = [f"method={method}", "bits=3", "trainer.epochs=4", "trainer.batch_size=256", *extra]
-    run_config([*overrides, "logger=none", "device=cpu"], tmp_path)
+    with per_step_wrapped(watched):
+        run_config([*overrides, "logger=none", "device=cpu"], tmp_path)
     assert probe.found == []

@@ -256,7 +256,7 @@ def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
         spec, built = build_config([f"method={method}", "bits=3", "trainer.epochs=2"])
         tracker = built.tracker
         if one_span and tracker is not None:
-            tracker.groups = [list(range(len(tracker.layers)))]
+            tracker.in_one_span()
         history = fit(spec, built)
         if not spec.quantized:
             assert tracker is None

@@ -282,8 +282,13 @@ class OscillationTracker(nn.Module):
             "epoch_oscillations", torch.zeros(layers, dtype=torch.int64, device=device)
         )
         self.moves = nn.ModuleList(Movement(layer.weight) for layer in self.layers)
-        each = [[i] for i in range(len(self.layers))]
-        self.groups = [list(range(len(self.layers)))] if device.type == "cuda" else each
+        self.groups = [[i] for i in range(len(self.layers))]  # a CPU's: layer by layer
+        if device.type == "cuda":
+            self.in_one_span()
+
+    def in_one_span(self) -> None:
+        """Advance every layer's state in one span from now on: a GPU's way (`update`)."""
+        self.groups = [list(range(len(self.layers)))]
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
@@ -304,7 +309,7 @@ class OscillationTracker(nn.Module):
         if not self.layers or not all(layer.training for layer in self.layers):
             return
         self._steps = _saturate(self.count, self._steps)
-        switches = []
+        switches, oscillations = [], []
         for group in self.groups:
             start, end = self.bounds[group[0]][0], self.bounds[group[-1]][1]
             new = self.code.new_empty(end - start)
@@ -320,11 +325,12 @@ class OscillationTracker(nn.Module):
                 q, w = layer.weight_quantizer, layer.weight
                 a, b = a - start, b - start
                 switches.append(direction[a:b].count_nonzero())
-                self.epoch_oscillations[i].add_(osc[a:b].count_nonzero())
+                oscillations.append(osc[a:b].count_nonzero())
                 self.moves[i].update(w, delta[a:b].view(w.shape), level_spacing(q.levels(w)))
         switches = torch.stack(switches)
         self.switches.copy_(switches.sum())
         self.epoch_switches.add_(switches)
+        self.epoch_oscillations.add_(torch.stack(oscillations))
 
     def step_share(self) -> torch.Tensor:
         """The share of tracked weights whose code changed in the last update, as a device
