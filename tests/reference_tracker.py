@@ -54,10 +54,19 @@ class OscillationTracker(nn.Module):
                 delta = state.update(q.to_int(w))
                 move.update(w, delta, level_spacing(q.levels(w)))
 
-    def step_share(self) -> torch.Tensor:
-        """The share of tracked weights whose code changed in the last update, as a device
-        scalar (reading it does not synchronise with the host)."""
-        return sum(s.switches for s in self.states) / max(self.total, 1)
+    def layer_mask(self, layers: list[QuantizedLayer]) -> torch.Tensor:
+        chosen = {id(layer) for layer in layers}
+        return torch.tensor([id(layer) in chosen for layer in self.layers])
+
+    def step_share(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The share of tracked weights (of the layers in `mask`; all by default) whose code
+        changed in the last update, as a device scalar."""
+        mask = [True] * len(self.layers) if mask is None else mask.tolist()
+        chosen = [
+            (layer, s) for layer, s, m in zip(self.layers, self.states, mask, strict=True) if m
+        ]
+        total = sum(layer.weight.numel() for layer, _ in chosen)
+        return sum(s.switches for _, s in chosen) / max(total, 1)
 
     def stats(self, threshold: float) -> dict | None:
         """Epoch metrics per layer and over the model (weighted by weight count; the model's

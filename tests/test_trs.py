@@ -55,8 +55,8 @@ def test_talr_follows_its_update_rule_and_scales_the_latent_step():
     mu, rate = 0.05, cfg.rate_start
     for t, share in enumerate(shares):
         # as if the last update had changed this share of codes
-        tracker.switches.fill_(round(share * tracker.total))
-        exact = int(tracker.switches) / tracker.total
+        tracker.switches.zero_()[0] = round(share * tracker.total)
+        exact = int(tracker.switches.sum()) / tracker.total
         trs.on_step_start(t, 100)
         if t > 0:
             rate = cfg.momentum * rate + (1 - cfg.momentum) * exact
@@ -73,3 +73,43 @@ def test_talr_follows_its_update_rule_and_scales_the_latent_step():
         # of torch.lerp, each rounded once: four roundings relative to 1 + |w0| + 2 mu_t.
         expected = torch.full_like(moved, trs.mu.item())
         assert_within(moved, expected, gamma(4) * (1 + w0.abs() + 2 * trs.mu.item()))
+
+
+@pytest.mark.numeric
+def test_the_8_bit_ends_are_neither_steered_nor_counted_when_tracked():
+    """With `oscillation.track_first_last=true` the tracker also follows the 8-bit first and
+    last layers; TRS still measures the low-bit layers' rate and steers only their weights:
+    the ends take the scheduled learning rate."""
+    args = ["method=lsq_trs", "bits=2", "trainer.epochs=2", "oscillation.track_first_last=true"]
+    _, built = build_config(args)
+    (trs,) = built.policies
+    tracker, m = built.tracker, trs.cfg.momentum
+    layers = [layer for layer, _ in tracker.tracked()]
+    ends = [i for i, layer in enumerate(layers) if layer.is_first_or_last]
+    assert len(ends) == 2
+    low = [i for i in range(len(layers)) if i not in ends]
+    lr = 0.05
+    opt = torch.optim.SGD(
+        [{"name": "latent", "params": [x.weight for x in layers], "initial_lr": lr}], lr=lr
+    )
+    for t in range(3):
+        tracker.switches.zero_()
+        for i in ends:  # every weight of the ends changed level; 3 of the low-bit ones
+            tracker.switches[i] = layers[i].weight.numel()
+        tracker.switches[low[0]] = 3
+        trs.on_step_start(t, 100)
+        w0 = [x.weight.detach().clone() for x in layers]
+        for x in layers:
+            x.weight.grad = torch.ones_like(x.weight)
+        rate = trs.rate.item()
+        trs.optimizer_step(opt, opt.step)
+        if t > 0:
+            measured = 3 / sum(layers[i].weight.numel() for i in low)
+            expected = m * rate + (1 - m) * measured
+            assert abs(trs.rate.item() - expected) <= gamma(4) * (rate + measured)
+        assert trs.mu.item() != lr or t == 0
+        for i, (x, before) in enumerate(zip(layers, w0, strict=True)):
+            moved = before.double() - x.weight.detach().double()
+            step = trs.mu.item() if i in low else lr
+            bound = gamma(4) * (1 + before.abs().double() + 2 * max(step, lr))
+            assert_within(moved, torch.full_like(moved, step), bound)

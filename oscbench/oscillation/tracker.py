@@ -273,8 +273,11 @@ class OscillationTracker(nn.Module):
         self.register_buffer("direction", torch.zeros_like(self.code))
         self.register_buffer("freq", torch.zeros_like(self.code, dtype=torch.float32))
         self.register_buffer("count", torch.zeros_like(self.code, dtype=torch.int16))
-        self.register_buffer("switches", torch.zeros((), dtype=torch.int64, device=device))
         layers = len(self.layers)
+        self.register_buffer("switches", torch.zeros(layers, dtype=torch.int64, device=device))
+        self.register_buffer(
+            "sizes", torch.tensor(sizes, dtype=torch.float32, device=device), persistent=False
+        )
         self.register_buffer(
             "epoch_switches", torch.zeros(layers, dtype=torch.int64, device=device)
         )
@@ -328,14 +331,24 @@ class OscillationTracker(nn.Module):
                 oscillations.append(osc[a:b].count_nonzero())
                 self.moves[i].update(w, delta[a:b].view(w.shape), level_spacing(q.levels(w)))
         switches = torch.stack(switches)
-        self.switches.copy_(switches.sum())
+        self.switches.copy_(switches)
         self.epoch_switches.add_(switches)
         self.epoch_oscillations.add_(torch.stack(oscillations))
 
-    def step_share(self) -> torch.Tensor:
-        """The share of tracked weights whose code changed in the last update, as a device
-        scalar (reading it does not synchronise with the host)."""
-        return self.switches / max(self.total, 1)
+    def layer_mask(self, layers: list[QuantizedLayer]) -> torch.Tensor:
+        """1 for each of `layers` among the tracked ones, else 0 (for `step_share`)."""
+        chosen = {id(layer) for layer in layers}
+        return torch.tensor(
+            [float(id(layer) in chosen) for layer in self.layers], device=self.sizes.device
+        )
+
+    def step_share(self, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The share of tracked weights (of the layers in `mask`, from `layer_mask`; all by
+        default) whose code changed in the last update, as a device scalar (reading it does
+        not synchronise with the host)."""
+        if mask is None:
+            return self.switches.sum() / max(self.total, 1)
+        return (self.switches * mask).sum() / (self.sizes * mask).sum().clamp_min(1)
 
     @torch.no_grad()
     def stats(self, threshold: float) -> dict | None:

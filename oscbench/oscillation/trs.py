@@ -55,13 +55,15 @@ class TRS(Policy):
     """Per optimizer step t (0-based) of the T main steps:
 
     - target (the TR scheduler): R_t = R_T + (R_0 - R_T) (1 + cos(pi t / T)) / 2, R_T after T;
-    - measured transition rate r_(t-1): the share of the tracker's weights whose integer
-      code changed at step t - 1 (`OscillationTracker.step_share`, a device scalar: no host
-      synchronisation per step), smoothed k_t = m k_(t-1) + (1 - m) r_(t-1), k_0 = R_0;
+    - measured transition rate r_(t-1): the share of the low-bit layers' weights whose
+      integer code changed at step t - 1 (`OscillationTracker.step_share`, a device scalar:
+      no host synchronisation per step), smoothed k_t = m k_(t-1) + (1 - m) r_(t-1),
+      k_0 = R_0;
     - TALR: mu_t = max(0, mu_(t-1) + gamma (R_t - k_t)) from mu_0 = lr_start (step 0 keeps
       mu_0): raised while weights change level less often than scheduled, lowered while
       they change more often;
-    - the low-bit latent weights (the tracker's layers, whose transitions are counted)
+    - the low-bit latent weights (the tracker's layers but the 8-bit first and last, which
+      it tracks with `oscillation.track_first_last`; their transitions are the ones counted)
       take the optimizer's update at learning rate mu_t instead of the scheduled one; every
       other parameter (norms, biases, the 8-bit first and last layers, quantizer steps)
       keeps the trainer's schedule. With `steer: latent_and_steps` the weight quantizers'
@@ -86,8 +88,12 @@ class TRS(Policy):
         if run.tracker is None or not run.tracker.tracked():
             raise ConfigError("policy=trs reads the oscillation tracker: it needs tracked layers")
         self.cfg = cfg
-        self.share = run.tracker.step_share  # the tracker is read, not owned
-        layers = [layer for layer, _ in run.tracker.tracked()]
+        tracker = run.tracker  # read, not owned
+        layers = [layer for layer, _ in tracker.tracked() if not layer.is_first_or_last]
+        if not layers:
+            raise ConfigError("policy=trs steers the low-bit layers: this model has none")
+        self.register_buffer("layers", tracker.layer_mask(layers), persistent=False)
+        self.share = tracker.step_share
         self.steered = {id(layer.weight) for layer in layers}
         if cfg.steer == "latent_and_steps":
             self.steered |= {id(p) for m in layers for p in m.weight_quantizer.parameters()}
@@ -120,7 +126,7 @@ class TRS(Policy):
             self.mu0 = cfg.lr_start if cfg.lr_start is not None else base
             self.mu.fill_(self.mu0)
         if self.step > 0:
-            measured = self.share()
+            measured = self.share(self.layers)
             self.rate.mul_(cfg.momentum).add_(measured, alpha=1 - cfg.momentum)
             self.mu.add_(cfg.gamma * (self.target - self.rate)).clamp_(min=0)
             self.means["rate"].add(measured)

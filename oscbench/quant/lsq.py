@@ -44,20 +44,23 @@ class LSQConfig:
         )
 
 
-def _save_and_scale(ctx, xs, r, q, code, s, g: float) -> torch.Tensor:  # noqa: ANN001
+def _save_and_scale(ctx, xs, r, q, s, g: float, ds=None) -> torch.Tensor:  # noqa: ANN001
     """The end of an LSQ-style forward: saves the straight-through mask (the unclamped code
-    `r` equals the clamped `q`) and `code` - x/s inside the range, n or p outside, for the
-    backward; returns q * s. Eagerly it writes into the buffers of xs, r and q (three in
-    all). Compiled, the same values come from pure ops, which Inductor fuses anyway: torch
-    2.11's compiled backward read the mask and the step gradient as zeros after `q.mul_(s)`
-    (a run with no gradients at all, at chance accuracy; 2.14 is right either way)."""
+    `r` equals the clamped `q`) and the step's coefficient `ds` (by default LSQ's, q - x/s
+    inside the range, n or p outside) for the backward; returns q * s. Eagerly it writes
+    into the buffers of xs, r and q (three in all). Compiled, the same values come from
+    pure ops, which Inductor fuses anyway: torch 2.11's compiled backward read the mask and
+    the step gradient as zeros after `q.mul_(s)` (a run with no gradients at all, at chance
+    accuracy; 2.14 is right either way)."""
     cpu = xs.device.type == "cpu"
     if torch.compiler.is_compiling():
         inside = torch.eq(r, q).float() if cpu else torch.eq(r, q)
-        ds, out = code - xs * inside, q * s
+        ds = q - xs * inside if ds is None else ds
+        out = q * s
     else:
         inside = torch.eq(r, q, out=r) if cpu else torch.eq(r, q)
-        ds, out = torch.sub(code, xs.mul_(inside), out=xs), q.mul_(s)
+        ds = torch.sub(q, xs.mul_(inside), out=xs) if ds is None else ds
+        out = q.mul_(s)
     ctx.save_for_backward(inside, ds)
     ctx.g, ctx.s_shape = g, s.shape
     return out
@@ -95,7 +98,7 @@ class _LSQRound(torch.autograd.Function):
         xs = x * s.reciprocal()
         r = torch.round(xs)
         q = r.clamp(n, p)
-        return _save_and_scale(ctx, xs, r, q, q, s, g)
+        return _save_and_scale(ctx, xs, r, q, s, g)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
