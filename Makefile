@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SWEEP  ?= multirun/compare_methods-cnn_small-digits
 
-.PHONY: install run test lint sweep report claims bench gpu-wheels gpu-check clean
+.PHONY: install run test lint sweep report claims claims-plateau bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -28,8 +28,12 @@ sweep: install
 report: install
 	$(PY) -m oscbench.report $(SWEEP)
 
-claims: install  # the claims study (experiments/claims): about an hour on 2 cores; again: continues
+claims: install  # the claims study (experiments/claims): under 2 hours on 2 cores; again: continues
 	$(PY) -m oscbench.claims experiments/claims/study.yaml --sweep-dir multirun/claims $(ARGS)
+
+claims-plateau: install  # the evidence that the study's runs have plateaued: about 40 minutes
+	$(PY) -m oscbench.claims experiments/claims/plateau.yaml --sweep-dir multirun/claims-plateau \
+		--out experiments/claims/plateau $(ARGS)
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)

@@ -33,6 +33,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
 from statsmodels.stats.multitest import multipletests
 
@@ -101,20 +102,35 @@ def metric(record: dict, name: str) -> float | None:
 
 @dataclass(frozen=True)
 class Side:
-    """One side of a claim: `method bits metric`, e.g. `lsq w3a3 acc`."""
+    """One side of a claim: `method bits metric`, e.g. `lsq w3a3 acc`, and where the runs
+    of that method and bit-width differ in more than the seed, the settings that pick one
+    cell: `lsq_qema w2a2 acc [quantizer.decay=0.864]`, `lsq w3a3 acc [recipe=nagel2022]`
+    (`recipe` is the recipe's name; without it, the common recipe's runs)."""
 
     method: str
     bits: str
     metric: str
+    where: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def parse(cls, text: str) -> Side:
-        parts = text.split()
-        if len(parts) != 3:
-            raise ConfigError(f"a claim's side {text!r}: write `method bits metric` (lsq w3a3 acc)")
+        head, _, rest = text.partition("[")
+        parts = head.split()
+        where = [w.strip() for w in rest.removesuffix("]").split(",")] if rest else []
+        form = "write `method bits metric [key=value, ...]` (lsq w3a3 acc)"
+        if len(parts) != 3 or (rest and not rest.rstrip().endswith("]")):
+            raise ConfigError(f"a claim's side {text!r}: {form}")
+        if not all(len(w.split("=")) == 2 and all(w.split("=")) for w in where):
+            raise ConfigError(f"a claim's side {text!r}: {form}")
         if parts[2] not in METRICS and re.sub(r"\d+", "N", parts[2]) not in METRICS:
             raise ConfigError(f"a claim's side {text!r}: the metric is one of {', '.join(METRICS)}")
-        return cls(*parts)
+        return cls(*parts, tuple(tuple(w.split("=")) for w in where))
+
+    @property
+    def cell(self) -> str:
+        """The cell it reads, as the tables name it."""
+        where = ", ".join(f"{k}={v}" for k, v in self.where)
+        return f"{self.method} {self.bits.upper()}" + (f" [{where}]" if where else "")
 
 
 @dataclass(frozen=True)
@@ -128,7 +144,7 @@ class Claim:
 
     @property
     def setting(self) -> str:
-        a, b = (f"{x.method} {x.bits.upper()}" for x in (self.a, self.b))
+        a, b = self.a.cell, self.b.cell
         if a == b:
             return f"{a}: {self.a.metric} - {self.b.metric}"
         if self.a.metric == self.b.metric:
@@ -161,19 +177,61 @@ def parse_claims(entries: list[dict]) -> list[Claim]:
     return claims
 
 
-def cells(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
-    """The completed runs by (method label, bits label). A cell whose runs differ in
-    anything but the seed is refused: a claim never averages them."""
+@dataclass(frozen=True)
+class Cell:
+    """Completed runs that differ in nothing but the seed (sorted by it), and what they share:
+    their configuration less the seed (`oscbench.report`'s settings)."""
+
+    settings: dict
+    runs: list[dict]
+
+    def matches(self, key: str, value: str) -> bool:
+        if key == "recipe":
+            return self.settings.get(report.RECIPE, "common") == value
+        return key in self.settings and self.settings[key] == yaml.safe_load(value)
+
+
+def cells(records: list[dict]) -> dict[tuple[str, str], list[Cell]]:
+    """The completed runs by (method label, bits label), in cells of one configuration."""
     df = report.runs_frame(records)
-    out: dict[tuple[str, str], list[dict]] = {}
+    out: dict[tuple[str, str], list[Cell]] = {}
     for (method, bits), g in df[df["status"] == "completed"].groupby(["method", "bits_label"]):
-        if g["group"].nunique() > 1:
-            raise ConfigError(
-                f"the runs of {method} {bits} differ in more than the seed "
-                f"({', '.join(report.varying_settings(g))}): give a sweep directory of one study"
-            )
-        out[(method, bits)] = [records[i] for i in g.sort_values("seed")["record"]]
+        out[(method, bits)] = [
+            Cell(h["settings"].iloc[0], [records[i] for i in h.sort_values("seed")["record"]])
+            for _, h in g.groupby("group")
+        ]
     return out
+
+
+def pick(side: Side, by_cell: dict) -> list[dict] | None:
+    """The runs of the cell a side reads (None: there are none). Where its settings leave
+    several cells, it is refused: a claim never averages runs of different configurations."""
+    where = dict(side.where)
+    where.setdefault("recipe", "common")
+    found = [
+        c
+        for c in by_cell.get((side.method, side.bits), [])
+        if all(c.matches(k, v) for k, v in where.items())
+    ]
+    if len(found) > 1:
+        keys = set().union(*(c.settings for c in found))
+        differ = sorted(k for k in keys if len({str(c.settings.get(k)) for c in found}) > 1)
+        raise ConfigError(
+            f"the runs of {side.method} {side.bits} differ in more than the seed "
+            f"({', '.join(differ)}): name one cell in the claim's side, "
+            f"`{side.method} {side.bits} {side.metric} [{differ[0]}=...]`"
+        )
+    return found[0].runs if found else None
+
+
+def regime(runs: list[dict]) -> str:
+    """What the runs of a cell trained: optimizer steps, the learning rate of the last step,
+    and the recipe (from their records; the first run's, which its seeds share)."""
+    last, config = runs[0]["history"][-1], runs[0]["config"]
+    lr = last.get("lr_last")
+    start = " from FP" if config.get("init_from") else ""
+    rate = "" if lr is None else f", last lr {lr:.2g}"
+    return f"{last['step']:,} steps{start}{rate}, {config['recipe']['name']}"
 
 
 def _values(runs: list[dict], name: str) -> pd.Series:
@@ -195,12 +253,12 @@ def test_claim(claim: Claim, by_cell: dict) -> dict:
         "expect": claim.expect,
         "margin": claim.margin,
     }
-    missing = [
-        f"{s.method} {s.bits}" for s in (claim.a, claim.b) if (s.method, s.bits) not in by_cell
-    ]
+    ra, rb = pick(claim.a, by_cell), pick(claim.b, by_cell)
+    missing = [s.cell for s, r in ((claim.a, ra), (claim.b, rb)) if r is None]
     if missing:
         return row | {"n": 0, "test": f"no runs of {', '.join(missing)}"}
-    ra, rb = by_cell[(claim.a.method, claim.a.bits)], by_cell[(claim.b.method, claim.b.bits)]
+    ga, gb = regime(ra), regime(rb)
+    row["regime"] = ga if ga == gb else f"a: {ga}; b: {gb}"
     x, y = _values(ra, claim.a.metric), _values(rb, claim.b.metric)
     same_cell = ra is rb
     paired = same_cell or (sorted(x.index) == sorted(y.index) and _from_fp(ra) and _from_fp(rb))
@@ -264,9 +322,9 @@ def _num(v: float, digits: int = 2) -> str:
 
 def markdown(table: pd.DataFrame) -> str:
     out = [
-        "| paper | claim | setting (a - b) | a | b | a - b [95 % CI] | margin | p (Holm) "
-        "| verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| paper | claim | setting (a - b) | regime | a | b | a - b [95 % CI] | margin "
+        "| p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in table.iterrows():
         if pd.isna(r.get("ci_low")):
@@ -282,44 +340,63 @@ def markdown(table: pd.DataFrame) -> str:
             ]
             reason = r["why"]
         verdict = f"**{r['verdict']}**" + (f" ({reason})" if reason else "")
+        regime_ = r.get("regime")
+        regime_ = "-" if pd.isna(regime_) else regime_
         out.append(
-            f"| {r['paper']} | {r['claim']} | {r['setting']} | {' | '.join(cells_)} | {verdict} |"
+            f"| {r['paper']} | {r['claim']} | {r['setting']} | {regime_} | {' | '.join(cells_)} "
+            f"| {verdict} |"
         )
     return "\n".join(out) + "\n"
 
 
 def benchmark_markdown(by_cell: dict) -> str:
-    """The benchmark's targets: FP and LSQ test accuracy per bit-width over seeds, the loss
-    against FP, and the time per run."""
+    """The benchmark's targets: FP and LSQ test accuracy per bit-width over seeds (every cell
+    of theirs, named as `labelled` names them), the loss against FP (where there is one FP
+    cell), and the time per run."""
     out = [
         "| run | seeds | test accuracy (%) | std | min - max | loss vs FP "
         "| time per run (s, median) |",
         "|---|---|---|---|---|---|---|",
     ]
-    fp = _values(by_cell.get(("fp", "fp32"), []), "acc")
-    rows = [("fp", "fp32")] + sorted(k for k in by_cell if k[0] == "lsq")
-    for key in rows:
-        if key not in by_cell:
-            continue
-        runs = by_cell[key]
+    fp_cells = by_cell.get(("fp", "fp32"), [])
+    fp = _values(fp_cells[0].runs, "acc") if len(fp_cells) == 1 else pd.Series(dtype=float)
+    subset = {k: v for k, v in by_cell.items() if k[0] in ("fp", "lsq")}
+    for name, runs in sorted(labelled(subset), key=lambda nr: not nr[0].startswith("fp")):
         acc = _values(runs, "acc")
         wall = np.median([r.get("wall_time_s", np.nan) for r in runs])
-        loss = "-" if key[0] == "fp" or fp.empty else f"{fp.mean() - acc.mean():.2f}"
+        loss = "-" if name.startswith("fp") or fp.empty else f"{fp.mean() - acc.mean():.2f}"
+        method, bits, *variant = name.split("\n")
+        label = f"{method} {bits.upper()}" + (f" ({variant[0]})" if variant else "")
         out.append(
-            f"| {key[0]} {key[1].upper()} | {len(acc)} | {acc.mean():.2f} | {acc.std():.2f} | "
+            f"| {label} | {len(acc)} | {acc.mean():.2f} | {acc.std():.2f} | "
             f"{acc.min():.2f} - {acc.max():.2f} | {loss} | {wall:.0f} |"
         )
     return "\n".join(out) + "\n"
 
 
+def labelled(by_cell: dict) -> list[tuple[str, list[dict]]]:
+    """Every cell's runs and its name: method and bits, and where that method and bit-width
+    has several cells, what tells them apart (the recipe, or the settings that differ)."""
+    out = []
+    for (method, bits), group in sorted(by_cell.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        keys = set().union(*(c.settings for c in group))
+        differ = sorted(k for k in keys if len({str(c.settings.get(k)) for c in group}) > 1)
+        if report.RECIPE in differ:
+            differ = [report.RECIPE]
+        for c in group:
+            variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={c.settings.get(k)}" for k in differ)
+            out.append((f"{method}\n{bits}" + (f"\n{variant}" if variant else ""), c.runs))
+    return out
+
+
 def bn_figure(by_cell: dict, out: Path) -> Path:
     """Test accuracy before and after BN re-estimation, per QAT cell (mean ± std)."""
-    keys = [k for k in sorted(by_cell, key=lambda k: (k[1], k[0])) if k[1] != "fp32"]
-    keys = [k for k in keys if not _values(by_cell[k], "acc_before_bn").empty]
-    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(keys)), 3.6), layout="constrained")
-    xs = np.arange(len(keys))
+    named = [(n, r) for n, r in labelled(by_cell) if "\nfp32" not in n]
+    named = [(n, r) for n, r in named if not _values(r, "acc_before_bn").empty]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(named)), 3.6), layout="constrained")
+    xs = np.arange(len(named))
     for shift, name, label in ((-0.2, "acc_before_bn", "before"), (0.2, "acc", "after")):
-        vals = [_values(by_cell[k], name) for k in keys]
+        vals = [_values(runs, name) for _, runs in named]
         ax.bar(
             xs + shift,
             [v.mean() for v in vals],
@@ -328,8 +405,8 @@ def bn_figure(by_cell: dict, out: Path) -> Path:
             label=f"{label} BN re-estimation",
             capsize=2,
         )
-    ax.set_xticks(xs, [f"{m}\n{b}" for m, b in keys], fontsize=7, rotation=90)
-    low = min(_values(by_cell[k], "acc_before_bn").min() for k in keys) if keys else 0
+    ax.set_xticks(xs, [n for n, _ in named], fontsize=7, rotation=90)
+    low = min(_values(r, "acc_before_bn").min() for _, r in named) if named else 0
     ax.set_ylim(max(0, low - 5), 100)
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)

@@ -75,11 +75,17 @@ def resolve_recipe(cfg: DictConfig, overrides: list[str], hydra_node: bool = Fal
 
 def _unfit(cfg: DictConfig) -> list[tuple[str, str]]:
     """The (group, key) pairs that the recipe sets and the group's chosen plugin has no
-    option for (every key, for quantizer=none)."""
+    option for (every key, for quantizer=none); where the recipe chooses the group's plugin
+    (aoq2025: act_quantizer=ltq), also the options set for another plugin (an experiment's
+    for LSQ inputs)."""
     from oscbench.quant.base import QUANTIZERS  # the registries: only where a recipe sets keys
 
     found = []
-    for group, keys in _recipe_keys(str(cfg.recipe.name)).items():
+    sets, chooses = _recipe_keys(str(cfg.recipe.name))
+    for group in COMPONENTS:
+        keys = [k for k in cfg[group] if k != "name"] if group in chooses else sets.get(group)
+        if not keys:
+            continue
         name = cfg[group].name
         schema = QUANTIZERS.get(name).schema if name != "none" else None
         fields = {f.name for f in dataclasses.fields(schema)} if schema else set()
@@ -88,11 +94,14 @@ def _unfit(cfg: DictConfig) -> list[tuple[str, str]]:
 
 
 @cache
-def _recipe_keys(recipe: str) -> dict[str, tuple[str, ...]]:
-    """The options conf/recipe/<recipe>.yaml sets in each component group."""
+def _recipe_keys(recipe: str) -> tuple[dict[str, tuple[str, ...]], frozenset[str]]:
+    """The options conf/recipe/<recipe>.yaml sets in each component group, and the groups
+    whose plugin it chooses (its defaults list)."""
     path = Path(CONF_DIR, "recipe", f"{recipe}.yaml")
     node = OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
-    return {g: tuple(node[g]) for g in COMPONENTS if isinstance(node.get(g), dict)}
+    chosen = {k.split("/")[-1] for entry in node.get("defaults", []) for k in entry}
+    sets = {g: tuple(node[g]) for g in COMPONENTS if isinstance(node.get(g), dict)}
+    return sets, frozenset(chosen & set(COMPONENTS))
 
 
 @dataclass(frozen=True)

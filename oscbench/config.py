@@ -39,6 +39,7 @@ class TrainerConfig:
     optimizer: str  # sgd | adam (weight decay added to the gradient) | adamw (decoupled)
     lr: float
     finetune_lr: float | None  # a run that starts from weights (init_from): lr instead
+    finetune_epochs: int | None  # ... and these epochs instead of `epochs`
     momentum: float  # SGD momentum (Adam, AdamW: beta1)
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
@@ -46,7 +47,9 @@ class TrainerConfig:
     schedule: str  # cosine | linear: decay to 0 at the end of the main epochs | constant
     label_smoothing: float  # of the cross-entropy with the labels (0 = off)
     extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
-    extra_lr: float | None  # their constant learning rate; null: where the schedule ended
+    extra_lr_scale: (
+        float | None
+    )  # their constant rate, a share of each group's peak; null: as ended
     quant_lr: float  # learning rate of quantizer parameters (their own group)
     act_quant_lr: float | None  # input quantizers' parameters; null: at quant_lr, one group
     quant_optimizer: str  # shared: a group of the main optimizer | adam | sgd: their own
@@ -68,6 +71,12 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check(
+            self.finetune_epochs is None or self.finetune_epochs >= 1,
+            "finetune_epochs",
+            self.finetune_epochs,
+            "null (epochs) or an integer >= 1",
+        )
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         optimizers = ("sgd", "adam", "adamw")
         check(self.optimizer in optimizers, "optimizer", self.optimizer, ", ".join(optimizers))
@@ -117,7 +126,12 @@ class TrainerConfig:
             "0 <= x < 1 (a share of all steps)",
         )
         check(self.extra_epochs >= 0, "extra_epochs", self.extra_epochs, "an integer >= 0")
-        check(self.extra_lr is None or self.extra_lr > 0, "extra_lr", self.extra_lr, "null or > 0")
+        check(
+            self.extra_lr_scale is None or self.extra_lr_scale > 0,
+            "extra_lr_scale",
+            self.extra_lr_scale,
+            "null or > 0",
+        )
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, ">= 1")
         check(self.resume in ("auto", "never"), "resume", self.resume, "auto, never")
         tests = ("end", "every_epoch", "never")

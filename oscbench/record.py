@@ -397,8 +397,9 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
     epochs = f"{spec.trainer.epochs} epochs"
     extra = len(history) - spec.trainer.epochs
     if extra > 0:
-        lr = spec.trainer.extra_lr
-        epochs += f" + {extra} extra" + (f" at lr {lr:g}" if lr is not None else "")
+        scale = spec.trainer.extra_lr_scale
+        at = f" at lr {scale * spec.trainer.lr:g}" if scale is not None else ""
+        epochs += f" + {extra} extra" + at
     head = (
         f"oscbench: {spec.method} {spec.bits_label.upper()}, {spec.model.name} on "
         f"{spec.dataset.name}, {epochs} in {final['wall_time_s']:.1f} s"

@@ -184,10 +184,15 @@ def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
     fp preset's own group choices (which an experiment's defaults may have overridden).
     Returns its spec, its resolved config and its run directory's name: that of a plain
     `method=fp` run with the overrides that make its identity (`recipe=paper` as the recipe
-    it resolved to; no `teacher`, `distill` or `finetune_lr`, which an FP run ignores)."""
+    it resolved to; no `teacher`, `distill`, `finetune_lr` or `finetune_epochs`, which an FP
+    run ignores). A recipe whose paper fine-tunes a standard pretrained model
+    (`recipe.fp: common`) starts from the fp run of the common recipe."""
     kept = [*method_free(overrides), "method=fp"]
     (fp,) = [p for p in presets() if p.name == "fp"]
     cfg = compose([*kept, *fp.choices])
+    if cfg.recipe.get("fp") == "common":  # a paper that fine-tunes a standard pretrained model
+        kept = [o for o in kept if o.split("=", 1)[0].lstrip("+~") != "recipe"]
+        cfg = compose([*kept, *fp.choices])
     config = resolved(cfg)
     own = fingerprint(config)
     named = []
@@ -205,9 +210,10 @@ def identified(config: dict, overrides: list[str]) -> dict:
     """The run's resolved config, and for a run that starts from or distils the fp run
     (`init_from=fp`, `teacher=fp`) that run's identity (`fp_run`: its recipe, and the key of
     its configuration less the seed, which is the run's own): runs whose own configs are
-    alike but whose fp runs differ (`recipe=paper` against `recipe=aoq2025`: AOQ's fp run
-    trains under the common recipe in the first, under AOQ's in the second) are different
-    runs, and the seeds of one cell still differ in nothing but the seed."""
+    alike but whose fp runs differ (`recipe=paper` against `recipe=wenshoj2025` for osc_reg:
+    its fp run trains under the common recipe in the first, under Wenshoj et al.'s in the
+    second) are different runs, and the seeds of one cell still differ in nothing but the
+    seed."""
     if "fp" not in (config.get("init_from"), config.get("teacher")):
         return config
     _, fp_config, _ = fp_counterpart(overrides)
@@ -277,16 +283,16 @@ def execute(
                 init_from=fp if spec.init_from == "fp" else spec.init_from,
                 teacher=fp if spec.teacher == "fp" else spec.teacher,
             )
-        if spec.init_from is not None and spec.trainer.finetune_lr is not None:
-            spec = dataclasses.replace(
-                spec, trainer=dataclasses.replace(spec.trainer, lr=spec.trainer.finetune_lr)
-            )
+        if spec.init_from is not None:
+            t = spec.trainer
+            lr, epochs = t.finetune_lr or t.lr, t.finetune_epochs or t.epochs
+            spec = dataclasses.replace(spec, trainer=dataclasses.replace(t, lr=lr, epochs=epochs))
         not_applied = config["recipe"].get("not_applied")
         if not_applied:
             say(
-                f"oscbench: recipe={spec.recipe} sets {', '.join(not_applied)}, which "
-                f"quantizer={spec.quantizer.name} and act_quantizer={spec.act_quantizer.name} "
-                "do not have: not applied (the record lists them under recipe.not_applied)"
+                f"oscbench: under recipe={spec.recipe}, quantizer={spec.quantizer.name} and "
+                f"act_quantizer={spec.act_quantizer.name} have no {', '.join(not_applied)}: "
+                "not applied (the record lists them under recipe.not_applied)"
             )
         return _train_and_record(spec, config, run_dir, resume)
 

@@ -61,6 +61,7 @@ def fingerprint(config: dict) -> dict[str, Any]:
         if trains_alone(config) and config.get("init_from") in (None, "fp"):
             flat.pop("init_from", None)
             flat.pop("trainer.finetune_lr", None)
+            flat.pop("trainer.finetune_epochs", None)
         if trains_alone(config) and config.get("teacher") in (None, "fp"):
             flat = _drop(flat, ("teacher", "distill"))
         if bits_free(config):

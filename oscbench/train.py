@@ -175,13 +175,15 @@ def train(
     objective: Objective = CROSS_ENTROPY,
     ema: ModelEma | None = None,
 ) -> list[dict]:
-    """Train for `cfg.epochs`, then `cfg.extra_epochs` at the constant `cfg.extra_lr` (or
-    where the schedule ended); after each epoch `save(state)` a checkpoint, then
-    `on_epoch(record)`. With `resume` (a checkpoint), continue after its epoch. Returns the
-    whole history. Each optimizer step is `train_step` on `objective`, then the schedule's
-    step, then the `ema` copy's update. Each record holds the validation split's loss and
-    accuracy (`val_*`, the EMA copy's `ema_val_acc`), and with trainer.test=every_epoch the
-    test split's (`test_*`), which nothing selects on."""
+    """Train for `cfg.epochs`, then `cfg.extra_epochs` at `cfg.extra_lr_scale` times each
+    group's peak rate (or where the schedule ended); after each epoch `save(state)` a
+    checkpoint, then `on_epoch(record)`. With `resume` (a checkpoint), continue after its
+    epoch. Returns the whole history. Each optimizer step is `train_step` on `objective`,
+    then the schedule's step, then the `ema` copy's update. Each record holds the learning
+    rate (of the first parameter group) at the epoch's first and last steps (`lr`,
+    `lr_last`), the validation split's loss and accuracy (`val_*`, the EMA copy's
+    `ema_val_acc`), and with trainer.test=every_epoch the test split's (`test_*`), which
+    nothing selects on."""
     steps = schedule(data, cfg)
     epoch_splits = [s for s in SPLITS if data.split_size(s)]
     epoch_splits = [s for s in epoch_splits if s == "val" or cfg.test == "every_epoch"]
@@ -236,9 +238,9 @@ def train(
         extra_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        if epoch >= cfg.epochs and cfg.extra_lr is not None:
+        if epoch >= cfg.epochs and cfg.extra_lr_scale is not None:
             for group in opt.param_groups:
-                group["lr"] = cfg.extra_lr
+                group["lr"] = cfg.extra_lr_scale * group.get("initial_lr", group["lr"])
         lr = opt.param_groups[0]["lr"]
         probe = functools.partial(
             probe_steps,
@@ -271,6 +273,7 @@ def train(
                 objective,
                 weight,
             )
+            lr_last = opt.param_groups[0]["lr"]  # the step's own rate (a Python float)
             if step + 1 < steps.main:
                 opt.schedule_step()
             if ema is not None:
@@ -303,6 +306,7 @@ def train(
             "epoch": epoch + 1,
             "step": step,
             "lr": lr,
+            "lr_last": lr_last,
             "train_loss": loss_sum.item() / seen,
             "train_acc": 100.0 * correct.item() / seen,
         }

@@ -20,7 +20,8 @@ from scipy import stats
 
 from oscbench import claims, report
 from oscbench.compose import compose
-from oscbench.config import validate
+from oscbench.config import resolved, validate
+from oscbench.runs import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "claims" / "study.yaml"
@@ -40,22 +41,43 @@ def _expand(overrides: list[str]) -> list[list[str]]:
     return [list(p) for p in itertools.product(*axes)]
 
 
-def test_every_claim_is_about_cells_that_the_studys_sweeps_make():
-    study = OmegaConf.to_container(OmegaConf.load(STUDY))
-    made = {("fp", "fp32")}  # init_from=fp: each seed's FP run
+def _made(study: dict) -> dict[tuple[str, str], list[claims.Cell]]:
+    """The cells the study's sweeps make: (method, bits) -> one `Cell` (with no runs) per
+    configuration, and the common recipe's FP run, which every quantized run starts from."""
+    base = [o for o in study["base"] if "launcher" not in o]
+    fp = fingerprint(resolved(compose([*base, "method=fp"])))
+    made = {("fp", "fp32"): [claims.Cell(fp, [])]}
     for sweep in study["sweeps"]:
         for run in _expand(sweep):
-            spec = validate(compose([o for o in study["base"] if "launcher" not in o] + run))
-            made.add((spec.method, spec.bits_label))
-            assert spec.init_from == "fp" and spec.model.name == "mobilenetv2_small"
+            cfg = compose([*base, *run])
+            spec = validate(cfg)
+            assert spec.model.name == "mobilenetv2_small"
+            assert spec.init_from == "fp" or spec.method == "fp"
+            cell = claims.Cell(fingerprint(resolved(cfg)), [])
+            found = made.setdefault((spec.method, spec.bits_label), [])
+            found += [cell] if cell not in found else []
+    return made
+
+
+@pytest.mark.parametrize("path", [STUDY, STUDY.with_name("plateau.yaml")], ids=lambda p: p.name)
+def test_every_claim_is_about_cells_that_the_studys_sweeps_make(path):
+    study = OmegaConf.to_container(OmegaConf.load(path))
+    made = _made(study)
     parsed = claims.parse_claims(study["claims"])
-    assert len(parsed) > len(study["claims"])  # `over` expanded
+    assert len(parsed) >= len(study["claims"])  # `over` expanded
     for c in parsed:
         for side in (c.a, c.b):
-            assert (side.method, side.bits) in made, (c.claim, side)
+            where = dict(side.where) | {"recipe": dict(side.where).get("recipe", "common")}
+            found = [
+                cell
+                for cell in made.get((side.method, side.bits), [])
+                if all(cell.matches(k, v) for k, v in where.items())
+            ]
+            assert len(found) == 1, (c.claim, side)  # exactly one cell, named by its settings
     papers = {c.paper.split(" (")[0].split(" 20")[0] for c in parsed}
-    for who in ("Nagel et al.", "OFQ", "AOQ", "Wenshoj et al."):
-        assert who in papers
+    if path == STUDY:
+        for who in ("Nagel et al.", "OFQ", "AOQ", "Wenshoj et al."):
+            assert who in papers
 
 
 def _row(diff_low, diff_high, p, expect="higher", margin=0.5, opposite=1.0):
@@ -102,7 +124,8 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
         return {
             "method": method,
             "bits": bits,
-            "config": config,
+            "config": config | {"recipe": {"name": "common"}},
+            "history": [{"step": 1410, "lr_last": 2e-6}],
             "final": {"acc_bn": acc, "acc": before},
         }
 
@@ -111,7 +134,7 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
         for s, v, d in [(0, 80.0, 1.0), (1, 82.0, 0.5), (2, 81.0, 2.0)]
     ]
     b = [record("lsq", "w2a2", s, v, v) for s, v in [(0, 79.0), (1, 80.5), (2, 80.0)]]
-    by_cell = {("x", "w2a2"): a, ("lsq", "w2a2"): b}
+    by_cell = {("x", "w2a2"): [claims.Cell({}, a)], ("lsq", "w2a2"): [claims.Cell({}, b)]}
     versus, bn = claims.parse_claims(
         [
             {
@@ -136,6 +159,7 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
     res = stats.ttest_rel([80.0, 82.0, 81.0], [79.0, 80.5, 80.0], alternative="greater")
     assert row["test"] == "paired t" and np.isclose(row["p"], res.pvalue)
     assert np.isclose(row["diff"], 81.0 - 79.8333333333333, rtol=0, atol=1e-12)
+    assert row["regime"] == "1,410 steps from FP, last lr 2e-06, common"
     row = claims.test_claim(bn, by_cell)  # two metrics of one cell pair by seed
     res = stats.ttest_rel(np.array([1.0, 0.5, 2.0]) + 0.5, np.zeros(3), alternative="greater")
     assert row["test"] == "paired t" and np.isclose(row["p"], res.pvalue)
@@ -158,7 +182,7 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
             }
         ]
     )[0]
-    assert claims.test_claim(missing, by_cell)["test"] == "no runs of y w2a2"
+    assert claims.test_claim(missing, by_cell)["test"] == "no runs of y W2A2"
 
 
 def test_a_ptq_run_has_no_accuracy_before_bn_reestimation():
@@ -176,6 +200,7 @@ TINY = [
     "dataset.train_size=300",
     "dataset.test_size=200",
     "trainer.epochs=1",
+    "trainer.finetune_epochs=1",
     "trainer.batch_size=32",
     "seed=0,1",
 ]
@@ -257,7 +282,7 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
     assert table.loc[table["claim"] == "not run", "verdict"].item() == claims.NOT_RUN
     text = (out / "claims.md").read_text()
     assert (
-        "no runs of aoq w2a2" in text and "| lsq W2A2 | 2 |" in text and "| fp FP32 | 2 |" in text
+        "no runs of aoq W2A2" in text and "| lsq W2A2 | 2 |" in text and "| fp FP32 | 2 |" in text
     )
     for figure in (
         "bn_reestimation.png",
@@ -268,9 +293,17 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
     loaded = report.load_records(sweep_dir)
     assert set(claims.cells(loaded)) == {("fp", "fp32"), ("lsq", "w2a2")}
     other = next(r for r in loaded if r["method"] == "lsq" and r["config"]["seed"] == 1)
-    other["config"]["trainer"]["lr"] *= 2  # one seed's run differs in more than the seed
-    with pytest.raises(claims.ConfigError, match="lsq w2a2 differ in more than the seed"):
-        claims.cells(loaded)
+    lr = other["config"]["trainer"]["lr"]
+    other["config"]["trainer"]["lr"] = 2 * lr  # one seed's run differs in more than the seed
+    by_cell = claims.cells(loaded)
+    side = claims.Side.parse("lsq w2a2 acc")
+    with pytest.raises(
+        claims.ConfigError, match=r"lsq w2a2 differ in more than the seed \(trainer.lr\)"
+    ):
+        claims.pick(side, by_cell)
+    named = claims.Side.parse(f"lsq w2a2 acc [trainer.lr={2 * lr}]")  # a cell of its own
+    assert claims.pick(named, by_cell) == [other]
+    assert claims.pick(claims.Side.parse("lsq w2a2 acc [recipe=nagel2022]"), by_cell) is None
     # `make report` on the same runs
     report.main([str(sweep_dir), "--out", str(tmp_path / "report")])
     assert "| lsq |" in (tmp_path / "report" / "table.md").read_text()
@@ -293,6 +326,8 @@ def test_a_missing_study_file_is_named_without_a_traceback(tmp_path):
     [
         ("lsq w2a2", "method bits metric"),
         ("lsq w2a2 acc x", "method bits metric"),
+        ("lsq w2a2 acc [recipe]", "method bits metric"),
+        ("lsq w2a2 acc [recipe=x", "method bits metric"),
         ("lsq w2a2 accuracy", "the metric is one of acc, "),
     ],
 )
@@ -300,3 +335,55 @@ def test_a_malformed_side_names_the_form(bad, says):
     with pytest.raises(claims.ConfigError, match=says):
         claims.Side.parse(bad)
     claims.Side.parse("lsq w2a2 crossings@epoch3")  # a metric of the forms with N
+    side = claims.Side.parse("lsq_qema w2a2 acc [quantizer.decay=0.864, recipe=common]")
+    assert side.where == (("quantizer.decay", "0.864"), ("recipe", "common"))
+    assert side.cell == "lsq_qema W2A2 [quantizer.decay=0.864, recipe=common]"
+
+
+def test_constants_counted_in_steps_are_scaled_to_the_run_by_one_rule():
+    """The study's `scaled` section: T is a fine-tuning run's steps, and each scaled sweep
+    sets c_ref x T / T_ref (an EMA's time constant likewise), as the README states."""
+    from tests.conftest import build_config
+
+    study = OmegaConf.to_container(OmegaConf.load(STUDY))
+    scaled = study["scaled"]
+    spec, built = build_config(["experiment=claims", "method=lsq", "bits=2", "init_from=null"])
+    t = spec.trainer
+    assert scaled["steps"] == built.data.steps_per_epoch(t.batch_size) * t.finetune_epochs
+    expected = {}
+    for key, c in scaled["constants"].items():
+        share = scaled["steps"] / c["reference_steps"]
+        if c.get("ema"):
+            expected[key] = 1 - 1 / (share / (1 - c["reference"]))
+        else:
+            expected[key] = max(round(c["reference"] * share), 2 if "period" in key else 0)
+    seen = set()
+    for sweep in study["sweeps"]:
+        for o in sweep:
+            key, _, value = o.partition("=")
+            if key in expected:
+                assert abs(float(value) - expected[key]) <= 5e-5, (key, value, expected[key])
+                seen.add(key)
+    assert seen == set(expected)  # every scaled constant is swept
+
+
+def test_each_recipe_sweep_fine_tunes_at_its_recipes_rate():
+    """experiment=claims sets the common recipe's rates, which would override a recipe's:
+    the study's recipe sweeps put their recipe's own back, and everything else the recipe
+    sets applies as it is."""
+    study = OmegaConf.to_container(OmegaConf.load(STUDY))
+    base = [o for o in study["base"] if "launcher" not in o]
+    recipes = 0
+    for sweep in study["sweeps"]:
+        for run in _expand(sweep):
+            spec = validate(compose([*base, *run]))
+            if spec.recipe == "common":
+                assert (spec.trainer.lr, spec.trainer.finetune_lr) == (0.2, 0.05)
+                continue
+            recipes += 1
+            own = OmegaConf.load(ROOT / "conf" / "recipe" / f"{spec.recipe}.yaml")["trainer"]
+            assert spec.trainer.finetune_lr == own["lr"], run
+            for key, value in own.items():
+                if key not in ("lr", "finetune_lr"):
+                    assert getattr(spec.trainer, key) == value, (run, key)
+    assert recipes == 5

@@ -39,20 +39,26 @@ def test_qat_from_an_fp_run_starts_at_its_accuracy_with_scales_from_its_weights(
     assert load_results(tmp_path / "qat")["final"]["init"]["from"] == str(tmp_path / "fp")
 
 
-def test_a_run_from_weights_trains_at_finetune_lr_and_an_fp_run_ignores_it(tmp_path):
-    """`trainer.finetune_lr` replaces `trainer.lr` in a run that starts from weights: the
-    same run as one at that lr, step for step; a run from scratch is not changed by it."""
+def test_a_run_from_weights_trains_at_finetune_lr_and_epochs_and_an_fp_run_ignores_them(
+    tmp_path,
+):
+    """`trainer.finetune_lr` and `trainer.finetune_epochs` replace `trainer.lr` and
+    `trainer.epochs` in a run that starts from weights: the same run as one at that lr and
+    length, step for step; a run from scratch is not changed by them."""
     run_config(["method=fp", "trainer.epochs=1", *QUICK], tmp_path / "fp")
-    start = ["method=lsq", "bits=3", "trainer.epochs=2", f"init_from={tmp_path / 'fp'}", *QUICK]
-    run_config([*start, "trainer.lr=0.02"], tmp_path / "at_lr")
-    run_config([*start, "trainer.finetune_lr=0.02"], tmp_path / "finetune")
+    start = ["method=lsq", "bits=3", f"init_from={tmp_path / 'fp'}", *QUICK]
+    run_config([*start, "trainer.epochs=2", "trainer.lr=0.02"], tmp_path / "at_lr")
+    finetune = ["trainer.epochs=5", "trainer.finetune_epochs=2", "trainer.finetune_lr=0.02"]
+    run_config([*start, *finetune], tmp_path / "finetune")
     a, b = (load_results(tmp_path / d) for d in ("at_lr", "finetune"))
     assert [e["lr"] for e in b["history"]] == [e["lr"] for e in a["history"]]
     assert [e["lr"] for e in b["history"]] != [0.0] * 2
     assert b["final"]["acc_bn"] == a["final"]["acc_bn"]
     assert b["config"]["trainer"]["finetune_lr"] == 0.02  # the record says which ran
+    assert b["config"]["trainer"]["finetune_epochs"] == 2
     plain = fingerprint(resolved(compose(["method=fp"])))
-    assert fingerprint(resolved(compose(["method=fp", "trainer.finetune_lr=0.02"]))) == plain
+    overrides = ["method=fp", "trainer.finetune_lr=0.02", "trainer.finetune_epochs=3"]
+    assert fingerprint(resolved(compose(overrides))) == plain
 
 
 def test_a_timm_weights_file_loads_and_skips_a_different_classifier(tmp_path):

@@ -35,10 +35,13 @@ def test_the_fp_run_a_run_depends_on_is_named_by_what_it_is():
             "teacher=fp",
             "distill.loss=soft",
             "trainer.finetune_lr=0.01",
+            "trainer.finetune_epochs=7",
             "trainer.lr=0.1",
         ]
     )
     assert config["recipe"]["name"] == "common" and config["teacher"] is None
     assert name == "fp/fp32-cnn_small-digits-s0-recipe:common+trainer.lr:0.1"
-    _, config, name = fp_counterpart(["method=aoq", "bits=2", "recipe=aoq2025"])
-    assert name == "fp/fp32-cnn_small-digits-s0-recipe:aoq2025"
+    _, config, name = fp_counterpart(["method=osc_reg", "bits=3", "recipe=wenshoj2025"])
+    assert name == "fp/fp32-cnn_small-digits-s0-recipe:wenshoj2025"
+    _, config, name = fp_counterpart(["method=lsq", "bits=3", "recipe=nagel2022"])
+    assert name == "fp/fp32-cnn_small-digits-s0"  # a pretrained model: the common recipe's

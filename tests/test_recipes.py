@@ -99,24 +99,33 @@ def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_
     assert len(cells) == 2 and all(c.strip()[0] in "+-" for c in cells)
 
 
-def test_runs_that_start_from_different_fp_runs_are_different_runs():
-    """`method=aoq recipe=paper` composes to AOQ's recipe, as `recipe=aoq2025` does, but its
-    fp run trains under fp's paper recipe (common), not AOQ's: the runs differ in what they
-    start from and distil, so in their identity (and a sweep over both trains both)."""
+def _identity(overrides: list[str]) -> tuple[str, str]:
+    """A run's key and the recipe of the fp run it starts from."""
     from oscbench.config import resolved
     from oscbench.run import identified
     from oscbench.runs import run_key
 
-    found = {}
-    for recipe in ("paper", "aoq2025"):
-        overrides = ["method=aoq", "bits=2", f"recipe={recipe}"]
-        config = identified(resolved(compose(overrides)), overrides)
-        found[recipe] = (run_key(config), config["fp_run"]["recipe"])
-    assert found["paper"][1] == "common" and found["aoq2025"][1] == "aoq2025"
-    assert found["paper"][0] != found["aoq2025"][0]
+    config = identified(resolved(compose(overrides)), overrides)
+    return run_key(config), config["fp_run"]["recipe"]
+
+
+def test_runs_that_start_from_different_fp_runs_are_different_runs():
+    """`method=osc_reg recipe=paper` composes to Wenshoj et al.'s recipe, as
+    `recipe=wenshoj2025` does, but its fp run trains under fp's paper recipe (common), not
+    theirs: the runs differ in what they start from, so in their identity (and a sweep over
+    both trains both). A recipe whose paper fine-tunes a standard pretrained model
+    (`recipe.fp: common`: AOQ's, Nagel et al.'s, OFQ's) starts from the common fp run either
+    way: `recipe=paper` and the recipe's own name are one run."""
+    paper = _identity(["method=osc_reg", "bits=3", "recipe=paper"])
+    own = _identity(["method=osc_reg", "bits=3", "recipe=wenshoj2025"])
+    assert paper[1] == "common" and own[1] == "wenshoj2025" and paper[0] != own[0]
+    for method, recipe in (("aoq", "aoq2025"), ("lsq_dampen", "nagel2022"), ("ofq", "ofq2023")):
+        paper = _identity([f"method={method}", "bits=2", "recipe=paper"])
+        assert paper == _identity([f"method={method}", "bits=2", f"recipe={recipe}"])
+        assert paper[1] == "common"
     seeds = [  # the fp run's identity, less its seed: seeds of one cell still share it
-        identified(resolved(compose([*o, f"seed={s}"])), [*o, f"seed={s}"])["fp_run"]
-        for o in [["method=aoq", "bits=2", "recipe=paper"]]
+        _identity([*o, f"seed={s}"])[1:]
+        for o in [["method=osc_reg", "bits=3", "recipe=wenshoj2025"]]
         for s in (0, 1)
     ]
     assert seeds[0] == seeds[1]
@@ -141,7 +150,9 @@ def test_a_recipe_run_says_what_it_did_not_apply(tmp_path, capsys):
         ["method=aoq", "recipe=nagel2022", *QUICK[:2], "trainer.epochs=1"], tmp_path / "m" / "r"
     )
     out = capsys.readouterr().out
-    assert "recipe=nagel2022 sets quantizer.init, which quantizer=aoq" in out
+    assert (
+        "under recipe=nagel2022, quantizer=aoq and act_quantizer=lsq have no quantizer.init" in out
+    )
     assert load_results(tmp_path / "m" / "r")["config"]["recipe"]["not_applied"] == [
         "quantizer.init"
     ]

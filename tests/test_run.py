@@ -86,7 +86,7 @@ def test_the_summary_counts_every_epoch_that_ran(tmp_path, capsys):
         ["method=ofq", "trainer.epochs=2", "trainer.extra_epochs=1", "logger=none"], tmp_path
     )
     out = capsys.readouterr().out
-    assert "epoch 3/3" in out and "2 epochs + 1 extra at lr 1e-05 in" in out
+    assert "epoch 3/3" in out and "2 epochs + 1 extra at lr 0.000915 in" in out
 
 
 def test_two_bit_lsq_oscillates(tmp_path, quick):

@@ -34,8 +34,9 @@ class CGA(Policy):
     ones too) is frozen: its gradient is zeroed and its value restored after the optimizer
     step (before the trackers read it), so momentum and weight decay cannot move it. The
     mask is recomputed every step from the current weights. The phase is the run's extra
-    epochs (`trainer.extra_epochs`; OFQ: 30 at a constant lr of 1e-5, `trainer.extra_lr`,
-    which the `ofq` preset sets), or without them the last (1 - `start`) of training.
+    epochs (`trainer.extra_epochs`; OFQ's `cga.py`: 30 cooldown epochs at the cosine
+    schedule's `min_lr`, 1e-5, 1.83 % of its peak 5.47e-4: `trainer.extra_lr_scale`, which
+    the `ofq` preset sets), or without them the last (1 - `start`) of training.
 
     OFQ anneals only the transformer blocks' layers (fc1, fc2, qkv or v, proj), never the
     8-bit patch embedding and head; `scope: blocks` (the default) transfers this to any
