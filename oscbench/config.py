@@ -47,9 +47,7 @@ class TrainerConfig:
     schedule: str  # cosine | linear: decay to 0 at the end of the main epochs | constant
     label_smoothing: float  # of the cross-entropy with the labels (0 = off)
     extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
-    extra_lr_scale: (
-        float | None
-    )  # their constant rate, a share of each group's peak; null: as ended
+    extra_lr_scale: float | None  # their rate, a share of each group's peak; null: as ended
     quant_lr: float  # learning rate of quantizer parameters (their own group)
     act_quant_lr: float | None  # input quantizers' parameters; null: at quant_lr, one group
     quant_optimizer: str  # shared: a group of the main optimizer | adam | sgd: their own

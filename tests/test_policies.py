@@ -279,6 +279,8 @@ def test_cga_keeps_confident_weights_bit_identical_during_the_phase():
     assert steps["moved"] > 0  # the not-confident weights did train
     # OFQ's min_lr over its peak (1e-5 / 5.47e-4), of this run's peak
     assert history[-1]["lr"] == 0.0183 * spec.trainer.lr and history[-1]["cga/active"] == 1.0
+    # the rate of each epoch's first and last step: falling in the cosine, constant in CGA
+    assert history[1]["lr_last"] < history[1]["lr"] and history[-1]["lr_last"] == history[-1]["lr"]
     above("frozen share in the CGA epoch", history[-1]["cga/frozen_share"], 0.9)
     below("frozen share in the CGA epoch", history[-1]["cga/frozen_share"], 1.0)
     assert history[0]["cga/active"] == 0.0

@@ -92,7 +92,7 @@ class TRS(Policy):
         layers = [layer for layer, _ in tracker.tracked() if not layer.is_first_or_last]
         if not layers:
             raise ConfigError("policy=trs steers the low-bit layers: this model has none")
-        self.register_buffer("layers", tracker.layer_mask(layers), persistent=False)
+        self.register_buffer("low_bit", tracker.layer_mask(layers), persistent=False)
         self.share = tracker.step_share
         self.steered = {id(layer.weight) for layer in layers}
         if cfg.steer == "latent_and_steps":
@@ -126,7 +126,7 @@ class TRS(Policy):
             self.mu0 = cfg.lr_start if cfg.lr_start is not None else base
             self.mu.fill_(self.mu0)
         if self.step > 0:
-            measured = self.share(self.layers)
+            measured = self.share(self.low_bit)
             self.rate.mul_(cfg.momentum).add_(measured, alpha=1 - cfg.momentum)
             self.mu.add_(cfg.gamma * (self.target - self.rate)).clamp_(min=0)
             self.means["rate"].add(measured)
