@@ -203,6 +203,12 @@ def cells(records: list[dict]) -> dict[tuple[str, str], list[Cell]]:
     return out
 
 
+def _differing(group: list[Cell]) -> list[str]:
+    """The settings in which the cells of a group differ."""
+    keys = set().union(*(c.settings for c in group))
+    return sorted(k for k in keys if len({str(c.settings.get(k)) for c in group}) > 1)
+
+
 def pick(side: Side, by_cell: dict) -> list[dict] | None:
     """The runs of the cell a side reads (None: there are none). Where its settings leave
     several cells, it is refused: a claim never averages runs of different configurations."""
@@ -214,8 +220,7 @@ def pick(side: Side, by_cell: dict) -> list[dict] | None:
         if all(c.matches(k, v) for k, v in where.items())
     ]
     if len(found) > 1:
-        keys = set().union(*(c.settings for c in found))
-        differ = sorted(k for k in keys if len({str(c.settings.get(k)) for c in found}) > 1)
+        differ = _differing(found)
         raise ConfigError(
             f"the runs of {side.method} {side.bits} differ in more than the seed "
             f"({', '.join(differ)}): name one cell in the claim's side, "
@@ -379,8 +384,7 @@ def labelled(by_cell: dict) -> list[tuple[str, list[dict]]]:
     has several cells, what tells them apart (the recipe, or the settings that differ)."""
     out = []
     for (method, bits), group in sorted(by_cell.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        keys = set().union(*(c.settings for c in group))
-        differ = sorted(k for k in keys if len({str(c.settings.get(k)) for c in group}) > 1)
+        differ = _differing(group)
         if report.RECIPE in differ:
             differ = [report.RECIPE]
         for c in group:
