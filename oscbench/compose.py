@@ -42,6 +42,11 @@ def paper_recipe(cfg: DictConfig) -> str:
 COMPONENTS = ("quantizer", "act_quantizer")  # groups whose options a plugin's schema names
 
 
+def without_recipe(overrides: list[str]) -> list[str]:
+    """The overrides less any that chooses the recipe (`recipe=...`, `+recipe=...`)."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
+
+
 def resolve_recipe(cfg: DictConfig, overrides: list[str], hydra_node: bool = False) -> DictConfig:
     """The configuration as it runs under its recipe, so that the record says what ran:
 
@@ -54,8 +59,7 @@ def resolve_recipe(cfg: DictConfig, overrides: list[str], hydra_node: bool = Fal
       run, which a recipe asks for the quantized runs: `init_from=fp`, `teacher=fp` and its
       distillation are dropped."""
     if cfg.recipe.name == "paper":
-        kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "recipe"]
-        return compose([*kept, f"recipe={paper_recipe(cfg)}"], hydra_node)
+        return compose([*without_recipe(overrides), f"recipe={paper_recipe(cfg)}"], hydra_node)
     not_applied = [f"{group}.{key}" for group, key in _unfit(cfg)]
     alone = cfg.quantizer.name == "none" and not cfg.get("policy")
     if not (not_applied or (alone and "fp" in (cfg.init_from, cfg.teacher))):

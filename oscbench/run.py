@@ -22,7 +22,14 @@ from oscbench import interrupt
 from oscbench.accel import compile_refused, deterministic_cpu
 from oscbench.batchnorm import global_batch_norm
 from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL, load_for_resume, save_atomic
-from oscbench.compose import CONF_DIR, compose, method_free, presets, resolve_recipe
+from oscbench.compose import (
+    CONF_DIR,
+    compose,
+    method_free,
+    presets,
+    resolve_recipe,
+    without_recipe,
+)
 from oscbench.config import RunSpec, resolved, validate
 from oscbench.console import ClosedSafe, epoch_line, say, warn
 from oscbench.data.base import Data, build_data
@@ -191,7 +198,7 @@ def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
     (fp,) = [p for p in presets() if p.name == "fp"]
     cfg = compose([*kept, *fp.choices])
     if cfg.recipe.get("fp") == "common":  # a paper that fine-tunes a standard pretrained model
-        kept = [o for o in kept if o.split("=", 1)[0].lstrip("+~") != "recipe"]
+        kept = without_recipe(kept)
         cfg = compose([*kept, *fp.choices])
     config = resolved(cfg)
     own = fingerprint(config)
