@@ -47,10 +47,17 @@ def _text(value: object) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def _mode(values: list[str]) -> str | None:
+    """The single most common value, or None where two are as common."""
+    top = Counter(values).most_common(2)
+    return top[0][0] if len(top) == 1 or top[0][1] > top[1][1] else None
+
+
 def series(runs: pd.DataFrame) -> list[str]:
     """Each run's series label: its method, and the settings in which it differs from the
     method's most common values among those that vary between the method's runs (a
-    component whose name differs shows that name alone, not its options)."""
+    component whose name differs shows that name alone, not its options). A setting with no
+    single most common value (5 runs at 80 epochs, 5 at 160) is shown on every run."""
     labels = [""] * len(runs)
     shown = [_shown(s, b) for s, b in zip(runs["settings"], runs["bits"], strict=True)]
     for method, rows in runs.reset_index(drop=True).groupby("method").groups.items():
@@ -59,7 +66,7 @@ def series(runs: pd.DataFrame) -> list[str]:
         varying = [k for k in keys if len(set(values[k])) > 1]
         renamed = {k.rsplit(".", 1)[0] for k in varying if k.endswith(".name")}
         varying = [k for k in varying if k.endswith(".name") or k.rsplit(".", 1)[0] not in renamed]
-        usual = {k: Counter(values[k]).most_common(1)[0][0] for k in varying}
+        usual = {k: _mode(values[k]) for k in varying}
         for n, i in enumerate(rows):
             differs = [f"{k}={values[k][n]}" for k in varying if values[k][n] != usual[k]]
             labels[i] = method + (f" ({', '.join(differs)})" if differs else "")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import pandas as pd
 import pytest
 from matplotlib.colors import to_hex, to_rgba_array
 from matplotlib.transforms import Bbox
@@ -137,6 +138,23 @@ def test_a_series_is_labelled_by_what_differs_within_its_method(real):
     assert any(x.startswith("method_with_a_long_name_0 (act_quantizer.name=none") for x in labels)
     assert not any("grad_scale" in x or "act_bits" in x for x in labels)
     assert "method_with_a_long_name_5" in labels and "fp" in labels
+
+
+def test_a_setting_without_one_usual_value_is_named_on_every_series():
+    settings = [{"trainer.epochs": e} for e in (80, 80, 160, 160)] + [{"trainer.epochs": 10}]
+    df = pd.DataFrame({"method": ["lsq"] * 5, "bits": [2] * 5, "settings": settings})
+    assert figures.series(df) == [
+        *["lsq (trainer.epochs=80)"] * 2,
+        *["lsq (trainer.epochs=160)"] * 2,
+        "lsq (trainer.epochs=10)",
+    ]
+    # one usual value (160, twice): its runs are the method alone
+    assert figures.series(df.iloc[1:]) == [
+        "lsq (trainer.epochs=80)",
+        "lsq",
+        "lsq",
+        "lsq (trainer.epochs=10)",
+    ]
 
 
 def test_recipes_are_compared_between_rows_alike_in_every_other_setting(tmp_path):
