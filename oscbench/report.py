@@ -184,9 +184,18 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
             return idx.map(order.get)
         if idx.name == RECIPE:  # the common recipe first, then the papers'
             return idx.map(lambda r: (r != "common", str(r)))
-        return idx.map(str)
+        return idx.map(_numbers_first)
 
     return stats.sort_index(key=key)
+
+
+def _numbers_first(value: object) -> tuple[bool, float, str]:
+    """A setting's value as rows are sorted: numbers by size (10, 20, 80, 160), then text."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return (True, 0.0, str(value))
+    return (False, number, "") if number == number else (True, 0.0, str(value))
 
 
 def recipe_differences(stats: pd.DataFrame) -> str:

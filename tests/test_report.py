@@ -157,6 +157,13 @@ def test_a_setting_without_one_usual_value_is_named_on_every_series():
     ]
 
 
+def test_rows_order_a_settings_numbers_by_size_and_text_after_them():
+    values = [160, "-", 20, 80.0, "sgd", 10, float("nan")]
+    ordered = sorted(values, key=report._numbers_first)
+    assert ordered[:4] == [10, 20, 80.0, 160]  # as text: 10, 160, 20, 80
+    assert [str(v) for v in ordered[4:]] == ["-", "nan", "sgd"]
+
+
 def test_recipes_are_compared_between_rows_alike_in_every_other_setting(tmp_path):
     """Common-recipe runs of a method that differ in another setting (epochs) beside a
     paper-recipe run: the paper's row is compared with the common row of its epochs."""
