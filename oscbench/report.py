@@ -194,8 +194,8 @@ def _numbers_first(value: object) -> tuple[bool, float, str]:
     try:
         number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return (True, 0.0, str(value))
-    return (False, number, "") if number == number else (True, 0.0, str(value))
+        number = math.nan
+    return (True, 0.0, str(value)) if math.isnan(number) else (False, number, "")
 
 
 def recipe_differences(stats: pd.DataFrame) -> str:
