@@ -31,7 +31,7 @@ report: install
 claims: install  # the claims study (experiments/claims): under 2 hours on 2 cores; again: continues
 	$(PY) -m oscbench.claims experiments/claims/study.yaml --sweep-dir multirun/claims $(ARGS)
 
-claims-plateau: install  # the evidence that the study's runs have plateaued: about 1 h 45 min
+claims-plateau: install  # the evidence that the study's runs have plateaued: about 3 h 10 min
 	$(PY) -m oscbench.claims experiments/claims/plateau.yaml --sweep-dir multirun/claims-plateau \
 		--out experiments/claims/plateau $(ARGS)
 
