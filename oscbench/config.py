@@ -225,6 +225,7 @@ class RunSpec:
     recipe: str  # the training recipe that ran: common, nagel2022, ofq2023, aoq2025, wenshoj2025
     teacher: str | None  # distil from: fp (the sweep's fp run), a run dir, checkpoint, weights
     distill: DistillConfig
+    export: bool  # after training: the integer model to ONNX, its parity measured (oscbench.export)
 
     @property
     def plan(self) -> QuantPlan:
@@ -284,7 +285,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         "auto, cpu, cuda, cuda:N",
     )
     policy_node = cfg.get("policy") or {}  # policy=[] leaves no node at all
-    for key in ("ptq", "init_strict"):
+    for key in ("ptq", "init_strict", "export"):
         check(isinstance(cfg[key], bool), key, cfg[key], "true, false")
     method = cfg.method
     for key in ("name", "quantizer", "policies", "ptq"):
@@ -322,6 +323,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         recipe=str(cfg.recipe.name),
         teacher=None if cfg.teacher is None else str(cfg.teacher),
         distill=parse(DistillConfig, cfg.distill, "distill"),
+        export=cfg.export,
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
     jobs = spec.jobs_per_gpu

@@ -33,6 +33,7 @@ NOT_RESULTS = (
     "tune",
     "method",
     "init_strict",
+    "export",
 )
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
 BITS = ("bits", "act_bits", "first_last", "first_last_bits")
