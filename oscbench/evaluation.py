@@ -135,7 +135,7 @@ def threshold_distance_histogram(model: nn.Module, bits: int, plan: QuantPlan) -
         ]
     dists, to_level = [], []
     for m in layers:
-        q, w = m.weight_quantizer, m.weight
+        q, w = m.weight_quantizer, m.quantizer_input()
         step = q.step(w)
         dists.append((q.threshold_distance(w) / step).flatten().float())
         to_level.append(((q(w) - clip_to_grid(q, w)).abs() / step).flatten().float())

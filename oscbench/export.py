@@ -45,6 +45,7 @@ from oscbench.data.base import Batch, Data, build_data
 from oscbench.files import DamagedFile, write_atomic, write_json_atomic
 from oscbench.models.base import build_model
 from oscbench.quant.base import UNIFORM, IntegerForm, NotDeployable, Quantizer
+from oscbench.quant.fold import QConvBn2d
 from oscbench.quant.modules import QuantizedLayer, quantized_layers, swap_module
 from oscbench.record import load_results
 from oscbench.registry import ConfigError
@@ -107,7 +108,7 @@ class Deployed(nn.Module):
     def __init__(self, name: str, layer: QuantizedLayer) -> None:
         super().__init__()
         wq: Quantizer = layer.weight_quantizer
-        w = layer.weight.detach()
+        w = layer.quantizer_input().detach()  # with bn_fold: the folded weight
         self.form = form = wq.integer_form(w)
         self.dtype = integer_dtype(form)
         self.register_buffer("weight_codes", wq.integer_codes(w).to(self.dtype))
@@ -115,7 +116,7 @@ class Deployed(nn.Module):
             self.weight_scale = float(form.scale)  # a constant of the graph
         else:
             self.register_buffer("weight_scale", form.scale.float().reshape(-1))
-        self.bias = layer.bias
+        self.bias = folded_bias(layer) if isinstance(layer, QConvBn2d) else layer.bias
         aq = layer.input_quantizer
         self.input = QDQ(aq.integer_form(None)) if aq is not None else None
         self.conv = None
@@ -164,6 +165,14 @@ class Probe(nn.Module):
             for q in self.qdqs:
                 q.emit = None
         return (logits, *codes)
+
+
+def folded_bias(layer: QConvBn2d) -> nn.Parameter:
+    """beta + (b - running_mean) gamma / sigma: with the folded weight, the layer's output
+    in evaluation (no BatchNorm node in the graph)."""
+    bn = layer.bn
+    b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    return nn.Parameter((bn.bias + (b - bn.running_mean) * layer.scale_factor()).detach())
 
 
 def deployed(model: nn.Module) -> nn.Module:
@@ -227,7 +236,8 @@ def weight_codes_equal(model: nn.Module, onnx_model: bytes) -> tuple[int, bool]:
         if init is None:
             return len(layers), False
         theirs = numpy_helper.to_array(init).astype(np.int64)
-        ours = layer.weight_quantizer.integer_codes(layer.weight.detach()).long().numpy()
+        ours = layer.weight_quantizer.integer_codes(layer.quantizer_input().detach())
+        ours = ours.long().numpy()
         if theirs.shape != ours.shape or not (theirs == ours).all():
             return len(layers), False
     return len(layers), True
@@ -253,7 +263,7 @@ def parity(model: nn.Module, probe: bytes, batches: Iterable[Batch]) -> dict:
     hooks.append(last.register_forward_hook(lambda m, i, o: last_out.append(o)))
     bounded = isinstance(last, nn.Linear) and last.input_quantizer is not None
     if bounded:
-        w = last.weight_quantizer(last.weight).double().abs()
+        w = last.weight_quantizer(last.quantizer_input()).double().abs()
         b = last.bias.double().abs() if last.bias is not None else torch.zeros(w.shape[0])
         k = w.shape[1] + 1
         gamma = k * U / (1 - k * U)

@@ -48,9 +48,10 @@ from oscbench.gpus import job_device
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
 from oscbench.naming import result_key, run_dir_name
-from oscbench.oscillation.policy import Policy, RunContext, build_policies
+from oscbench.oscillation.policy import Policy, Probe, RunContext, build_policies
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.preflight import reject, remove_if_unused
+from oscbench.quant.fold import QConvBn2d, conv_bn_pairs, fold_batchnorm
 from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention, has_window_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
@@ -139,6 +140,8 @@ def build(spec: RunSpec) -> Built:
             init |= ptq_accuracy(model, data, spec.trainer)
     run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
     policies = build_policies(spec.policies, run)
+    if spec.bn_fold.enabled and spec.bn_fold.freeze_epoch is not None:
+        policies.append(FreezeBNStats(model, spec.bn_fold.freeze_epoch))
     objective = Objective(spec.distill, spec.trainer.label_smoothing, teacher)
     ema = None
     if spec.trainer.ema_decay is not None:
@@ -149,8 +152,9 @@ def build(spec: RunSpec) -> Built:
 
 
 def quantize(spec: RunSpec, model: nn.Module, data: Data) -> None:
-    """Quantize `model` as `spec` asks: OFQ's QKR where asked, the quantized layers, and the
-    input quantizers calibrated on the global first training batch (the same on every rank)."""
+    """Quantize `model` as `spec` asks: OFQ's QKR where asked, the quantized layers (with
+    `bn_fold`, each BatchNorm after a quantized conv folded into it), and the input
+    quantizers calibrated on the global first training batch (the same on every rank)."""
     plan = spec.plan
     weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
     if spec.qkr != "never" and has_window_attention(model):
@@ -169,9 +173,28 @@ def quantize(spec: RunSpec, model: nn.Module, data: Data) -> None:
                 f"qkr=always reparameterises attention, but model={spec.model.name} has none; "
                 "use an attention model (model=deit_tiny, model=deit_small) or qkr=never"
             )
-    quantize_model(model, weight_q, act_q, plan)
     whole = dataclasses.replace(data, world=World())  # every rank: the global first batch
-    calibrate(model, next(whole.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
+    batch = next(whole.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0]
+    pairs = conv_bn_pairs(model, batch[:2]) if spec.bn_fold.enabled else []
+    quantize_model(model, weight_q, act_q, plan)
+    fold_batchnorm(model, pairs)
+    calibrate(model, batch)
+
+
+class FreezeBNStats(Policy):
+    """`bn_fold.freeze_epoch`: from that epoch on (also when a run resumes past it), every
+    folded BatchNorm uses its running statistics (`QConvBn2d.freeze_bn_stats`). Built by the
+    run, not a `policy:` of the config."""
+
+    def __init__(self, model: nn.Module, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+
+    def on_epoch_start(self, epoch: int, probe: Probe) -> None:
+        if epoch >= self.epoch:
+            for layer in self.layers:
+                layer.freeze_bn_stats()
 
 
 def extra_metrics(spec: RunSpec, built: Built) -> dict:

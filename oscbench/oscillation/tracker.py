@@ -287,7 +287,10 @@ class OscillationTracker(nn.Module):
         device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         codes = (
             torch.cat(
-                [layer.weight_quantizer.to_int(layer.weight).flatten() for layer in self.layers]
+                [
+                    layer.weight_quantizer.to_int(layer.quantizer_input()).flatten()
+                    for layer in self.layers
+                ]
             )
             if self.layers
             else torch.zeros(0)
@@ -310,7 +313,7 @@ class OscillationTracker(nn.Module):
         )
         self.register_buffer("epoch_code", self.code.clone(), persistent=False)
         self.register_buffer("epoch_count", self.count.clone(), persistent=False)
-        self.moves = nn.ModuleList(Movement(layer.weight) for layer in self.layers)
+        self.moves = nn.ModuleList(Movement(layer.quantizer_input()) for layer in self.layers)
         self.groups = [[i] for i in range(len(self.layers))]  # a CPU's: layer by layer
         if device.type == "cuda":
             self.in_one_span()
@@ -345,14 +348,14 @@ class OscillationTracker(nn.Module):
             new = self.code.new_empty(end - start)
             for i in group:
                 (a, b), layer = self.bounds[i], self.layers[i]
-                codes = layer.weight_quantizer.to_int(layer.weight)
+                codes = layer.weight_quantizer.to_int(layer.quantizer_input())
                 new[a - start : b - start].view(layer.weight.shape).copy_(codes)
             span = LayerView(self, start, torch.Size([end - start]))
             delta, direction, osc = advance(span, new, self.momentum, self.wide)
             span.code.copy_(new)
             for i in group:
                 (a, b), layer = self.bounds[i], self.layers[i]
-                q, w = layer.weight_quantizer, layer.weight
+                q, w = layer.weight_quantizer, layer.quantizer_input()
                 a, b = a - start, b - start
                 switches.append(direction[a:b].count_nonzero())
                 oscillations.append(osc[a:b].count_nonzero())
