@@ -275,7 +275,8 @@ def parity(model: nn.Module, probe: bytes, batches: Iterable[Batch]) -> dict:
     model.eval()
     try:
         for x, y in batches:
-            ours.clear(), last_in.clear(), last_out.clear()
+            for kept in (ours, last_in, last_out):
+                kept.clear()
             logits = model(x).float()
             out = sess.run(None, {"input": x.numpy()})
             theirs = [torch.from_numpy(c.astype(np.int64)) for c in out[1:]]
