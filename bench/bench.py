@@ -6,7 +6,8 @@ method preset at 4 and 2 bits, as a ratio to FP, on cnn_small (a digits batch of
 resnet18 with the CIFAR stem (batch 32, 32x32); the tracker's share of a step and its state
 in bytes per tracked weight; oscbench's LSQ forward+backward against PyTorch's fused
 `_fake_quantize_learnable_per_tensor_affine`; the peak memory of a step, FP vs QAT (fresh
-processes, resident set size). Each method's step is timed against a fresh FP twin,
+processes, resident set size); the export of resnet18 to ONNX and its inference in
+onnxruntime. Each method's step is timed against a fresh FP twin,
 alternating for `--rounds` rounds, and its ratio is the median method time over the median
 FP time of those rounds, so that drift of the machine during the run does not enter it.
 Writes bench/results.md and bench/results.json.
@@ -283,12 +284,16 @@ def tracker_cost(min_run_time: float) -> dict:
     def per_weight(buffers: Iterable[torch.Tensor]) -> float:
         return sum(b.numel() * b.element_size() for b in buffers) / weights
 
-    flat = (b for b in built.tracker.buffers(recurse=False) if b.numel() == weights)
+    saved = {id(v) for v in built.tracker.state_dict(keep_vars=True).values()}
+    flat = [b for b in built.tracker.buffers(recurse=False) if b.numel() == weights]
+    kept = [b for b in flat if id(b) in saved]
     return {
         "step_s": total,
         "tracker_s": tracker,
         "share": tracker / total,
-        "bytes_per_weight": per_weight(flat),  # oscillation (issue 7)
+        "bytes_per_weight": per_weight(kept),  # oscillation (issue 7)
+        # the code and count at the epoch's start, for the stuck share (issue 28): not saved
+        "epoch_start_bytes_per_weight": per_weight(b for b in flat if id(b) not in saved),
         "movement_bytes_per_weight": per_weight(m.previous for m in built.tracker.moves),
         "tracked_weights": weights,
     }
@@ -309,6 +314,34 @@ class _OpCount(TorchDispatchMode):
 
 
 _METADATA = {torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten.alias}
+
+
+def export_cost(min_run_time: float) -> dict:
+    """resnet18-CIFAR, LSQ W4A4 (issue 28): seconds to export it to ONNX (`oscbench.export`:
+    the integer twin, torch.onnx's exporter, the graph without the codes) and to load it
+    into onnxruntime; a batch of 32 in onnxruntime against the fake-quantized model."""
+    from oscbench.export import deployed, logits_only, session, to_onnx
+
+    built, _ = setup("resnet18_cifar", "lsq", 4)
+    model = built.model.eval()
+    x = next(built.data.train_batches(0, 32))[0]
+    start = time.perf_counter()
+    onnx_model = logits_only(to_onnx(deployed(model), x[:2]))
+    export_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sess = session(onnx_model, optimized=True)
+    load_s = time.perf_counter() - start
+    feed = {"input": x.numpy()}
+    with torch.no_grad():
+        simulated = median_time(lambda: model(x), min_run_time)
+    onnx = median_time(lambda: sess.run(None, feed), min_run_time)
+    return {
+        "export_s": export_s,
+        "load_s": load_s,
+        "onnx_mb": len(onnx_model) / 2**20,
+        "batch32_onnxruntime_s": onnx,
+        "batch32_simulated_s": simulated,
+    }
 
 
 def ops_per(fn: Callable[[], None]) -> int:
@@ -471,10 +504,22 @@ def write(results: dict, path_md: Path) -> None:
         f"- update: {t['tracker_s'] * 1e3:.2f} ms of a {t['step_s'] * 1e3:.1f} ms step "
         f"({100 * t['share']:.1f} %)",
         f"- state: {t['bytes_per_weight']:.1f} bytes per tracked weight for oscillation, "
-        f"{t['movement_bytes_per_weight']:.1f} for d_Q/d_w (the previous latent weight) "
-        f"({t['tracked_weights']:,} weights)",
+        f"{t['movement_bytes_per_weight']:.1f} for d_Q/d_w (the previous latent weight), "
+        f"{t.get('epoch_start_bytes_per_weight', 0):.1f} for the code and count at the "
+        f"epoch's start (stuck weights) ({t['tracked_weights']:,} weights)",
         "",
     ]
+    if "export" in results:
+        e = results["export"]
+        lines += [
+            "## Export to an integer model (resnet18-CIFAR, LSQ W4A4; issue 28)",
+            "",
+            f"- `python -m oscbench.export`: {e['export_s']:.1f} s to export "
+            f"({e['onnx_mb']:.1f} MB of ONNX), {e['load_s']:.2f} s to load into onnxruntime",
+            f"- a batch of 32: {e['batch32_onnxruntime_s'] * 1e3:.1f} ms in onnxruntime, "
+            f"{e['batch32_simulated_s'] * 1e3:.1f} ms fake-quantized in torch",
+            "",
+        ]
     if "launches" in results:
         fp = results["launches"]["fp"]["step"]
         lines += [
@@ -591,6 +636,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "gpu": lambda a: gpu_throughput(a.min_run_time, a.rounds),  # where CUDA is
     "lsq": lambda a: lsq_vs_fused(a.min_run_time),
     "memory": lambda a: peak_memory(a.threads),
+    "export": lambda a: export_cost(a.min_run_time),
 }
 
 

@@ -197,6 +197,18 @@ class Component:
 
 
 @dataclass
+class BNFoldConfig:
+    """`bn_fold`: each BatchNorm folded into the quantized conv before it (quant/fold.py)."""
+
+    enabled: bool
+    freeze_epoch: int | None  # from this epoch (0-based) on, running statistics; null: never
+
+    def __post_init__(self) -> None:
+        f = self.freeze_epoch
+        check(f is None or f >= 0, "freeze_epoch", f, "an epoch >= 0, or null (never)")
+
+
+@dataclass
 class RunSpec:
     """Everything a run needs, typed and checked."""
 
@@ -225,6 +237,8 @@ class RunSpec:
     recipe: str  # the training recipe that ran: common, nagel2022, ofq2023, aoq2025, wenshoj2025
     teacher: str | None  # distil from: fp (the sweep's fp run), a run dir, checkpoint, weights
     distill: DistillConfig
+    export: bool  # after training: the integer model to ONNX, its parity measured (oscbench.export)
+    bn_fold: BNFoldConfig
 
     @property
     def plan(self) -> QuantPlan:
@@ -284,7 +298,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         "auto, cpu, cuda, cuda:N",
     )
     policy_node = cfg.get("policy") or {}  # policy=[] leaves no node at all
-    for key in ("ptq", "init_strict"):
+    for key in ("ptq", "init_strict", "export"):
         check(isinstance(cfg[key], bool), key, cfg[key], "true, false")
     method = cfg.method
     for key in ("name", "quantizer", "policies", "ptq"):
@@ -322,6 +336,8 @@ def validate(cfg: DictConfig) -> RunSpec:
         recipe=str(cfg.recipe.name),
         teacher=None if cfg.teacher is None else str(cfg.teacher),
         distill=parse(DistillConfig, cfg.distill, "distill"),
+        export=cfg.export,
+        bn_fold=parse(BNFoldConfig, cfg.bn_fold, "bn_fold"),
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
     jobs = spec.jobs_per_gpu
@@ -396,6 +412,8 @@ def check_combination(spec: RunSpec) -> None:
         raise ConfigError(
             f"act_quantizer={act} quantizes weights only; use {_options('act_quantizer', fits)}"
         )
+    if spec.bn_fold.enabled:
+        _check_folding(spec)
     if spec.qkr == "always" and q == "none":
         raise ConfigError(
             "qkr=always quantizes attention, but quantizer=none trains in full precision"
@@ -407,6 +425,29 @@ def check_combination(spec: RunSpec) -> None:
         note = entry.declares("bit_note", "") or f"it is defined for {span} bits"
         allowed = ", ".join(map(str, bit_range))
         raise ConfigError(f"quantizer={q} with bits={spec.bits}: {note}; use bits={allowed}")
+
+
+def _check_folding(spec: RunSpec) -> None:
+    """bn_fold folds BatchNorm into quantized convs: refused in full precision, with the
+    global batch norm of several CPU processes, and with a policy that cannot act on folded
+    weights (`Policy.not_on_folded` says why)."""
+    if not spec.quantized:
+        raise ConfigError(
+            "bn_fold.enabled=true folds BatchNorm into quantized convolutions, but "
+            "quantizer=none quantizes none; use a weight quantizer or bn_fold.enabled=false"
+        )
+    if spec.trainer.sync_bn:
+        raise ConfigError(
+            "bn_fold.enabled=true with trainer.sync_bn=true: a folded BatchNorm keeps its "
+            "own statistics; use trainer.sync_bn=false"
+        )
+    for policy in spec.policies:
+        why = POLICIES.get(policy.name).declares("not_on_folded", None)
+        if why:
+            raise ConfigError(
+                f"policy={policy.name} with bn_fold.enabled=true: {why}; use bn_fold.enabled="
+                "false, or a policy that acts on folded weights (dampen, binreg, ramping, trs)"
+            )
 
 
 def resolved(cfg: DictConfig) -> dict:

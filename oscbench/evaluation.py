@@ -135,7 +135,7 @@ def threshold_distance_histogram(model: nn.Module, bits: int, plan: QuantPlan) -
         ]
     dists, to_level = [], []
     for m in layers:
-        q, w = m.weight_quantizer, m.weight
+        q, w = m.weight_quantizer, m.quantizer_input()
         step = q.step(w)
         dists.append((q.threshold_distance(w) / step).flatten().float())
         to_level.append(((q(w) - clip_to_grid(q, w)).abs() / step).flatten().float())
@@ -151,6 +151,35 @@ def threshold_distance_histogram(model: nn.Module, bits: int, plan: QuantPlan) -
         "mean": float(dists.clamp(max=0.5).mean()),
         "mean_to_level": float(torch.cat(to_level).mean()),  # |clip(w) - q(w)| / step
     }
+
+
+@torch.no_grad()
+def ptq_accuracy(model: nn.Module, data: Data, cfg: TrainerConfig) -> dict[str, float]:
+    """Post-training quantization's accuracy (`ptq_acc`, `val_ptq_acc`): the model as QAT
+    starts from it (weights on the quantizers' initial grids, inputs calibrated), its BN
+    statistics re-estimated as for the final result. Evaluated on a copy, the random state
+    kept, so that training goes on exactly as without it."""
+    twin = copy.deepcopy(model)
+    cuda = [data.device] if data.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        reestimate_bn(twin, data, cfg.bn_reestimate_batches, cfg.batch_size)
+        return {
+            f"{prefix}ptq_acc": evaluate(twin, data, split, cfg.eval_batch_size)["acc"]
+            for split, prefix in final_splits(data, cfg).items()
+        }
+
+
+def gap_recovered(final: dict) -> dict[str, float]:
+    """torchao's share of the PTQ gap that QAT recovered, (QAT - PTQ) / (FP - PTQ), on each
+    split (`ptq_gap_recovered`, `val_ptq_gap_recovered`), for a run that started from FP
+    weights (its `init` holds FP's and PTQ's accuracy) where PTQ lost accuracy."""
+    init, out = final.get("init") or {}, {}
+    for prefix in ("val_", ""):
+        fp, ptq = init.get(f"{prefix}acc"), init.get(f"{prefix}ptq_acc")
+        qat = final.get(f"{prefix}acc_bn")
+        if None not in (fp, ptq, qat) and fp > ptq:
+            out[f"{prefix}ptq_gap_recovered"] = (qat - ptq) / (fp - ptq)
+    return out
 
 
 def _ratio(dq: float, dw: float) -> float:
@@ -185,6 +214,7 @@ def final_metrics(
         final |= {
             "osc_share": osc["osc_share"],
             "mean_freq": osc["mean_freq"],
+            "stuck_share": osc["stuck_share"],
             "crossings_last_epoch": osc["crossings"],
             "crossings_total": sum(h["osc"]["crossings"] for h in history),
             "oscillations_total": sum(h["osc"]["oscillations"] for h in history),

@@ -357,6 +357,17 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
                 f"{100 * final['osc_share']:.2f} %  (frequency > "
                 f"{spec.oscillation.threshold}, {final['tracked_weights']:,} tracked weights)",
             ),
+            *(
+                [
+                    (
+                        "stuck weights",
+                        f"{100 * final['stuck_share']:.2f} %  (never left their level "
+                        "in the last epoch)",
+                    )
+                ]
+                if "stuck_share" in final
+                else []
+            ),
             (
                 "crossings",
                 f"{final['crossings_last_epoch']:,} in the last epoch, "
@@ -381,6 +392,11 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
         split = "test" if "acc" in init else "validation"
         acc = init.get("acc", init.get("val_acc"))
         rows.append(("started from", f"{init['from']} ({acc:.2f} % {split}, before quantization)"))
+        pre = "" if "acc" in init else "val_"
+        if f"{pre}ptq_acc" in init:
+            gap = final.get(f"{pre}ptq_gap_recovered")
+            share = f"; QAT recovered {100 * gap:.1f} % of the gap" if gap is not None else ""
+            rows.append(("PTQ", f"{init[f'{pre}ptq_acc']:.2f} % {split}{share}"))
     if results.get("resumed_at_epoch"):
         rows.append(
             (

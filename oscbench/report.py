@@ -27,6 +27,7 @@ from oscbench.compose import presets
 from oscbench.console import warn
 from oscbench.latex import latex_table
 from oscbench.naming import result_key
+from oscbench.quant.base import EXTRA_BIT, LOOKUP, UNIFORM, deployability
 from oscbench.registry import ConfigError
 from oscbench.runs import bits_free, fingerprint, run_key, scan_records
 from oscbench.stats import compare, versus
@@ -34,7 +35,14 @@ from oscbench.stats import compare, versus
 RECIPE = "recipe.name"  # the setting that names a run's training recipe (conf/recipe/)
 METRICS = {  # column in the runs frame -> (title, scale, decimals)
     "acc": ("Test accuracy (%) after BN re-estimation; ptq: rounded to the column's bits", 1.0, 2),
+    "acc_exported": (
+        "Test accuracy (%) of the exported integer model in onnxruntime (oscbench.export)",
+        1.0,
+        2,
+    ),
+    "ptq_gap_recovered": ("Share of the PTQ gap recovered (%): (QAT - PTQ) / (FP - PTQ)", 100.0, 1),
     "osc_share": ("Oscillating weights (%), last epoch", 100.0, 3),
+    "stuck_share": ("Stuck weights (%): never left their level in the last epoch", 100.0, 2),
     "crossings_total": ("Threshold crossings over training", 1.0, 0),
     "dq_dw": ("Quantized over latent movement d_Q/d_w, over training (TetraJet)", 1.0, 2),
     "frozen_share": ("Frozen weights (%), end of training", 100.0, 2),
@@ -91,8 +99,12 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                 "status": r.get("status"),
                 "acc": _accuracy(c, f),
                 "acc_before_bn": f.get("acc"),
+                "acc_exported": r.get("export", {}).get("acc"),
+                "deployable": deployability(c),
                 "val_acc": _accuracy(c, f, "val_"),
                 "osc_share": f.get("osc_share"),
+                "stuck_share": f.get("stuck_share"),
+                "ptq_gap_recovered": f.get("ptq_gap_recovered"),
                 "crossings_total": f.get("crossings_total"),
                 "dq_dw": f.get("dq_dw"),
                 "frozen_share": frozen,
@@ -172,6 +184,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
     done = exp[exp["status"] == "completed"]
     stats = done.groupby(keys)[list(METRICS)].agg(["mean", "std", "count"])
     stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    stats["deployable"] = done.groupby(keys)["deployable"].first()
     failed = exp[exp["status"] != "completed"].groupby(keys).size()
     stats["not_completed"] = failed.reindex(stats.index, fill_value=0)
     extra = failed.index.difference(stats.index)
@@ -245,6 +258,12 @@ def _cell(mean: float, std: float, n: int, scale: float, decimals: int) -> str:
     return text
 
 
+def _deployable(stats: pd.DataFrame, row: tuple) -> str:
+    """A row's deployability: one value for all its bit-widths (the quantizers decide it)."""
+    values = stats.xs(row, level=list(range(len(row))))["deployable"].dropna().unique()
+    return ", ".join(map(str, values)) or "-"
+
+
 def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
     """One table per metric: a row per method (and varying setting), a column per bit-width."""
     out = []
@@ -264,13 +283,13 @@ def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
             f"{', '.join(row_keys[1:])}.\n"
         )
     for metric, (title, scale, decimals) in METRICS.items():
+        extra = ["deployable"] if metric.startswith("acc") else []
         out.append(f"### {title}\n")
-        out.append(
-            "| " + " | ".join(row_keys) + " | " + " | ".join(f"{b}-bit" for b in bits) + " |"
-        )
-        out.append("|---" * (len(row_keys) + len(bits)) + "|")
+        head = [*row_keys, *extra, *(f"{b}-bit" for b in bits)]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|---" * len(head) + "|")
         for row in rows:
-            cells = []
+            cells = [_deployable(stats, row)] if extra else []
             for b in bits:
                 if (*row, b) not in stats.index:
                     cells.append("")
@@ -286,8 +305,14 @@ def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
                 if metric == "acc" and r.get("not_completed", 0):
                     cell += f" ({int(r['not_completed'])} failed)"
                 cells.append(cell)
-            out.append("| " + " | ".join(map(str, row)) + " | " + " | ".join(cells) + " |")
+            out.append("| " + " | ".join([*map(str, row), *cells]) + " |")
         out.append("")
+    out.append(
+        "deployable: how the run's quantizers' levels map to integers (`Quantizer.deploy`): "
+        f"{UNIFORM} (QuantizeLinear at b bits), {EXTRA_BIT} (mid-rise levels, the odd "
+        f"integers at one more bit), {LOOKUP} (learned thresholds: a table, no QuantizeLinear); "
+        "fp: full precision.\n"
+    )
     bad = df[df["status"] != "completed"]
     if len(bad):
         out.append("### Runs that did not complete\n")

@@ -39,6 +39,8 @@ from oscbench.evaluation import (
     evaluate,
     final_metrics,
     final_splits,
+    gap_recovered,
+    ptq_accuracy,
     reestimate_bn,
     split_record,
 )
@@ -46,9 +48,10 @@ from oscbench.gpus import job_device
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
 from oscbench.naming import result_key, run_dir_name
-from oscbench.oscillation.policy import Policy, RunContext, build_policies
+from oscbench.oscillation.policy import Policy, Probe, RunContext, build_policies
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.preflight import reject, remove_if_unused
+from oscbench.quant.fold import QConvBn2d, conv_bn_pairs, fold_batchnorm
 from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
 from oscbench.quant.qkr import apply_qkr, has_attention, has_window_attention
 from oscbench.record import Recorder, load_results, machine, print_summary
@@ -131,30 +134,14 @@ def build(spec: RunSpec) -> Built:
     steps = schedule(data, spec.trainer)
     tracker = None
     if spec.quantized:
-        plan = spec.plan
-        weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
-        if spec.qkr != "never" and has_window_attention(model):
-            note = (
-                f"qkr={spec.qkr}: model={spec.model.name} has Swin's window attention, which "
-                "oscbench's QKR (OFQ's, for global attention as in DeiT) does not reparameterise"
-            )
-            if spec.qkr == "always":
-                raise ConfigError(f"{note}; use qkr=never (or qkr=auto, which leaves it as is)")
-            warn(f"{note}: its attention stays as it is")
-        if spec.qkr != "never":
-            if has_attention(model):
-                apply_qkr(model, spec.bits, spec.act_bits, act_q)
-            elif spec.qkr == "always":
-                raise ConfigError(
-                    f"qkr=always reparameterises attention, but model={spec.model.name} has none; "
-                    "use an attention model (model=deit_tiny, model=deit_small) or qkr=never"
-                )
-        quantize_model(model, weight_q, act_q, plan)
-        whole = dataclasses.replace(data, world=World())  # every rank: the global first batch
-        calibrate(model, next(whole.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0])
+        quantize(spec, model, data)
         tracker = OscillationTracker(model, spec.oscillation, steps.main)
+        if init is not None:
+            init |= ptq_accuracy(model, data, spec.trainer)
     run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
     policies = build_policies(spec.policies, run)
+    if spec.bn_fold.enabled and spec.bn_fold.freeze_epoch is not None:
+        policies.append(FreezeBNStats(model, spec.bn_fold.freeze_epoch))
     objective = Objective(spec.distill, spec.trainer.label_smoothing, teacher)
     ema = None
     if spec.trainer.ema_decay is not None:
@@ -162,6 +149,52 @@ def build(spec: RunSpec) -> Built:
 
         ema = build_ema(model, spec.trainer)
     return Built(data, model, tracker, policies, init, objective, ema)
+
+
+def quantize(spec: RunSpec, model: nn.Module, data: Data) -> None:
+    """Quantize `model` as `spec` asks: OFQ's QKR where asked, the quantized layers (with
+    `bn_fold`, each BatchNorm after a quantized conv folded into it), and the input
+    quantizers calibrated on the global first training batch (the same on every rank)."""
+    plan = spec.plan
+    weight_q, act_q = quantizer_factory(spec.quantizer), quantizer_factory(spec.act_quantizer)
+    if spec.qkr != "never" and has_window_attention(model):
+        note = (
+            f"qkr={spec.qkr}: model={spec.model.name} has Swin's window attention, which "
+            "oscbench's QKR (OFQ's, for global attention as in DeiT) does not reparameterise"
+        )
+        if spec.qkr == "always":
+            raise ConfigError(f"{note}; use qkr=never (or qkr=auto, which leaves it as is)")
+        warn(f"{note}: its attention stays as it is")
+    if spec.qkr != "never":
+        if has_attention(model):
+            apply_qkr(model, spec.bits, spec.act_bits, act_q)
+        elif spec.qkr == "always":
+            raise ConfigError(
+                f"qkr=always reparameterises attention, but model={spec.model.name} has none; "
+                "use an attention model (model=deit_tiny, model=deit_small) or qkr=never"
+            )
+    whole = dataclasses.replace(data, world=World())  # every rank: the global first batch
+    batch = next(whole.train_batches(epoch=0, batch_size=spec.trainer.batch_size))[0]
+    pairs = conv_bn_pairs(model, batch[:2]) if spec.bn_fold.enabled else []
+    quantize_model(model, weight_q, act_q, plan)
+    fold_batchnorm(model, pairs)
+    calibrate(model, batch)
+
+
+class FreezeBNStats(Policy):
+    """`bn_fold.freeze_epoch`: from that epoch on (also when a run resumes past it), every
+    folded BatchNorm uses its running statistics (`QConvBn2d.freeze_bn_stats`). Built by the
+    run, not a `policy:` of the config."""
+
+    def __init__(self, model: nn.Module, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+
+    def on_epoch_start(self, epoch: int, probe: Probe) -> None:
+        if epoch >= self.epoch:
+            for layer in self.layers:
+                layer.freeze_bn_stats()
 
 
 def extra_metrics(spec: RunSpec, built: Built) -> dict:
@@ -276,6 +309,8 @@ def execute(
                 )
                 record = load_results(done)
                 print_summary(spec, record, done / RESULTS)
+                if "export" not in record and world.main:
+                    export_if_asked(spec, done)
                 return record["final"]
             resume = (
                 load_for_resume(run_dir, config)
@@ -351,13 +386,31 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
         final |= extra_metrics(spec, built)
         if built.init is not None:
             final["init"] = built.init
+            final |= gap_recovered(final)
         if world.main:
             save_atomic(built.model.state_dict(), run_dir / FINAL_MODEL)
         final["wall_time_s"] = rec.elapsed
         rec.finish(final)
     if world.main:  # the record is complete: printing cannot change it
         print_summary(spec, rec.data, rec.path)
+        export_if_asked(spec, run_dir)
     return final
+
+
+def export_if_asked(spec: RunSpec, run_dir: Path) -> None:
+    """`export=true`: the completed run to ONNX with its parity (`oscbench.export`). The
+    record is complete already: an export that fails says why and leaves it as it is."""
+    if not spec.export:
+        return
+    from oscbench.export import export_run, summary  # onnx: imported only where it is used
+
+    try:
+        say(summary(export_run(run_dir)))
+    except Exception as e:  # noqa: BLE001  (the run's record must outlive any export failure)
+        warn(
+            f"export of {run_dir} failed ({type(e).__name__}: {e}); the record is unchanged. "
+            f"python -m oscbench.export {run_dir} shows the whole error"
+        )
 
 
 def objective(spec: RunSpec, final: dict) -> float:

@@ -101,7 +101,7 @@ def train_step(
     for p in policies:
         p.on_step_end(model)
     for _, layer in quantized_layers(model):
-        layer.weight_quantizer.after_step(layer.weight)
+        layer.weight_quantizer.after_step(layer.quantizer_input())
     if tracker is not None:
         tracker.update()
     return loss.detach(), None if extra is None else extra.detach(), logits.detach()

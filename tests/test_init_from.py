@@ -39,6 +39,41 @@ def test_qat_from_an_fp_run_starts_at_its_accuracy_with_scales_from_its_weights(
     assert load_results(tmp_path / "qat")["final"]["init"]["from"] == str(tmp_path / "fp")
 
 
+def test_ptq_accuracy_is_the_quantized_start_and_qat_reports_the_gap_it_recovered(tmp_path):
+    """PTQ: the FP weights on the quantizers' initial grids, BN re-estimated, evaluated on
+    a copy without touching the model or the random state; the record's share of the PTQ
+    gap recovered is (QAT - PTQ) / (FP - PTQ)."""
+    import copy
+
+    from oscbench.evaluation import evaluate, gap_recovered, ptq_accuracy, reestimate_bn
+
+    run_config(["method=fp", "trainer.epochs=3", *QUICK], tmp_path / "fp")
+    qat = ["method=lsq", "bits=2", f"init_from={tmp_path / 'fp'}"]
+    spec, built = build_config(qat)
+    tensors = {k: v.clone() for k, v in built.model.state_dict().items() if torch.is_tensor(v)}
+    rng = torch.get_rng_state()
+    assert ptq_accuracy(built.model, built.data, spec.trainer) == {
+        k: built.init[k] for k in ("val_ptq_acc", "ptq_acc")
+    }
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(built.model.state_dict()[k], v) for k, v in tensors.items())
+    twin = copy.deepcopy(built.model)
+    cfg = spec.trainer
+    reestimate_bn(twin, built.data, cfg.bn_reestimate_batches, cfg.batch_size)
+    assert evaluate(twin, built.data, "test", cfg.eval_batch_size)["acc"] == built.init["ptq_acc"]
+
+    final = run_config([*qat, "trainer.epochs=2", *QUICK], tmp_path / "qat")
+    fp, ptq = final["init"]["acc"], final["init"]["ptq_acc"]
+    if ptq < fp:  # on digits 1-5 of 360 images, by the CPU path: no learned bound here
+        assert final["ptq_gap_recovered"] == (final["acc_bn"] - ptq) / (fp - ptq)
+    else:
+        assert "ptq_gap_recovered" not in final
+    assert gap_recovered({"acc_bn": 90.0, "init": {"acc": 95.0, "ptq_acc": 80.0}}) == {
+        "ptq_gap_recovered": 10 / 15
+    }
+    assert gap_recovered({"acc_bn": 90.0, "init": {"acc": 95.0, "ptq_acc": 95.0}}) == {}
+
+
 def test_a_run_from_weights_trains_at_finetune_lr_and_epochs_and_an_fp_run_ignores_them(
     tmp_path,
 ):

@@ -52,8 +52,10 @@ def records(sweep_dir):
 def check_report(sweep_dir, methods, bits):
     paths = report.write_report(report.load_records(sweep_dir), sweep_dir / "report")
     table = (sweep_dir / "report" / "table.md").read_text()
-    header = "| method | " + " | ".join(f"{b}-bit" for b in bits) + " |"
-    assert table.count(header) == len(report.METRICS)  # one table per metric
+    columns = " | ".join(f"{b}-bit" for b in bits) + " |"
+    accuracies = [m for m in report.METRICS if m.startswith("acc")]  # with deployability
+    assert table.count(f"| method | deployable | {columns}") == len(accuracies)
+    assert table.count(f"| method | {columns}") == len(report.METRICS) - len(accuracies)
     assert "d_Q/d_w" in table
     for m in methods:
         assert f"| {m} |" in table

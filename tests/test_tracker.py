@@ -70,6 +70,25 @@ def test_epoch_stats_and_reset():
     assert again["osc_share"] == 0.5  # the frequency EMA is not an epoch counter
 
 
+def test_stuck_share_counts_weights_that_never_left_their_level_in_the_epoch():
+    """w1 of SEQ never moves; w3 goes -2 -> -1 -> -2, back where it started (a reversal);
+    w0 and w2 end elsewhere. In the next epoch only w0 moves. A weight whose count the
+    saturation may have clamped counts as moved."""
+    from oscbench.oscillation.tracker import COUNT_MAX, SATURATE_EVERY
+
+    tr = LayerTracker(SEQ[0], momentum=0.1)
+    for codes in SEQ[1:]:
+        tr.update(codes)
+    assert tr.epoch_stats(threshold=0.1)["stuck_share"] == 1 / 4
+    tr.update(torch.tensor([2, 0, 0, -2], dtype=torch.int8))
+    tr.update(torch.tensor([1, 0, 0, -2], dtype=torch.int8))  # w0 back: still moved
+    assert tr.epoch_stats(threshold=0.1)["stuck_share"] == 3 / 4
+    tr.count[1] = COUNT_MAX - SATURATE_EVERY
+    tr.epoch_stats(threshold=0.1)  # the epoch starts with w1's count at the saturation
+    tr.update(SEQ[-1])
+    assert tr.epoch_stats(threshold=0.1)["stuck_share"] == 3 / 4
+
+
 def test_no_update_in_eval_mode():
     tr = LayerTracker(SEQ[0], momentum=0.1)
     tr.eval()

@@ -111,7 +111,9 @@ class AOQSchedule(Policy):
         if self.stage < 3 or self.cfg.dampen_lambda == 0:
             return None
         total = sum(
-            _DistanceNorm.apply(m.weight, m.weight_quantizer.last_coef * m.weight_quantizer.s_th)
+            _DistanceNorm.apply(
+                m.quantizer_input(), m.weight_quantizer.last_coef * m.weight_quantizer.s_th
+            )
             for m in self.layers  # last_coef * s_th: this step's bin centres c(w)
         )
         loss = self.cfg.dampen_lambda * total

@@ -139,7 +139,7 @@ class BinReg(Policy):
 
     def term(self, layer: nn.Module) -> torch.Tensor:
         """One layer's regulariser, without lambda."""
-        q, w = layer.weight_quantizer, layer.weight
+        q, w = layer.weight_quantizer, layer.quantizer_input()
         lo, hi = q.bounds(w) if self.cfg.detach_scale else q.live_bounds(w)
         grid = q.grid(w)
         bins, divisor = grid.p - grid.n + 1, _divisor(w, self.cfg.aggregation)

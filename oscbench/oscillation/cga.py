@@ -46,6 +46,10 @@ class CGA(Policy):
     is left alone here."""
 
     requires = frozenset({QUANTIZED})
+    not_on_folded = (
+        "it holds latent weights far from a threshold still, but a folded weight also moves "
+        "with the BatchNorm's scale and statistics it is multiplied by"
+    )
 
     def __init__(self, cfg: CGAConfig, run: RunContext) -> None:
         super().__init__()

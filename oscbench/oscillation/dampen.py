@@ -91,7 +91,7 @@ class Dampen(Policy):
             return None
         total = 0.0
         for layer in self.layers:
-            w = layer.weight
+            w = layer.quantizer_input()
             lo, hi = layer.weight_quantizer.bounds(w)
             wq = layer.last_quantized_weight  # this step's w_q
             total = total + _DampenTerm.apply(w, wq, lo, hi, _divisor(w, self.cfg.aggregation))

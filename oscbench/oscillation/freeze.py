@@ -69,6 +69,10 @@ class Freeze(Policy):
     """
 
     requires = frozenset({QUANTIZED, FIXED_GRID})
+    not_on_folded = (
+        "it pins a latent weight where its code is, but a folded weight also moves with the "
+        "BatchNorm's scale and statistics it is multiplied by, so the code does not stay"
+    )
 
     def __init__(self, cfg: FreezeConfig, run: RunContext) -> None:
         super().__init__()

@@ -71,6 +71,10 @@ class OsciReset(Policy):
     """
 
     requires = frozenset({QUANTIZED})
+    not_on_folded = (
+        "it resets latent weights to their level's centre, which for a folded weight is a "
+        "centre of W gamma / sigma, moving with the BatchNorm's scale and statistics"
+    )
 
     def __init__(self, cfg: OsciResetConfig, run: RunContext) -> None:
         super().__init__()

@@ -56,9 +56,12 @@ Probe = Callable[[int, "Policy"], Iterator[int]]
 
 class Policy(nn.Module):
     """Base class; every hook is optional. `requires`: the quantizer capabilities the policy
-    needs (oscbench.quant.base), checked with the configuration before any training."""
+    needs (oscbench.quant.base), checked with the configuration before any training, as is
+    `not_on_folded` (with `bn_fold`)."""
 
     requires: frozenset[str] = frozenset()
+    # why the policy cannot act on weights with BatchNorm folded in (bn_fold), or None
+    not_on_folded: str | None = None
 
     def on_epoch_start(self, epoch: int, probe: Probe) -> None:
         """Before the first step of epoch `epoch` (0-based; also when a run resumes there).

@@ -135,7 +135,7 @@ class Ramping(Policy):
     @staticmethod
     @torch.no_grad()
     def _measure(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        w = layer.weight.detach()
+        w = layer.quantizer_input().detach()
         return w.float().clone(), layer.weight_quantizer(w).detach().float()
 
     def optimizer_step(self, opt: torch.optim.Optimizer, step: Callable[[], None]) -> None:

@@ -83,14 +83,31 @@ def advance(
     return delta, direction, osc
 
 
+def stuck(state: LayerTracker | OscillationTracker) -> torch.Tensor:
+    """The weights that never left their level since the epoch's start (`epoch_code`,
+    `epoch_count`): the same code, and no reversal (returning to a code takes one, and each
+    adds to `count`); a count the saturation may have clamped (`_saturate`) counts as moved."""
+    return (
+        state.code.eq(state.epoch_code)
+        & state.count.eq(state.epoch_count)
+        & state.epoch_count.lt(COUNT_MAX - SATURATE_EVERY)
+    )
+
+
+def start_epoch(state: LayerTracker | OscillationTracker) -> None:
+    state.epoch_code.copy_(state.code)
+    state.epoch_count.copy_(state.count)
+
+
 class LayerTracker(nn.Module):
     """State of one quantized weight tensor, all in buffers (saved with the tracker).
 
     8 bytes per weight: int8 last code, int8 last switch direction, float32 frequency EMA,
-    int16 oscillation count (saturating between 31743 and 32767). Epoch counters and the last
-    update's switch count (`switches`) are device scalars, so an update never synchronises
-    with the host. Codes of more than 7 bits (`wide`) are differenced in int16, so that
-    -128 -> 127 cannot overflow.
+    int16 oscillation count (saturating between 31743 and 32767); 3 more for the code and
+    count at the epoch's start (`stuck`; not saved: a checkpoint is an epoch's end). Epoch
+    counters and the last update's switch count (`switches`) are device scalars, so an
+    update never synchronises with the host. Codes of more than 7 bits (`wide`) are
+    differenced in int16, so that -128 -> 127 cannot overflow.
     """
 
     def __init__(self, codes: torch.Tensor, momentum: float, bits: int = 4) -> None:
@@ -105,10 +122,13 @@ class LayerTracker(nn.Module):
         self.register_buffer("switches", codes.new_zeros((), dtype=torch.int64))  # last update's
         self.register_buffer("epoch_switches", codes.new_zeros((), dtype=torch.int64))
         self.register_buffer("epoch_oscillations", codes.new_zeros((), dtype=torch.int64))
+        self.register_buffer("epoch_code", self.code.clone(), persistent=False)
+        self.register_buffer("epoch_count", self.count.clone(), persistent=False)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         self._steps = 0  # clamp the loaded counts on the next update
+        start_epoch(self)
 
     @torch.no_grad()
     def update(self, codes: torch.Tensor) -> torch.Tensor | None:
@@ -134,9 +154,11 @@ class LayerTracker(nn.Module):
             "mean_freq": self.freq.mean().item(),
             "crossings": int(self.epoch_switches.item()),
             "oscillations": int(self.epoch_oscillations.item()),
+            "stuck_share": int(stuck(self).sum()) / self.freq.numel(),
         }
         self.epoch_switches.zero_()
         self.epoch_oscillations.zero_()
+        start_epoch(self)
         return stats
 
 
@@ -195,6 +217,7 @@ def summarise(layers: dict[str, dict], counts: torch.Tensor) -> dict:
         ).tolist(),
         "osc_share": sum(s["osc_share"] * s["numel"] for s in layers.values()) / total,
         "mean_freq": sum(s["mean_freq"] * s["numel"] for s in layers.values()) / total,
+        "stuck_share": sum(s["stuck_share"] * s["numel"] for s in layers.values()) / total,
         "crossings": sum(s["crossings"] for s in layers.values()),
         "oscillations": sum(s["oscillations"] for s in layers.values()),
         "dq": dq,
@@ -237,8 +260,9 @@ class LayerView:
 
 class OscillationTracker(nn.Module):
     """The measurement of a whole model: the per-weight state (`LayerTracker`'s, 8 bytes a
-    weight) of every tracked quantized layer (the 8-bit first and last ones only with
-    `track_first_last`) in one flat buffer each, so that on a GPU an update advances every
+    weight, and 3 more for the code and count at the epoch's start) of every tracked
+    quantized layer (the 8-bit first and last ones only with `track_first_last`) in one
+    flat buffer each, so that on a GPU an update advances every
     layer's state in a few kernels, not a dozen per layer (launches cost more there than
     the arithmetic; `update`).
     Per layer remain its codes (`Quantizer.to_int`, written into the flat buffer), its
@@ -263,7 +287,10 @@ class OscillationTracker(nn.Module):
         device = self.layers[0].weight.device if self.layers else torch.device("cpu")
         codes = (
             torch.cat(
-                [layer.weight_quantizer.to_int(layer.weight).flatten() for layer in self.layers]
+                [
+                    layer.weight_quantizer.to_int(layer.quantizer_input()).flatten()
+                    for layer in self.layers
+                ]
             )
             if self.layers
             else torch.zeros(0)
@@ -284,7 +311,9 @@ class OscillationTracker(nn.Module):
         self.register_buffer(
             "epoch_oscillations", torch.zeros(layers, dtype=torch.int64, device=device)
         )
-        self.moves = nn.ModuleList(Movement(layer.weight) for layer in self.layers)
+        self.register_buffer("epoch_code", self.code.clone(), persistent=False)
+        self.register_buffer("epoch_count", self.count.clone(), persistent=False)
+        self.moves = nn.ModuleList(Movement(layer.quantizer_input()) for layer in self.layers)
         self.groups = [[i] for i in range(len(self.layers))]  # a CPU's: layer by layer
         if device.type == "cuda":
             self.in_one_span()
@@ -296,6 +325,7 @@ class OscillationTracker(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         super()._load_from_state_dict(*args, **kwargs)
         self._steps = 0  # clamp the loaded counts on the next update
+        start_epoch(self)
 
     def tracked(self) -> list[tuple[QuantizedLayer, LayerView]]:
         return list(zip(self.layers, self.views, strict=True))
@@ -318,14 +348,14 @@ class OscillationTracker(nn.Module):
             new = self.code.new_empty(end - start)
             for i in group:
                 (a, b), layer = self.bounds[i], self.layers[i]
-                codes = layer.weight_quantizer.to_int(layer.weight)
+                codes = layer.weight_quantizer.to_int(layer.quantizer_input())
                 new[a - start : b - start].view(layer.weight.shape).copy_(codes)
             span = LayerView(self, start, torch.Size([end - start]))
             delta, direction, osc = advance(span, new, self.momentum, self.wide)
             span.code.copy_(new)
             for i in group:
                 (a, b), layer = self.bounds[i], self.layers[i]
-                q, w = layer.weight_quantizer, layer.weight
+                q, w = layer.weight_quantizer, layer.quantizer_input()
                 a, b = a - start, b - start
                 switches.append(direction[a:b].count_nonzero())
                 oscillations.append(osc[a:b].count_nonzero())
@@ -352,13 +382,17 @@ class OscillationTracker(nn.Module):
 
     @torch.no_grad()
     def stats(self, threshold: float) -> dict | None:
-        """Epoch metrics per layer and over the model (`summarise`); resets the epoch
+        """Epoch metrics per layer and over the model (`summarise`), with the share of
+        weights that never left their level in the epoch (`stuck_share`); resets the epoch
         counters. None when no layer is tracked."""
         if not self.layers:
             return None
         switches, oscillations = self.epoch_switches.tolist(), self.epoch_oscillations.tolist()
         self.epoch_switches.zero_()
         self.epoch_oscillations.zero_()
+        still = stuck(self)
+        held = torch.stack([still[a:b].sum() for a, b in self.bounds]).tolist()
+        start_epoch(self)
         layers = {
             name: {
                 "numel": view.shape.numel(),
@@ -366,6 +400,7 @@ class OscillationTracker(nn.Module):
                 "mean_freq": view.freq.mean().item(),
                 "crossings": switches[i],
                 "oscillations": oscillations[i],
+                "stuck_share": held[i] / view.shape.numel(),
             }
             | move.epoch_stats()
             for i, (name, view, move) in enumerate(

@@ -23,9 +23,11 @@ from torch import nn
 
 from oscbench.quant.base import (
     DECOUPLED,
+    EXTRA_BIT,
     FIXED_GRID,
     QUANTIZED,
     QUANTIZERS,
+    IntegerForm,
     Quantizer,
     UniformGrid,
     keep_positive_,
@@ -73,6 +75,7 @@ class AOQQuantizer(Quantizer):
     bit_range = range(2, 5)
     bit_note = "AOQ is defined here for 2..4-bit weights (its public code does 2)"
     capabilities = frozenset({QUANTIZED, FIXED_GRID, DECOUPLED})
+    deploy = EXTRA_BIT
     extra_state = ("g",)
 
     def __init__(self, cfg: AOQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
@@ -125,6 +128,16 @@ class AOQQuantizer(Quantizer):
     def levels(self, w: torch.Tensor) -> torch.Tensor:
         i = torch.arange(2**self.bits, device=self.s_le.device, dtype=self.s_le.dtype)
         return (i - self.centre) * self.s_le.detach()
+
+    def integer_form(self, w: torch.Tensor | None) -> IntegerForm:
+        """The level (k + 1/2) s_le is the odd integer 2k + 1 on the step s_le / 2, with s_le
+        as the forward pass evaluates it (`_AOQLevels`, after `keep_positive`): codes
+        -(2^b - 1)..2^b - 1."""
+        s = self.s_le.detach().float()
+        if self.keep_positive:
+            s = s.abs().clamp(min=torch.finfo(torch.float32).eps)
+        top = 2 * self.half - 1
+        return IntegerForm((s * self.g + s * (1 - self.g)) / 2, -top, top)
 
     def bounds(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lv = self.levels(w)

@@ -1,5 +1,6 @@
 """The quantizer interface, the uniform grid every quantizer here describes, the quantizer
-registry and the capabilities that policies ask of a quantizer.
+registry, the capabilities that policies ask of a quantizer, and how a quantizer's levels
+map to the integers of a deployed model (`Quantizer.deploy`, `IntegerForm`).
 
 A quantizer plugin is one module that defines a `Quantizer` subclass and registers it:
 
@@ -14,6 +15,7 @@ of a weight, None for activations), plus `conf/quantizer/<name>.yaml` (and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,42 @@ CAPABILITIES = {
         "has one step for thresholds and levels",
     ),
 }
+
+
+# How a quantizer's levels map to integers (Quantizer.deploy; the report's "deployable")
+UNIFORM = "yes"  # level = scale (code - zero point): QuantizeLinear/DequantizeLinear at b bits
+EXTRA_BIT = "at b+1 bits"  # mid-rise levels (k + 1/2) s: the odd integer 2k + 1 on a step s / 2
+LOOKUP = "lookup"  # learned non-uniform thresholds: a code is a table lookup, not a rounding
+
+
+class NotDeployable(ValueError):
+    """A quantizer whose levels no integer runtime's QuantizeLinear produces; says why."""
+
+
+@dataclass
+class IntegerForm:
+    """A quantizer's levels as integers: level = scale (code - zero_point) + offset, for the
+    codes qmin..qmax; `scale` is one value or one per index of `axis`. `offset` (LSQ+'s
+    real-valued one) is a float subtraction before QuantizeLinear and an addition after
+    DequantizeLinear, which a deployment compiler folds into the neighbouring layers'
+    biases."""
+
+    scale: torch.Tensor
+    qmin: int
+    qmax: int
+    axis: int | None = None
+    zero_point: int = 0
+    offset: float | None = None
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def bits(self) -> int:
+        """The bits its codes need."""
+        top = max(self.qmax + 1, -self.qmin) if self.signed else self.qmax + 1
+        return math.ceil(math.log2(max(top, 2))) + int(self.signed)
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -126,9 +164,14 @@ class Quantizer(nn.Module):
     names in `extra_state`) travels in the module's extra state, so `load_state_dict` restores it.
 
     Declarations read by the configuration check (class attributes): `bit_range`,
-    `capabilities`, and `bit_note`, said when `bits` is out of range.
+    `capabilities`, and `bit_note`, said when `bits` is out of range. For export, `deploy`
+    (UNIFORM, EXTRA_BIT or LOOKUP) says how its levels map to integers, and
+    `integer_form(x)` gives that map for tensor x (activations: for any input), the one the
+    forward pass computes levels with, so that scale * (code - zero_point) is bit for bit
+    the fake-quantized value.
     """
 
+    deploy: str  # every quantizer declares it
     bit_range: range = range(2, 9)
     bit_note: str = ""
     capabilities: frozenset[str] = frozenset({QUANTIZED})
@@ -189,6 +232,17 @@ class Quantizer(nn.Module):
         weights. On a fixed grid (FIXED_GRID), `to_int` maps it back to the code."""
         return self.grid(x).code_centre(codes)
 
+    def integer_form(self, x: torch.Tensor | None) -> IntegerForm:
+        """How x's levels map to integers (weights: x is the weight; activations: None)."""
+        raise NotDeployable(f"{type(self).__name__} declares no integer form ({self.deploy})")
+
+    @torch.no_grad()
+    def integer_codes(self, w: torch.Tensor) -> torch.Tensor:
+        """A weight's integer codes in `integer_form(w)`: `to_int`'s, or on a mid-rise grid
+        (EXTRA_BIT) the odd integers 2 k + 1."""
+        k = self.to_int(w)
+        return k if self.deploy == UNIFORM else 2 * k + 1
+
     def get_extra_state(self) -> dict:
         return {"ready": self.ready, **{k: getattr(self, k) for k in self.extra_state}}
 
@@ -218,6 +272,19 @@ def capabilities(name: str) -> frozenset[str]:
     if entry.build is None:
         return frozenset({FULL_PRECISION})
     return entry.declares("capabilities", frozenset())
+
+
+def deployability(config: dict) -> str:
+    """How a run's levels map to integers (`Quantizer.deploy`): the least deployable of its
+    weight and input quantizers'; `fp` for full precision (PTQ: weights rounded to nearest
+    on a uniform grid)."""
+    if config.get("ptq"):
+        return UNIFORM
+    if config["quantizer"]["name"] == "none":
+        return "fp"
+    names = [config["quantizer"]["name"], config["act_quantizer"]["name"]]
+    kinds = [QUANTIZERS.get(n).declares("deploy", LOOKUP) for n in names if n != "none"]
+    return max(kinds, key=[UNIFORM, EXTRA_BIT, LOOKUP].index)
 
 
 def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:

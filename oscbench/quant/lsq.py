@@ -13,6 +13,8 @@ from oscbench.quant.base import (
     FIXED_GRID,
     QUANTIZED,
     QUANTIZERS,
+    UNIFORM,
+    IntegerForm,
     Quantizer,
     UniformGrid,
     channel_view,
@@ -148,6 +150,7 @@ class LSQQuantizer(Quantizer):
     """
 
     capabilities = frozenset({QUANTIZED, FIXED_GRID, ACTIVATIONS})
+    deploy = UNIFORM
     extra_state = ("signed", "g", "per_channel")
 
     def __init__(self, cfg: LSQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
@@ -217,6 +220,15 @@ class LSQQuantizer(Quantizer):
 
     def grid(self, x: torch.Tensor) -> UniformGrid:
         return UniformGrid(self._view(self.s.detach(), x), self.n, self.p)
+
+    def integer_form(self, x: torch.Tensor | None) -> IntegerForm:
+        """Codes n..p on the step the forward pass uses (after `keep_positive`), zero point
+        0; per output channel (axis 0) of a weight, per channel (axis 1) of an input."""
+        s = self.s.detach().float()
+        if self.cfg.keep_positive:
+            s = s.abs().clamp(min=torch.finfo(torch.float32).eps)
+        axis = (0 if self.is_weight else 1) if self.per_channel else None
+        return IntegerForm(s, self.n, self.p, axis)
 
     def live_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """n s and p s, whose gradient reaches s scaled by g (the value is exactly s's)."""

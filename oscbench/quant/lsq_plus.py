@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import ACTIVATIONS, QUANTIZERS, Quantizer, int_range
+from oscbench.quant.base import (
+    ACTIVATIONS,
+    QUANTIZERS,
+    UNIFORM,
+    IntegerForm,
+    Quantizer,
+    int_range,
+)
 from oscbench.quant.lsq import lsq_quantize
 from oscbench.registry import check
 
@@ -43,6 +50,7 @@ class LSQPlusQuantizer(Quantizer):
     """Activations only (act_quantizer=lsq_plus): a step s and an offset beta per tensor."""
 
     capabilities = frozenset({ACTIVATIONS})
+    deploy = UNIFORM
     extra_state = ("g",)
     signed = False
     per_channel = False
@@ -83,6 +91,13 @@ class LSQPlusQuantizer(Quantizer):
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         t = (x.float() - self.beta) * self.s.reciprocal()
         return t.round_().clamp_(self.n, self.p)
+
+    def integer_form(self, x: torch.Tensor | None) -> IntegerForm:
+        """Codes 0..p on step s with zero point 0, and the offset beta as a float (it is
+        real-valued: -beta / s is not an integer zero point)."""
+        return IntegerForm(
+            self.s.detach().float(), self.n, self.p, offset=float(self.beta.detach())
+        )
 
     def _codes(self) -> torch.Tensor:
         return torch.arange(self.n, self.p + 1, device=self.s.device, dtype=torch.float32)

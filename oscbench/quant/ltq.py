@@ -31,7 +31,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import ACTIVATIONS, QUANTIZERS, Quantizer
+from oscbench.quant.base import (
+    ACTIVATIONS,
+    LOOKUP,
+    QUANTIZERS,
+    IntegerForm,
+    NotDeployable,
+    Quantizer,
+)
 from oscbench.registry import check
 
 
@@ -53,6 +60,7 @@ class LTQQuantizer(Quantizer):
     """Activations only (act_quantizer=ltq); unsigned codes 0..2^b - 1."""
 
     capabilities = frozenset({ACTIVATIONS})
+    deploy = LOOKUP
     signed = False
     per_channel = False
 
@@ -88,6 +96,12 @@ class LTQQuantizer(Quantizer):
     @torch.no_grad()
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(x.float() * self.scale_in, self._edges()[2]).float()
+
+    def integer_form(self, x: torch.Tensor | None) -> IntegerForm:
+        raise NotDeployable(
+            "LTQ's thresholds are learned and non-uniform, so its codes come from a lookup "
+            "(bucketize against 2^b - 1 thresholds), which no QuantizeLinear computes"
+        )
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
         k = torch.arange(self.levels_n + 1, device=self.a.device, dtype=torch.float32)

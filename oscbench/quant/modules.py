@@ -52,10 +52,16 @@ class QuantizedLayer:
             aq.init_from(x)
         return aq(x)
 
-    def quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight; also kept, detached, as `last_quantized_weight` for
-        policies that use it in the same step (autograd holds it for backward anyway)."""
-        wq = self.weight_quantizer(self.weight)
+    def quantizer_input(self) -> torch.Tensor:
+        """The tensor the weight quantizer quantizes, which the tracker and the policies read:
+        the weight (with `bn_fold`, the weight with the BatchNorm folded in: QConvBn2d)."""
+        return self.weight
+
+    def quantized_weight(self, w: torch.Tensor | None = None) -> torch.Tensor:
+        """The fake-quantized weight (of `w`, the `quantizer_input` the caller has made); also
+        kept, detached, as `last_quantized_weight` for policies that use it in the same step
+        (autograd holds it for backward anyway)."""
+        wq = self.weight_quantizer(self.quantizer_input() if w is None else w)
         self.last_quantized_weight = wq.detach()
         return wq
 

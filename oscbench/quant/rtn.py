@@ -10,6 +10,8 @@ import torch
 from oscbench.quant.base import (
     QUANTIZED,
     QUANTIZERS,
+    UNIFORM,
+    IntegerForm,
     Quantizer,
     UniformGrid,
     channel_view,
@@ -35,6 +37,7 @@ class RTNQuantizer(Quantizer):
 
     signed = True
     capabilities = frozenset({QUANTIZED})
+    deploy = UNIFORM
 
     def __init__(self, cfg: RTNConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
@@ -61,3 +64,8 @@ class RTNQuantizer(Quantizer):
 
     def grid(self, w: torch.Tensor) -> UniformGrid:
         return UniformGrid(self.scale(w), -self.p, self.p)
+
+    def integer_form(self, w: torch.Tensor | None) -> IntegerForm:
+        return IntegerForm(
+            self.scale(w).flatten(), -self.p, self.p, 0 if self.per_channel else None
+        )

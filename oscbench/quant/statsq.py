@@ -8,7 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.quant.base import QUANTIZERS, Quantizer, UniformGrid, channel_view, straight_through
+from oscbench.quant.base import (
+    EXTRA_BIT,
+    QUANTIZERS,
+    IntegerForm,
+    Quantizer,
+    UniformGrid,
+    channel_view,
+    straight_through,
+)
 
 CLIP_EPS = 1e-6  # OFQ clamps w/s to [-1, 1 - 1e-6] so the top bin stays in range
 
@@ -29,6 +37,7 @@ class StatsQQuantizer(Quantizer):
 
     signed = True
     per_channel = True
+    deploy = EXTRA_BIT
 
     def __init__(self, cfg: StatsQConfig, bits: int, channels: int | None, is_weight: bool) -> None:
         super().__init__(bits)
@@ -55,3 +64,9 @@ class StatsQQuantizer(Quantizer):
     def grid(self, w: torch.Tensor) -> UniformGrid:
         """Levels (k + 0.5) s / n2 for k = -n2..n2-1, thresholds at j s / n2."""
         return UniformGrid(self.scale(w) / self.n2, -self.n2, self.n2 - 1, offset=0.5)
+
+    def integer_form(self, w: torch.Tensor | None) -> IntegerForm:
+        """The level (k + 1/2) s / n2 is the odd integer 2k + 1 on the step s / (2 n2), a power
+        of two's fraction of s, so both give the same float: codes -(2^b - 1)..2^b - 1."""
+        top = 2 * self.n2 - 1
+        return IntegerForm(self.scale(w).flatten() / (2 * self.n2), -top, top, axis=0)
