@@ -66,15 +66,18 @@ def final_splits(data: Data, cfg: TrainerConfig) -> dict[str, str]:
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, data: Data, batches: int, batch_size: int) -> None:
     """Recompute BN running statistics as a plain average over training batches of the
-    final (quantized) model (Nagel et al. 2022, Sec. 5). The tracker is not updated."""
+    final (quantized) model (Nagel et al. 2022, Sec. 5); BatchNorms that stay in evaluation
+    mode in training (folded and frozen: `QConvBn2d.freeze_bn_stats`) keep theirs. The
+    tracker is not updated."""
     if batches == 0:
         return
     with bn_momentum(model, None) as bns:  # None: a cumulative moving average
+        model.train()
+        bns = [bn for bn in bns if bn.training]  # a frozen folded BN (bn_fold) stays as it is
         if not bns:
             return
         for bn in bns:
             bn.reset_running_stats()
-        model.train()
         for i, (x, _) in enumerate(data.train_batches(epoch=-1, batch_size=batch_size)):
             if i == batches:
                 break

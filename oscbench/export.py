@@ -40,7 +40,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from oscbench.checkpoint import FINAL_MODEL
-from oscbench.config import RunSpec, validate
+from oscbench.compose import compose
+from oscbench.config import RunSpec, resolved, validate
 from oscbench.data.base import Batch, Data, build_data
 from oscbench.files import DamagedFile, write_atomic, write_json_atomic
 from oscbench.models.base import build_model
@@ -359,8 +360,11 @@ def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
     if not final_model.exists():
         raise ConfigError(f"{final_model} is missing: the run's final weights are not there")
     config = {k: v for k, v in record["config"].items() if k != "fp_run"}
-    # `export`: a key newer than some records, which does not change a run
-    spec = validate(OmegaConf.create({"export": False} | config | {"device": "cpu"}))
+    # top-level keys newer than the record (export, bn_fold) at their defaults, which leave
+    # a run as it was before they existed (its key is unchanged: oscbench.runs.fingerprint)
+    defaults = resolved(compose([]))
+    config = {k: v for k, v in defaults.items() if k not in config} | config
+    spec = validate(OmegaConf.create(config | {"device": "cpu"}))
     device = torch.device("cpu")
     data = build_data(spec.dataset, seed=spec.seed, device=device)
     model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)

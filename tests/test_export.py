@@ -169,3 +169,15 @@ def test_export_refuses_a_full_precision_run_and_learned_thresholds(tmp_path):
     assert missing.returncode == 2
     assert "no results.json" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_record_from_before_export_and_bn_fold_existed_exports(tmp_path):
+    from oscbench.export import export_run
+
+    run_config(["logger=none", "device=cpu", "trainer.epochs=1"], tmp_path)
+    path = tmp_path / "results.json"
+    record = json.loads(path.read_text())
+    for key in ("export", "bn_fold"):
+        del record["config"][key]
+    path.write_text(json.dumps(record))
+    assert export_run(tmp_path)["weights"]["codes_equal"]

@@ -135,6 +135,7 @@ def test_a_folded_run_trains_tracks_folded_codes_and_exports_without_batchnorm(t
 
 
 def test_bn_statistics_stop_moving_from_the_freeze_epoch():
+    from oscbench.evaluation import reestimate_bn
     from oscbench.run import FreezeBNStats
 
     _, built = build_freeze()
@@ -144,10 +145,16 @@ def test_bn_statistics_stop_moving_from_the_freeze_epoch():
     assert not layer.freeze_bn
     hook.on_epoch_start(1, None)
     built.model.train()
+    with torch.no_grad():  # statistics of its own, not BatchNorm's reset values
+        layer.bn.running_mean.normal_()
+        layer.bn.running_var.uniform_(0.5, 2.0)
     before = layer.bn.running_mean.clone()
     built.model(torch.randn(4, *built.data.x_train.shape[1:]))
     assert layer.freeze_bn and not layer.bn.training
     assert torch.equal(layer.bn.running_mean, before)
+    var = layer.bn.running_var.clone()
+    reestimate_bn(built.model, built.data, 2, 8)  # the final result's BN re-estimation
+    assert torch.equal(layer.bn.running_mean, before) and torch.equal(layer.bn.running_var, var)
 
 
 def build_freeze():  # noqa: ANN201

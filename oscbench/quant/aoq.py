@@ -31,6 +31,7 @@ from oscbench.quant.base import (
     Quantizer,
     UniformGrid,
     keep_positive_,
+    kept_positive,
 )
 
 
@@ -135,7 +136,7 @@ class AOQQuantizer(Quantizer):
         -(2^b - 1)..2^b - 1."""
         s = self.s_le.detach().float()
         if self.keep_positive:
-            s = s.abs().clamp(min=torch.finfo(torch.float32).eps)
+            s = kept_positive(s)
         top = 2 * self.half - 1
         return IntegerForm((s * self.g + s * (1 - self.g)) / 2, -top, top)
 

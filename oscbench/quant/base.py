@@ -94,11 +94,19 @@ def channel_view(s: torch.Tensor, x: torch.Tensor, per_channel: bool) -> torch.T
     return s.view(-1, *([1] * (x.dim() - 1))) if per_channel else s
 
 
+STEP_EPS = torch.finfo(torch.float32).eps  # the smallest step `keep_positive` allows
+
+
 def keep_positive_(step: torch.Tensor) -> None:
     """A learned step set to max(|step|, eps), eps = float32's, in place through `.data` (no
     autograd version bump), as torch.ao's `_LearnableFakeQuantize` does before its fused op
     (the quantizers' `keep_positive`)."""
-    step.data.abs_().clamp_(min=torch.finfo(torch.float32).eps)
+    step.data.abs_().clamp_(min=STEP_EPS)
+
+
+def kept_positive(step: torch.Tensor) -> torch.Tensor:
+    """The value `keep_positive_` leaves, without changing `step`."""
+    return step.abs().clamp(min=STEP_EPS)
 
 
 def straight_through(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

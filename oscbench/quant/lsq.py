@@ -20,6 +20,7 @@ from oscbench.quant.base import (
     channel_view,
     int_range,
     keep_positive_,
+    kept_positive,
 )
 from oscbench.registry import check
 
@@ -226,7 +227,7 @@ class LSQQuantizer(Quantizer):
         0; per output channel (axis 0) of a weight, per channel (axis 1) of an input."""
         s = self.s.detach().float()
         if self.cfg.keep_positive:
-            s = s.abs().clamp(min=torch.finfo(torch.float32).eps)
+            s = kept_positive(s)
         axis = (0 if self.is_weight else 1) if self.per_channel else None
         return IntegerForm(s, self.n, self.p, axis)
 
