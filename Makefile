@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 
 SWEEP  ?= multirun/compare_methods-cnn_small-digits
 
-.PHONY: install run test lint sweep report claims claims-plateau bench gpu-wheels gpu-check clean
+.PHONY: install run test lint sweep report claims claims-plateau deploy bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ claims: install  # the claims study (experiments/claims): under 2 hours on 2 cor
 claims-plateau: install  # the evidence that the study's runs have plateaued: about 3 h 10 min
 	$(PY) -m oscbench.claims experiments/claims/plateau.yaml --sweep-dir multirun/claims-plateau \
 		--out experiments/claims/plateau $(ARGS)
+
+deploy: install  # every preset exported to onnxruntime, with and without BN folding (experiments/deploy)
+	$(PY) -m oscbench.claims experiments/deploy/study.yaml --sweep-dir multirun/deploy $(ARGS)
 
 bench: install
 	$(PY) bench/bench.py $(ARGS)

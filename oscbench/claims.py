@@ -28,18 +28,21 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from statsmodels.stats.multitest import multipletests
 
 from oscbench import figures as plots
 from oscbench import report
+from oscbench.compose import compose
 from oscbench.registry import ConfigError
+from oscbench.runs import OPTIONAL
 from oscbench.stats import t_test
 
 ALPHA = 0.05
@@ -72,7 +75,9 @@ METRICS = {  # name: (what it is, unit)
     "acc": ("test accuracy after BN re-estimation (PTQ: rounded to its bits)", "%"),
     "acc_before_bn": ("test accuracy before BN re-estimation (PTQ: none)", "%"),
     "acc@Nbit": ("test accuracy with the weights rounded to N bits", "%"),
+    "acc_exported": ("test accuracy of the exported integer model in onnxruntime", "%"),
     "osc_share": ("oscillating weights at the end of training", "% of weights"),
+    "stuck_share": ("weights that never left their level in the last epoch", "% of weights"),
     "osc_share@epochN": ("oscillating weights at the end of epoch N", "% of weights"),
     "osc_share_depthwise": ("oscillating weights of the depthwise layers, at the end", "%"),
     "osc_share_pointwise": ("oscillating weights of the pointwise layers, at the end", "%"),
@@ -87,8 +92,10 @@ def metric(record: dict, name: str) -> float | None:
         return report._accuracy(record["config"], final)
     if name == "acc_before_bn":  # a PTQ run's `acc` is its model before rounding
         return None if record["config"].get("ptq") else final.get("acc")
-    if name == "osc_share":
-        return None if final.get("osc_share") is None else 100 * final["osc_share"]
+    if name == "acc_exported":
+        return record.get("export", {}).get("acc")
+    if name in ("osc_share", "stuck_share"):
+        return None if final.get(name) is None else 100 * final[name]
     if name == "osc_share_depthwise":
         return _layer_share(record, DEPTHWISE)
     if name == "osc_share_pointwise":
@@ -188,7 +195,14 @@ class Cell:
     def matches(self, key: str, value: str) -> bool:
         if key == "recipe":
             return self.settings.get(report.RECIPE, "common") == value
+        if key not in self.settings and key.split(".")[0] in OPTIONAL:  # off: left out
+            return OmegaConf.select(_defaults(), key) == yaml.safe_load(value)
         return key in self.settings and self.settings[key] == yaml.safe_load(value)
+
+
+@cache
+def _defaults() -> DictConfig:
+    return compose([])
 
 
 def cells(records: list[dict]) -> dict[tuple[str, str], list[Cell]]:

@@ -37,6 +37,7 @@ NOT_RESULTS = (
 )
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
 BITS = ("bits", "act_bits", "first_last", "first_last_bits")
+OPTIONAL = ("bn_fold",)  # left out while off (`enabled: false`), as in runs from before it
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -57,8 +58,7 @@ def _drop(flat: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
 def fingerprint(config: dict) -> dict[str, Any]:
     """The resolved config's values that determine a run's results, flattened."""
     flat = _drop(_flat(config), NOT_RESULTS)
-    if not config.get("bn_fold", {}).get("enabled"):  # off: as runs from before the option
-        flat = _drop(flat, ("bn_fold",))
+    flat = _drop(flat, tuple(k for k in OPTIONAL if not config.get(k, {}).get("enabled")))
     if config.get("quantizer", {}).get("name") == "none":
         flat = _drop(flat, FP_UNUSED)
         if trains_alone(config) and config.get("init_from") in (None, "fp"):

@@ -25,6 +25,7 @@ from oscbench.runs import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "claims" / "study.yaml"
+DEPLOY = ROOT / "experiments" / "deploy" / "study.yaml"
 
 
 def _expand(overrides: list[str]) -> list[list[str]]:
@@ -45,21 +46,26 @@ def _made(study: dict) -> dict[tuple[str, str], list[claims.Cell]]:
     """The cells the study's sweeps make: (method, bits) -> one `Cell` (with no runs) per
     configuration, and the common recipe's FP run, which every quantized run starts from."""
     base = [o for o in study["base"] if "launcher" not in o]
-    fp = fingerprint(resolved(compose([*base, "method=fp"])))
-    made = {("fp", "fp32"): [claims.Cell(fp, [])]}
+
+    def settings(cfg) -> dict:  # less the seed, which a study's sweep may name
+        return {k: v for k, v in fingerprint(resolved(cfg)).items() if k != "seed"}
+
+    made = {("fp", "fp32"): [claims.Cell(settings(compose([*base, "method=fp"])), [])]}
     for sweep in study["sweeps"]:
         for run in _expand(sweep):
             cfg = compose([*base, *run])
             spec = validate(cfg)
             assert spec.model.name == "mobilenetv2_small"
             assert spec.init_from == "fp" or spec.method == "fp"
-            cell = claims.Cell(fingerprint(resolved(cfg)), [])
+            cell = claims.Cell(settings(cfg), [])
             found = made.setdefault((spec.method, spec.bits_label), [])
             found += [cell] if cell not in found else []
     return made
 
 
-@pytest.mark.parametrize("path", [STUDY, STUDY.with_name("plateau.yaml")], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", [STUDY, STUDY.with_name("plateau.yaml"), DEPLOY], ids=lambda p: p.parent.name + "/" + p.name
+)
 def test_every_claim_is_about_cells_that_the_studys_sweeps_make(path):
     study = OmegaConf.to_container(OmegaConf.load(path))
     made = _made(study)
