@@ -9,6 +9,7 @@ declares (`Quantizer.capabilities`, `bit_range`; `Policy.requires`): one check f
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -255,6 +256,15 @@ class RunSpec:
     def bits_label(self) -> str:
         q, aq = self.quantizer.name, self.act_quantizer.name
         return bits_label(self.bits, self.act_bits, q, aq, self.ptq)
+
+    def as_trained(self) -> RunSpec:
+        """The spec with the schedule it trains: a run that starts from another's weights
+        (`init_from`) trains `trainer.finetune_epochs` at `trainer.finetune_lr`, where set."""
+        t = self.trainer
+        if self.init_from is None:
+            return self
+        lr, epochs = t.finetune_lr or t.lr, t.finetune_epochs or t.epochs
+        return dataclasses.replace(self, trainer=dataclasses.replace(t, lr=lr, epochs=epochs))
 
 
 # top-level keys of the composed config that the spec does not hold: where datasets live

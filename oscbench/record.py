@@ -410,11 +410,12 @@ def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
         w = results["wandb"]
         hint = f"  (upload: wandb sync {w['dir']})" if w["mode"] == "offline" else ""
         rows.append((f"W&B ({w['mode']})", w["dir"] + hint))
-    epochs = f"{spec.trainer.epochs} epochs"
-    extra = len(history) - spec.trainer.epochs
+    t = spec.as_trained().trainer  # a completed run found again: its spec as composed
+    epochs = f"{t.epochs} epochs"
+    extra = len(history) - t.epochs
     if extra > 0:
-        scale = spec.trainer.extra_lr_scale
-        at = f" at lr {scale * spec.trainer.lr:g}" if scale is not None else ""
+        scale = t.extra_lr_scale
+        at = f" at lr {scale * t.lr:g}" if scale is not None else ""
         epochs += f" + {extra} extra" + at
     head = (
         f"oscbench: {spec.method} {spec.bits_label.upper()}, {spec.model.name} on "

@@ -325,10 +325,7 @@ def execute(
                 init_from=fp if spec.init_from == "fp" else spec.init_from,
                 teacher=fp if spec.teacher == "fp" else spec.teacher,
             )
-        if spec.init_from is not None:
-            t = spec.trainer
-            lr, epochs = t.finetune_lr or t.lr, t.finetune_epochs or t.epochs
-            spec = dataclasses.replace(spec, trainer=dataclasses.replace(t, lr=lr, epochs=epochs))
+        spec = spec.as_trained()
         not_applied = config["recipe"].get("not_applied")
         if not_applied:
             say(

@@ -10,10 +10,10 @@ from safetensors.torch import save_file
 
 from oscbench.checkpoint import FINAL_MODEL
 from oscbench.compose import compose
-from oscbench.config import resolved
-from oscbench.record import load_results
+from oscbench.config import resolved, validate
+from oscbench.record import load_results, print_summary
 from oscbench.registry import ConfigError
-from oscbench.runs import fingerprint
+from oscbench.runs import RESULTS, fingerprint
 from tests.conftest import build_config, run_config
 
 QUICK = ["logger=none", "device=cpu"]
@@ -75,11 +75,12 @@ def test_ptq_accuracy_is_the_quantized_start_and_qat_reports_the_gap_it_recovere
 
 
 def test_a_run_from_weights_trains_at_finetune_lr_and_epochs_and_an_fp_run_ignores_them(
-    tmp_path,
+    tmp_path, capsys
 ):
     """`trainer.finetune_lr` and `trainer.finetune_epochs` replace `trainer.lr` and
     `trainer.epochs` in a run that starts from weights: the same run as one at that lr and
-    length, step for step; a run from scratch is not changed by them."""
+    length, step for step, and its summary says so, also when the run is found completed;
+    a run from scratch is not changed by them."""
     run_config(["method=fp", "trainer.epochs=1", *QUICK], tmp_path / "fp")
     start = ["method=lsq", "bits=3", f"init_from={tmp_path / 'fp'}", *QUICK]
     run_config([*start, "trainer.epochs=2", "trainer.lr=0.02"], tmp_path / "at_lr")
@@ -91,6 +92,9 @@ def test_a_run_from_weights_trains_at_finetune_lr_and_epochs_and_an_fp_run_ignor
     assert b["final"]["acc_bn"] == a["final"]["acc_bn"]
     assert b["config"]["trainer"]["finetune_lr"] == 0.02  # the record says which ran
     assert b["config"]["trainer"]["finetune_epochs"] == 2
+    capsys.readouterr()
+    print_summary(validate(compose([*start, *finetune])), b, tmp_path / "finetune" / RESULTS)
+    assert ", 2 epochs in " in capsys.readouterr().out.splitlines()[0]  # not 5 + 3 extra
     plain = fingerprint(resolved(compose(["method=fp"])))
     overrides = ["method=fp", "trainer.finetune_lr=0.02", "trainer.finetune_epochs=3"]
     assert fingerprint(resolved(compose(overrides))) == plain
