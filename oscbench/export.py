@@ -388,7 +388,12 @@ def export_run(run_dir: Path, batch_size: int | None = None) -> dict:
     block: dict = {"opset": OPSET, "onnxruntime": onnxruntime.__version__}
     try:
         if not spec.quantized:
-            raise NotDeployable("a full-precision run has no integer model; export a quantized run")
+            what = (
+                "a PTQ run trains in full precision and rounds its weights only to evaluate them"
+                if spec.ptq
+                else "a full-precision run has no integer model"
+            )
+            raise NotDeployable(f"{what}; export a quantized run")
         start = time.perf_counter()
         twin = deployed(model)
         example = next(data.eval_batches("test", min(batch_size, 2)))[0]

@@ -156,6 +156,7 @@ def test_export_refuses_a_full_precision_run_and_learned_thresholds(tmp_path):
     cmd = [sys.executable, "-m", "oscbench.export"]
     for overrides, reason in (
         (["method=fp"], "full-precision run has no integer model"),
+        (["method=ptq"], "PTQ run trains in full precision"),
         (["act_quantizer=ltq"], "LTQQuantizer"),
     ):
         run_dir = tmp_path / overrides[0].replace("=", "-")
