@@ -64,7 +64,9 @@ def _made(study: dict) -> dict[tuple[str, str], list[claims.Cell]]:
 
 
 @pytest.mark.parametrize(
-    "path", [STUDY, STUDY.with_name("plateau.yaml"), DEPLOY], ids=lambda p: p.parent.name + "/" + p.name
+    "path",
+    [STUDY, STUDY.with_name("plateau.yaml"), DEPLOY],
+    ids=lambda p: p.parent.name + "/" + p.name,
 )
 def test_every_claim_is_about_cells_that_the_studys_sweeps_make(path):
     study = OmegaConf.to_container(OmegaConf.load(path))

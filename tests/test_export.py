@@ -38,6 +38,7 @@ LAYERS = [
     ("aoq", {}, "lsq", {"per_channel": True}),
     ("qema", {"per_channel": True, "warmup": 0}, "lsq_plus", {}),
     ("statsq", {}, "lsq", {}),
+    ("stableqat", {}, "lsq", {}),
 ]
 WIDTH, CLASSES = 6, 5
 
@@ -123,6 +124,7 @@ def test_every_quantizer_declares_how_its_levels_map_to_integers():
         "ltq": LOOKUP,
         "qema": UNIFORM,
         "rtn": UNIFORM,
+        "stableqat": UNIFORM,
         "statsq": EXTRA_BIT,
     }
 

@@ -30,7 +30,8 @@ class LSQConfig:
     """Options of `quantizer: lsq` / `act_quantizer: lsq` (values live in conf/)."""
 
     per_channel: bool
-    init: str  # "lsq": s = 2 mean|x| / sqrt(p) (Esser et al.); "mse": grid search (Nagel et al.)
+    init: str  # "lsq": s = 2 mean|x| / sqrt(p) (Esser et al.); "mse": grid search (Nagel et al.);
+    # "max": max|x| / p (StableQAT's and ParetoQ's `train.py`)
     grad_scale: bool  # g = 1/sqrt(numel * p); off gives plain STE gradients to s
     signed: (
         str  # auto (inputs: unsigned unless the calibration data has negatives) | signed | unsigned
@@ -38,7 +39,7 @@ class LSQConfig:
     keep_positive: bool  # s = max(|s|, eps) before each forward (torch.ao); false: as it is
 
     def __post_init__(self) -> None:
-        check(self.init in ("lsq", "mse"), "init", self.init, "lsq, mse")
+        check(self.init in ("lsq", "mse", "max"), "init", self.init, "lsq, mse, max")
         check(
             self.signed in ("auto", "signed", "unsigned"),
             "signed",
@@ -176,6 +177,8 @@ class LSQQuantizer(Quantizer):
             x = x.transpose(0, 1) if self.per_channel else x  # channels first
         if self.cfg.init == "mse":
             s = mse_step(x, self.n, self.p, self.per_channel)
+        elif self.cfg.init == "max":
+            s = (x.abs().flatten(1).amax(dim=1) if self.per_channel else x.abs().amax()) / self.p
         elif self.per_channel:
             s = 2 * x.abs().flatten(1).mean(dim=1) / math.sqrt(self.p)
         else:
