@@ -326,12 +326,12 @@ def verdicts(table: pd.DataFrame) -> pd.DataFrame:
                 if r["expect"] == "higher"
                 else f"loses more than {r['margin']:g}"
             )
+        elif r["expect"] == "higher":
+            table.loc[i, "why"] = f"not significant after Holm; the interval reaches {bound:+g}"
+        elif r["ci_low"] < bound:
+            table.loc[i, "why"] = f"the interval reaches below {bound:+g}"
         else:
-            table.loc[i, "why"] = (
-                f"not significant after Holm; the interval reaches {bound:+g}"
-                if r["expect"] == "higher"
-                else f"the interval reaches below {bound:+g}"
-            )
+            table.loc[i, "why"] = f"the interval lies above {bound:+g}, not significant after Holm"
     return table
 
 

@@ -118,8 +118,11 @@ def test_verdicts_follow_the_rules_with_holm_over_the_table():
         "inconclusive",
         "inconclusive",
     ]
-    # 0.12 after Holm, and its interval is not below -0.5
+    # 0.12 after Holm, and its interval is not below -0.5: the reason says which
     assert out.loc[4, "verdict"] == "inconclusive"
+    assert out.loc[4, "why"] == "the interval lies above -0.5, not significant after Holm"
+    wide = claims.verdicts(pd.DataFrame([_row(-0.7, 0.3, 0.2, "not_lower", 0.5)]))
+    assert wide.loc[0, "why"] == "the interval reaches below -0.5"
     worse = claims.verdicts(pd.DataFrame([_row(-1.4, -0.7, 0.99, "not_lower", 0.5)]))
     assert worse.loc[0, "verdict"] == "not reproduced"
     opposite = claims.verdicts(pd.DataFrame([_row(-2.0, 0.6, 0.99, opposite=0.001)]))
