@@ -45,3 +45,6 @@ def test_the_fp_run_a_run_depends_on_is_named_by_what_it_is():
     assert name == "fp/fp32-cnn_small-digits-s0-recipe:wenshoj2025"
     _, config, name = fp_counterpart(["method=lsq", "bits=3", "recipe=nagel2022"])
     assert name == "fp/fp32-cnn_small-digits-s0"  # a pretrained model: the common recipe's
+    folded = ["method=lsq", "bits=2", "bn_fold.enabled=true", "bn_fold.freeze_epoch=3"]
+    spec, config, name = fp_counterpart(folded)  # FP refuses folding: the plain fp run
+    assert not spec.bn_fold.enabled and name == "fp/fp32-cnn_small-digits-s0"
