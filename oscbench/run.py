@@ -225,8 +225,8 @@ def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
     Returns its spec, its resolved config and its run directory's name: that of a plain
     `method=fp` run with the overrides that make its identity (`recipe=paper` as the recipe
     it resolved to; no `teacher`, `distill`, `finetune_lr` or `finetune_epochs`, which an FP
-    run ignores, nor `bn_fold`, which it refuses). A recipe whose paper fine-tunes a standard pretrained model
-    (`recipe.fp: common`) starts from the fp run of the common recipe."""
+    run ignores, nor `bn_fold`, which it refuses). A recipe whose paper fine-tunes a standard
+    pretrained model (`recipe.fp: common`) starts from the fp run of the common recipe."""
     # nothing to fold in full precision: a folded run (bn_fold) starts from the plain fp run
     kept = [o for o in method_free(overrides) if not o.lstrip("+~").startswith("bn_fold")]
     kept = [*kept, "method=fp"]
