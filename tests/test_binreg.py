@@ -153,6 +153,16 @@ def test_a_detached_scale_takes_no_gradient():
     assert layer.weight_quantizer.s.grad is None and layer.weight.grad.abs().sum() > 0
 
 
+def test_a_nan_weight_gives_a_nan_term_not_an_index_error():
+    """Diverged training (a folded run whose BatchNorm scale crossed 0) reaches the
+    regulariser before the loop sees the NaN loss: the term is NaN, and the loop says why."""
+    model, layer = _model()
+    policy = _policy(model)
+    layer(torch.randn(2, 40))
+    layer.weight.data[0, :3] = float("nan")
+    assert torch.isnan(policy.term(layer))
+
+
 def test_lambda_is_vvtqs_cosine_from_a_quarter_of_the_epochs_per_epoch():
     model, _ = _model()
     epochs, per_epoch = 8, 10

@@ -147,6 +147,9 @@ class BinReg(Policy):
             code = q.to_int(w).float()
             centre = None if grid.step.numel() == 1 else code * grid.step.mean()  # None: w_q
             idx = code.sub_(grid.n).reshape(-1).int()  # index_add_'s index: int32 or int64
+            # a weight gone NaN (diverged training) has no code: any bin keeps index_add_ in
+            # range, the term is NaN, and the loop stops with its own error on the NaN loss
+            idx.clamp_(0, bins - 1)
         wq = layer.last_quantized_weight
         return _BinTerm.apply(w, lo, hi, wq, idx, centre, bins, divisor)
 
