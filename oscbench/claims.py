@@ -460,16 +460,21 @@ def write(study: dict, records: list[dict], out: Path) -> pd.DataFrame:
     return table
 
 
-def run_sweeps(study: dict, sweep_dir: Path, extra: list[str]) -> None:
+def run_sweeps(study: dict, sweep_dir: Path, extra: list[str]) -> list[str]:
     """Each sweep of the study, one after another, into `sweep_dir`; completed runs are
     skipped and interrupted ones resumed (trainer.resume=auto), so the same command again
-    continues a killed study."""
+    continues a killed study. A sweep with failed runs (a configuration that diverges, say:
+    its records say why, and the tables count them) does not stop the others; returns
+    those sweeps."""
+    failed = []
     for sweep in study["sweeps"]:
         cmd = [sys.executable, "-m", "oscbench.run", "-m", *study["base"], *sweep]
         cmd += [f"hydra.sweep.dir={sweep_dir}", *extra]
         print("oscbench.claims: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
         if subprocess.run(cmd).returncode:
-            raise SystemExit(f"oscbench.claims: the sweep {' '.join(sweep)} failed")
+            failed.append(" ".join(sweep))
+            print(f"oscbench.claims: the sweep {failed[-1]} failed; going on", file=sys.stderr)
+    return failed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -488,8 +493,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"oscbench.claims: no study file {path} (experiments/claims/study.yaml)\n")
     study = OmegaConf.to_container(OmegaConf.load(path))
     sweep_dir = Path(args.sweep_dir)
-    if not args.table_only:
-        run_sweeps(study, sweep_dir, args.overrides)
+    failed = [] if args.table_only else run_sweeps(study, sweep_dir, args.overrides)
+    why = f"{len(failed)} sweep(s) had failed runs (their records in {sweep_dir} say why): "
+    if failed and args.runs_only:
+        parser.exit(1, f"oscbench.claims: {why}{'; '.join(failed)}\n")
     if args.runs_only:
         return
     out = Path(args.out) if args.out else path.parent
@@ -499,6 +506,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"oscbench.claims: {e}\n")
     print((out / "claims.md").read_text())
     print(f"oscbench.claims: {len(table)} claims; wrote {out}", file=sys.stderr)
+    if failed:
+        parser.exit(1, f"oscbench.claims: {why}{'; '.join(failed)}\n")
 
 
 if __name__ == "__main__":

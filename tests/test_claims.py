@@ -220,7 +220,8 @@ TINY = [
 def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(tmp_path):
     study = OmegaConf.to_container(OmegaConf.load(STUDY))
     study["base"] = [o for o in study["base"] if "launcher" not in o]  # in this process
-    study["sweeps"] = [["method=lsq", "bits=2"]]
+    bad = ["method=lsq", "bits=2", "quantizer.init=bogus"]  # fails; the next sweep still runs
+    study["sweeps"] = [bad, ["method=lsq", "bits=2"]]
     study["claims"] = [
         {
             "paper": "Nagel et al. 2022",
@@ -263,7 +264,11 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
         *TINY,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stderr[-3000:]  # the tables written, the failure named
+    assert f"the sweep {' '.join(bad)} failed; going on" in proc.stderr
+    assert proc.stderr.rstrip().endswith(
+        f"1 sweep(s) had failed runs (their records in {sweep_dir} say why): {' '.join(bad)}"
+    )
     recs = [json.loads(p.read_text()) for p in sweep_dir.rglob("results.json")]
     assert sorted((r["method"], r["config"]["seed"]) for r in recs) == sorted(
         (m, s) for m in ("fp", "lsq") for s in (0, 1)
