@@ -153,10 +153,10 @@ def presets() -> tuple[Preset, ...]:
     return tuple(sorted(found, key=lambda p: (p.order, p.name)))
 
 
-def method_free(overrides: list[str]) -> list[str]:
+def method_free(overrides: list[str], also: tuple[str, ...] = ()) -> list[str]:
     """The overrides that do not concern the method: those of no key or group that a
-    preset sets (what the fp counterpart of a run keeps)."""
-    method_keys = {"method"}.union(*(p.keys for p in presets()))
+    preset sets, nor of `also` (what the fp counterpart of a run keeps)."""
+    method_keys = {"method", *also}.union(*(p.keys for p in presets()))
     parsed = OverridesParser.create().parse_overrides(overrides)
     return [
         o.input_line

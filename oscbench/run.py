@@ -228,8 +228,7 @@ def fp_counterpart(overrides: list[str]) -> tuple[RunSpec, dict, str]:
     run ignores, nor `bn_fold`, which it refuses). A recipe whose paper fine-tunes a standard
     pretrained model (`recipe.fp: common`) starts from the fp run of the common recipe."""
     # nothing to fold in full precision: a folded run (bn_fold) starts from the plain fp run
-    kept = [o for o in method_free(overrides) if not o.lstrip("+~").startswith("bn_fold")]
-    kept = [*kept, "method=fp"]
+    kept = [*method_free(overrides, also=("bn_fold",)), "method=fp"]
     (fp,) = [p for p in presets() if p.name == "fp"]
     cfg = compose([*kept, *fp.choices])
     if cfg.recipe.get("fp") == "common":  # a paper that fine-tunes a standard pretrained model
