@@ -26,7 +26,7 @@ from tests.conftest import compose_config, unprivileged
         ("trainer.schedule=step", "allowed: cosine, linear"),
         ("trainer.epochs=0", "trainer.epochs=0 is invalid"),
         ("trainer.warmup_fraction=1.5", "trainer.warmup_fraction=1.5"),
-        ("quantizer.init=max", "init='max' is invalid; allowed: lsq, mse"),
+        ("quantizer.init=median", "init='median' is invalid; allowed: lsq, mse, max"),
         ("oscillation.momentum=2", "oscillation.momentum=2"),
         ("+model.widht=3", "model: unknown key(s) widht; allowed: width"),
         ("trainer.epochs=abc", "trainer.epochs"),
