@@ -405,6 +405,14 @@ def check_combination(spec: RunSpec) -> None:
             if with_it:
                 fix += f", or a preset such as {_options('method', with_it)}"
             raise ConfigError(f"policy={policy.name} {need}, but quantizer={q} {lack}; use {fix}")
+    driver = QUANTIZERS.get(q).declares("driven_by", None)
+    if driver and driver not in [p.name for p in spec.policies]:
+        with_it = [p.name for p in presets() if driver in p.policies]
+        raise ConfigError(
+            f"quantizer={q} leaves the weights where policy={driver} puts them (its forward "
+            f"does not round them), so without that policy the run would train in full "
+            f"precision; add policy={driver} or use {_options('method', with_it)}"
+        )
     if spec.ptq and q != "none":
         raise ConfigError(
             f"ptq=true rounds a full-precision model after training, but quantizer={q} trains "

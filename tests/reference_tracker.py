@@ -13,10 +13,17 @@ from oscbench.oscillation.tracker import (
     Movement,
     TrackerConfig,
     level_spacing,
+    on_level,
     summarise,
     tracked_layers,
 )
 from oscbench.quant.modules import QuantizedLayer
+
+
+def placed(layer: QuantizedLayer) -> dict[str, float]:
+    """The layer's share of weights on a level (PARQ's relative_quantized_frac)."""
+    w = layer.quantizer_input()
+    return {"on_level_share": on_level(layer.weight_quantizer, w).item() / w.numel()}
 
 
 class OscillationTracker(nn.Module):
@@ -72,8 +79,11 @@ class OscillationTracker(nn.Module):
         """Epoch metrics per layer and over the model (weighted by weight count; the model's
         d_Q / d_w is the ratio of its sums), and a histogram of per-weight oscillation counts
         so far; resets the epoch counters. None when no layer is tracked."""
-        states = zip(self.names, self.states, self.moves, strict=True)
-        layers = {name: s.epoch_stats(threshold) | m.epoch_stats() for name, s, m in states}
+        states = zip(self.names, self.layers, self.states, self.moves, strict=True)
+        layers = {
+            name: s.epoch_stats(threshold) | m.epoch_stats() | placed(layer)
+            for name, layer, s, m in states
+        }
         if not layers:
             return None
         return summarise(layers, torch.cat([s.count.flatten() for s in self.states]))

@@ -53,6 +53,18 @@ def test_weight_only_quantizer_is_not_offered_for_activations():
     assert "act_quantizer/statsq" in str(err.value)
 
 
+def test_a_quantizer_driven_by_a_policy_is_refused_without_it(monkeypatch):
+    """`Quantizer.driven_by`: a weight quantizer whose forward leaves the weights where a
+    policy puts them (PARQ's) would train in full precision without that policy."""
+    from oscbench.quant.lsq import LSQQuantizer
+
+    monkeypatch.setattr(LSQQuantizer, "driven_by", "dampen", raising=False)
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(["method=lsq"]))
+    assert "add policy=dampen or use method=lsq_dampen" in str(err.value)
+    validate(compose_config(["method=lsq_dampen"]))  # with it: accepted
+
+
 @pytest.mark.parametrize("name", ["ltq", "lsq_plus"])
 def test_activation_only_quantizers_are_not_offered_for_weights(name):
     with pytest.raises(ConfigCompositionException) as err:

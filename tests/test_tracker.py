@@ -299,3 +299,24 @@ def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
             for key in a:
                 if isinstance(a[key], torch.Tensor):
                     assert torch.equal(a[key], b[key]), key
+
+
+def test_on_level_share_counts_weights_within_eps_of_a_level_as_parq():
+    """PARQ's relative_quantized_frac (parq/optim/quantopt.py, `_count_quantized_params`):
+    |w - level| <= float32 eps for some level. A trained LSQ layer's latent weights are
+    almost never on a level; put some there (and some a float32 eps and 2 eps away)."""
+    from oscbench.oscillation.tracker import ON_LEVEL_EPS, on_level
+    from oscbench.quant.modules import quantized_layers
+
+    _, built = build_config(["bits=2"])
+    layer = next(m for _, m in quantized_layers(built.model) if not m.is_first_or_last)
+    q, w = layer.weight_quantizer, layer.weight.detach().clone()
+    levels = q.levels(w).flatten()
+    flat = w.flatten()
+    flat[:7] = levels[torch.arange(7) % levels.numel()]  # exactly on a level
+    flat[7] = levels[1] + ON_LEVEL_EPS / 2  # within eps
+    flat[8] = levels[1] + 4 * ON_LEVEL_EPS  # not (well above float32's spacing near a level)
+    distance = (flat[:, None] - levels[None, :]).abs().min(dim=1).values
+    expected = int((distance <= ON_LEVEL_EPS).sum())
+    assert expected >= 8
+    assert int(on_level(q, w)) == expected

@@ -14,6 +14,12 @@ threshold moves its quantized value a whole level for a tiny latent step: a high
 Here |Q(w_t) - Q(w_{t-1})| = |code change| x the level spacing of the current grid, so the
 ratio counts level changes and not the drift of a learned step size (TetraJet's MXFP4 scales
 are powers of two that rarely move, so there the two agree).
+
+Per layer and epoch, at its end, PARQ's `relative_quantized_frac` (Jin et al., ICML 2025;
+facebookresearch/parq at 36bae00c, `parq/optim/quantopt.py`: `_count_quantized_params`): the
+share of the weights the quantizer reads that lie on a level, within float32's machine epsilon
+(an absolute distance, as there). A straight-through method's latent weights almost never do;
+PARQ's proximal map puts its weights there.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from oscbench.quant.base import Quantizer
 from oscbench.quant.modules import QuantizedLayer, quantized_layers
 from oscbench.registry import check
 
 COUNT_MAX = torch.iinfo(torch.int16).max
 SATURATE_EVERY = 1024  # counts rise by at most one a step: clamping this often keeps int16 safe
+ON_LEVEL_EPS = torch.finfo(torch.float32).eps  # PARQ's tolerance for a weight on a level
 
 
 @dataclass
@@ -92,6 +100,13 @@ def stuck(state: LayerTracker | OscillationTracker) -> torch.Tensor:
         & state.count.eq(state.epoch_count)
         & state.epoch_count.lt(COUNT_MAX - SATURATE_EVERY)
     )
+
+
+def on_level(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
+    """How many elements of w lie within float32's epsilon of the level of their code (a
+    device scalar; `relative_quantized_frac` in the module docstring)."""
+    centre = q.code_centre(q.to_int(w), w)
+    return (w.detach() - centre).abs().le(ON_LEVEL_EPS).sum()
 
 
 def start_epoch(state: LayerTracker | OscillationTracker) -> None:
@@ -218,6 +233,7 @@ def summarise(layers: dict[str, dict], counts: torch.Tensor) -> dict:
         "osc_share": sum(s["osc_share"] * s["numel"] for s in layers.values()) / total,
         "mean_freq": sum(s["mean_freq"] * s["numel"] for s in layers.values()) / total,
         "stuck_share": sum(s["stuck_share"] * s["numel"] for s in layers.values()) / total,
+        "on_level_share": sum(s["on_level_share"] * s["numel"] for s in layers.values()) / total,
         "crossings": sum(s["crossings"] for s in layers.values()),
         "oscillations": sum(s["oscillations"] for s in layers.values()),
         "dq": dq,
@@ -392,6 +408,9 @@ class OscillationTracker(nn.Module):
         self.epoch_oscillations.zero_()
         still = stuck(self)
         held = torch.stack([still[a:b].sum() for a, b in self.bounds]).tolist()
+        placed = torch.stack(
+            [on_level(m.weight_quantizer, m.quantizer_input()) for m in self.layers]
+        ).tolist()
         start_epoch(self)
         layers = {
             name: {
@@ -401,6 +420,7 @@ class OscillationTracker(nn.Module):
                 "crossings": switches[i],
                 "oscillations": oscillations[i],
                 "stuck_share": held[i] / view.shape.numel(),
+                "on_level_share": placed[i] / view.shape.numel(),
             }
             | move.epoch_stats()
             for i, (name, view, move) in enumerate(

@@ -172,17 +172,20 @@ class Quantizer(nn.Module):
     names in `extra_state`) travels in the module's extra state, so `load_state_dict` restores it.
 
     Declarations read by the configuration check (class attributes): `bit_range`,
-    `capabilities`, and `bit_note`, said when `bits` is out of range. For export, `deploy`
+    `capabilities`, `bit_note`, said when `bits` is out of range, and `driven_by`, the
+    policy that puts the weights on its levels where the quantizer's own forward does not
+    (PARQ's proximal map). For export, `deploy`
     (UNIFORM, EXTRA_BIT or LOOKUP) says how its levels map to integers, and
     `integer_form(x)` gives that map for tensor x (activations: for any input), the one the
     forward pass computes levels with, so that scale * (code - zero_point) is bit for bit
     the fake-quantized value.
     """
 
-    deploy: str  # every quantizer declares it
+    deploy: str  # every quantizer declares it (one whose options decide: `deploy_for(options)`)
     bit_range: range = range(2, 9)
     bit_note: str = ""
     capabilities: frozenset[str] = frozenset({QUANTIZED})
+    driven_by: str | None = None  # the policy a run with this weight quantizer must have
     extra_state: tuple[str, ...] = ()  # attributes saved with the state dict, besides `ready`
     bits: int
     signed: bool
@@ -290,9 +293,17 @@ def deployability(config: dict) -> str:
         return UNIFORM
     if config["quantizer"]["name"] == "none":
         return "fp"
-    names = [config["quantizer"]["name"], config["act_quantizer"]["name"]]
-    kinds = [QUANTIZERS.get(n).declares("deploy", LOOKUP) for n in names if n != "none"]
+    parts = [config["quantizer"], config["act_quantizer"]]
+    kinds = [_deploy(part) for part in parts if part["name"] != "none"]
     return max(kinds, key=[UNIFORM, EXTRA_BIT, LOOKUP].index)
+
+
+def _deploy(options: dict) -> str:
+    """A configured quantizer's `deploy`: its class's, or where the options decide it, its
+    `deploy_for(options)`."""
+    entry = QUANTIZERS.get(options["name"])
+    rule = entry.declares("deploy_for", None)
+    return rule(options) if rule else entry.declares("deploy", LOOKUP)
 
 
 def clip_to_grid(q: Quantizer, w: torch.Tensor) -> torch.Tensor:
