@@ -1,0 +1,197 @@
+"""PARQ against its reference as torchao ships it (torchao.prototype.parq, the port of
+facebookresearch/parq): the levels, the slope schedule, the proximal map, and whole
+optimizer steps against `QuantOptimizer` with `ProxPARQ`; then a run's weights end on levels."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+from torchao.prototype.parq.optim import ProxPARQ, QuantOptimizer
+from torchao.prototype.parq.optim.parq import normalized_mirror_sigmoid
+from torchao.prototype.parq.quant import UnifQuantizer
+
+from oscbench.compose import CONF_DIR
+from oscbench.export import deployed, logits_only, parity, to_onnx, weight_codes_equal
+from oscbench.oscillation.parq import PARQ, PARQScheduleConfig, mirror_sigmoid, prox_
+from oscbench.oscillation.policy import RunContext, Schedule
+from oscbench.quant.base import EXTRA_BIT, QUANTIZERS, UNIFORM, deployability
+from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
+from oscbench.registry import ConfigError
+from tests.conftest import build_config, compose_config, fit
+
+pytestmark = pytest.mark.numeric  # bit-for-bit parity: rerun in CI under other CPU code paths
+
+
+def quantizer(bits: int, channels: int | None = None, **options):  # noqa: ANN201
+    node = OmegaConf.merge(OmegaConf.load(f"{CONF_DIR}/quantizer/parq.yaml"), options)
+    return QUANTIZERS.get("parq").build(QUANTIZERS.parse(node, "quantizer"), bits, channels, True)
+
+
+def reference_levels(w: torch.Tensor, bits: int, per_channel: bool, method: str, shift: float):
+    zero_point = 0.5 if shift == 0.5 else 0.0
+    ref = UnifQuantizer(scale_method=method, int_shift=shift, zero_point=zero_point)
+    p = w.flatten(1) if per_channel else w
+    return ref.quantize(p, bits, dim=-1 if per_channel else None)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("method", "shift"), [("mean", 0.5), ("max", 0.5), ("mean", 1.0)])
+def test_levels_and_codes_are_unifquantizers(bits, per_channel, method, shift):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 3, 3, 3) * torch.rand(6, 1, 1, 1)
+    q = quantizer(bits, 6, per_channel=per_channel, scale_method=method, int_shift=shift)
+    q.init_from(w)
+    hard, levels = reference_levels(w, bits, per_channel, method, shift)
+    assert torch.equal(q.levels(w), levels)
+    # the rounded weight UnifQuantizer returns is the level of to_int's code
+    codes = q.to_int(w)
+    assert torch.equal(q.code_centre(codes, w).flatten(), hard.flatten())
+    assert q.deploy == (EXTRA_BIT if shift == 0.5 else UNIFORM)
+
+
+def test_the_slope_schedule_is_the_mirror_sigmoid():
+    for s, c in [(100.0, 0.5), (10.0, 0.5), (3.0, 0.3)]:
+        for t in range(20, 120):
+            assert mirror_sigmoid(t, 20, 120, s, c) == normalized_mirror_sigmoid(t, 20, 120, s, c)
+    assert mirror_sigmoid(19, 20, 120, 100.0, 0.5) == 1.0
+    assert mirror_sigmoid(120, 20, 120, 100.0, 0.5) == 0.0
+    assert mirror_sigmoid(20, 20, 120, 100.0, 0.5) == 1.0  # normalised: 1 at the start
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("step", [0, 30, 50, 70, 99, 100, 150])  # slope 1 .. 0, then hard
+def test_the_proximal_map_is_proxparqs(per_channel, step):
+    torch.manual_seed(step)
+    w = torch.randn(8, 16) * 0.1
+    _, levels = reference_levels(w, 2, per_channel, "mean", 0.5)
+    expected = w.clone()
+    inv = ProxPARQ(0, 100, steepness=10.0).apply_(
+        expected, None, levels, step, dim=-1 if per_channel else None
+    )
+    got = w.clone()
+    slope = mirror_sigmoid(step, 0, 100, 10.0, 0.5)
+    if 0 < slope:
+        slope = max(torch.finfo(torch.float32).tiny, slope)
+    prox_(got if per_channel else got.view(-1), levels, slope)
+    assert slope == inv
+    assert torch.equal(got, expected)
+
+
+def test_a_slope_between_zero_and_one_pulls_weights_towards_the_bins_ends():
+    levels = torch.tensor([-1.5, -0.5, 0.5, 1.5])
+    w = torch.tensor([-2.0, -1.25, -0.875, 0.125, 0.375, 0.625, 2.0])
+    prox_(w, levels, 0.5)  # c + 2 (w - c), clamped to the bin (dyadic: exact)
+    assert torch.equal(w, torch.tensor([-1.5, -1.5, -0.75, 0.25, 0.5, 0.5, 1.5]))
+
+
+def _pair(per_channel: bool):
+    """One linear layer trained by oscbench's policy and its twin by torchao's optimizer."""
+    torch.manual_seed(0)
+    ours = nn.Sequential(nn.Linear(12, 6))
+    theirs = copy.deepcopy(ours)
+    node = OmegaConf.merge(
+        OmegaConf.load(f"{CONF_DIR}/quantizer/parq.yaml"), {"per_channel": per_channel}
+    )
+    component = type("C", (), {"name": "parq", "options": QUANTIZERS.parse(node, "quantizer")})
+    none = lambda bits, channels, is_weight: None  # noqa: E731
+    quantize_model(ours, quantizer_factory(component), none, QuantPlan(2, 2, None))
+    cfg = PARQScheduleConfig(
+        warmup_steps=3,
+        quant_period=4,
+        anneal_start=0.1,
+        anneal_end=0.6,
+        steepness=10.0,
+        anneal_center=0.5,
+    )
+    run = RunContext(ours, None, 2, Schedule(total=40, main=40, per_epoch=10), "sgd")
+    policy = PARQ(cfg, run)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    weight, bias = theirs[0].weight, theirs[0].bias
+    base = torch.optim.SGD(
+        [{"params": [weight], "quant_bits": 2}, {"params": [bias]}],
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-3,
+    )
+    ref = QuantOptimizer(
+        base,
+        UnifQuantizer(),
+        ProxPARQ(policy.start, policy.end, steepness=10.0),
+        warmup_steps=3,
+        quant_period=4,
+        quant_per_channel=per_channel,
+    )
+    return ours, policy, opt, theirs, ref
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_forty_steps_are_quantoptimizers_bit_for_bit(per_channel):
+    """The whole step: warm-up, latent weights restored and kept, levels every 4 steps,
+    the annealed map, hard rounding after anneal_end (steps 4..24 of 40 here)."""
+    ours, policy, opt, theirs, ref = _pair(per_channel)
+    torch.manual_seed(1)
+    for _ in range(40):
+        x, y = torch.randn(16, 12), torch.randn(16, 6)
+        for model, step in (
+            (ours, lambda: policy.optimizer_step(opt, opt.step)),
+            (theirs, ref.step),
+        ):
+            model.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            step()
+        assert torch.equal(ours[0].weight, theirs[0].weight)
+        assert torch.equal(ours[0].bias, theirs[0].bias)
+    latent = ref.state[theirs[0].weight]["latent"]
+    assert torch.equal(policy.latent_0, latent)
+    assert policy.inv_slope == 0.0 and not torch.equal(latent, theirs[0].weight)
+
+
+def test_a_run_ends_with_every_quantized_weight_on_a_level_and_exports():
+    spec, built = build_config(
+        [
+            "method=parq",
+            "bits=2",
+            "trainer.epochs=4",
+            "policy.parq.warmup_steps=5",
+            "policy.parq.anneal_end=0.5",
+            "oscillation.track_first_last=true",
+        ]
+    )
+    history = fit(spec, built)
+    # 21 steps an epoch: annealing over steps 0..41, hard rounding from step 42
+    assert history[0]["parq/inv_slope"] > 0 and history[-1]["parq/inv_slope"] == 0.0
+    assert history[0]["osc"]["on_level_share"] < 0.5
+    assert history[-1]["osc"]["on_level_share"] == 1.0  # every tracked weight, all layers
+    policy = built.policies[0]
+    latent = torch.cat(
+        [getattr(policy, f"latent_{i}").flatten() for i in range(len(policy.layers))]
+    )
+    assert not torch.equal(latent, torch.cat([m.weight.flatten() for m in policy.layers]))
+    # the integer model: the weights' codes (odd, at one more bit) and onnxruntime's logits
+    model = built.model.eval()
+    batches = list(built.data.eval_batches("test", 256))
+    probe = to_onnx(deployed(model), batches[0][0][:2])
+    assert weight_codes_equal(model, logits_only(probe)) == (len(policy.layers), True)
+    got = parity(model, probe, batches)
+    assert got["logits"]["images_over_bound"] == 0
+    assert (
+        deployability(
+            {"quantizer": {"name": "parq", "int_shift": 0.5}, "act_quantizer": {"name": "lsq"}}
+        )
+        == EXTRA_BIT
+    )
+
+
+def test_parq_without_its_policy_or_with_a_warmup_as_long_as_the_run_is_refused():
+    from oscbench.config import validate
+
+    with pytest.raises(ConfigError, match="add policy=parq or use method=parq"):
+        validate(compose_config(["quantizer=parq", "policy=[]"]))
+    with pytest.raises(ConfigError, match="PARQ's map would never act"):
+        build_config(["method=parq", "trainer.epochs=2", "policy.parq.warmup_steps=42"])
+    build_config(["method=parq", "trainer.epochs=2", "policy.parq.warmup_steps=41"])
