@@ -29,6 +29,7 @@ FULL_PRECISION = "full_precision"  # trains in full precision (quantizer: none)
 FIXED_GRID = "fixed_grid"  # its grid does not move with the weights it quantizes
 ACTIVATIONS = "activations"  # can quantize activations as well as weights
 DECOUPLED = "decoupled_thresholds"  # thresholds and levels have steps of their own (AOQ)
+PROXIMAL = "proximal"  # no straight-through estimator: a policy's proximal map sets the weights
 
 # (what a policy needing it does, what a quantizer lacking it does), for error messages
 CAPABILITIES = {
@@ -42,6 +43,10 @@ CAPABILITIES = {
     DECOUPLED: (
         "schedules the thresholds' and the levels' steps apart",
         "has one step for thresholds and levels",
+    ),
+    PROXIMAL: (
+        "maps the weights onto the quantizer's levels itself",
+        "rounds the weights in its forward pass (a straight-through estimator)",
     ),
 }
 
