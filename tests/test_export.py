@@ -122,6 +122,7 @@ def test_every_quantizer_declares_how_its_levels_map_to_integers():
         "lsq": UNIFORM,
         "lsq_plus": UNIFORM,
         "ltq": LOOKUP,
+        "parq": EXTRA_BIT,  # with its default int_shift 0.5 (deploy_for: 1 is UNIFORM)
         "qema": UNIFORM,
         "rtn": UNIFORM,
         "stableqat": UNIFORM,

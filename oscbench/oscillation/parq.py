@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
-from oscbench.quant.base import QUANTIZED
+from oscbench.quant.base import PROXIMAL, QUANTIZED
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.parq import PARQQuantizer
 from oscbench.registry import ConfigError, check
@@ -111,7 +111,7 @@ class PARQ(Policy):
     (AProx's 1/Σlr scaling) and `anneal_wd_frac`. Latent weights are buffers; the step count
     is extra state."""
 
-    requires = frozenset({QUANTIZED})
+    requires = frozenset({QUANTIZED, PROXIMAL})
     not_on_folded = (
         "its proximal map sets the convolution's weight, which folding then multiplies by the "
         "BatchNorm's gamma / sigma, so the folded weight is not on PARQ's levels"
@@ -125,10 +125,6 @@ class PARQ(Policy):
             for _, m in quantized_layers(run.model)
             if isinstance(m.weight_quantizer, PARQQuantizer)
         ]
-        if not self.layers:
-            raise ConfigError(
-                "policy=parq found no layer quantized by quantizer=parq; add quantizer=parq"
-            )
         for i, m in enumerate(self.layers):
             self.register_buffer(f"latent_{i}", m.weight.detach().clone())
         self.start = round(cfg.anneal_start * run.schedule.main)

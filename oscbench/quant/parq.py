@@ -13,6 +13,7 @@ import torch
 
 from oscbench.quant.base import (
     EXTRA_BIT,
+    PROXIMAL,
     QUANTIZED,
     QUANTIZERS,
     UNIFORM,
@@ -53,7 +54,7 @@ class PARQQuantizer(Quantizer):
     the nearest level's code, which the tracker reads. Weights only."""
 
     signed = True
-    capabilities = frozenset({QUANTIZED})
+    capabilities = frozenset({QUANTIZED, PROXIMAL})
     driven_by = "parq"
     deploy = EXTRA_BIT  # with the default int_shift 0.5 (deploy_for)
 
