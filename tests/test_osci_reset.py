@@ -32,7 +32,7 @@ def _layer(values):
     return model, layer
 
 
-def _policy(model, detect, period=4, track=2, start=0.0):
+def _policy(model, detect, period=4, track=2, start=0.0, strength=1.0, noise=0.0):
     cfg = OsciResetConfig(
         detect=detect,
         start=start,
@@ -40,6 +40,8 @@ def _policy(model, detect, period=4, track=2, start=0.0):
         track_steps=track,
         ratio_threshold=16.0,
         edge_threshold=0.495,
+        strength=strength,
+        noise=noise,
     )
     run = RunContext(model, None, 3, Schedule(total=100, main=100, per_epoch=10), "sgd")
     return OsciReset(cfg, run)
@@ -156,3 +158,50 @@ def test_a_run_too_short_for_any_reset_is_warned_about(detect, period, first, ca
     policy = _policy(model, detect, period=period, track=8, start=0.6)
     assert policy.first_reset() == first
     assert ("no reset happens" in capsys.readouterr().err) == (first >= 100)
+
+
+def test_winq_moves_every_weight_part_of_the_way_to_its_level_each_period():
+    """detect=all with strength 0.25: w + 0.25 (centre - w) at steps 0, 4, 8 (period 4);
+    the values are dyadic, so the interpolation is exact."""
+    values = [0.5, 0.125, -1.75, 2.25, -3.5]
+    model, layer = _layer(values)
+    policy = _policy(model, "all", strength=0.25)
+    w = torch.tensor([values])
+    centre = torch.tensor([[1.0, 0.0, -2.0, 2.0, -4.0]])  # round half to even: 0.5 -> 0
+    centre[0, 0] = 0.0
+    for i in range(9):
+        _after_step(policy, model, i)
+        if i % 4 == 0:
+            w = w + 0.25 * (centre - w)
+            centre = torch.round(w).clamp(-4, 3)
+        assert torch.equal(layer.weight.data, w), i
+    assert policy.metrics()["osci_reset/resets"] == 3
+
+
+def test_winq_noise_moves_the_forward_and_leaves_the_weights_to_the_optimizer():
+    """noise 0.5: each step's forward runs at w + N(0, (0.5 s)^2) (s = 1 here): the
+    gradient is the noisy weights' (LSQ's clipping mask: some weights near the range's ends
+    cross it) and after backward the weights are the clean ones again.
+    The noise's spread over 20,000 weights lies within 4 % of 0.5 (the sample standard
+    deviation's relative error is about 1 / sqrt(2 n) = 0.5 %: eight of those)."""
+    torch.manual_seed(0)
+    values = (torch.rand(20_000) * 6 - 3).tolist()
+    model, layer = _layer(values)
+    policy = _policy(model, "all", period=1000, start=0.0, noise=0.5)
+    clean = layer.weight.detach().clone()
+    policy.on_step_start(1, 100)
+    noisy = layer.weight.detach().clone()
+    spread = (noisy - clean).std().item()
+    assert abs(spread - 0.5) < 0.04 * 0.5
+    x = torch.randn(3, 20_000)
+    model(x).sum().backward()
+    grad = layer.weight.grad.clone()
+    policy.after_backward(model)
+    assert torch.equal(layer.weight.data, clean)
+    # the gradient is the one a forward at the noisy weights takes, not the clean weights'
+    for weights, same in ((noisy, True), (clean, False)):
+        twin = copy.deepcopy(model)
+        twin[0].weight.data.copy_(weights)
+        twin[0].weight.grad = None
+        twin(x).sum().backward()
+        assert torch.equal(grad, twin[0].weight.grad) == same

@@ -26,26 +26,33 @@ from oscbench.registry import check
 
 @dataclass
 class OsciResetConfig:
-    detect: str  # ratio: d_Q/d_w over a window (TetraJet-v2's `distance_ratio`) | bin_edge
+    detect: str  # ratio: d_Q/d_w over a window (TetraJet-v2's `distance_ratio`) | bin_edge |
+    #              all: every low-bit weight (WinQ)
     start: float  # nothing before this share of training (their configs: 8000/12505,
     #               15000/25500, 35000/50500 steps, i.e. 0.59-0.69; code default 0)
     period: int  # steps between resets (`perturb_period`: 200 in the 70M/150M configs)
     track_steps: int  # ratio: steps over which d_Q and d_w are summed (`detect_DistRatio_iters`)
     ratio_threshold: float  # ratio: reset where d_Q/d_w >= this (code default 16; configs 8)
     edge_threshold: float  # bin_edge: reset where |w - centre| > this x bin width (0.495)
+    strength: float  # a reset moves w this share of the way to its centre (1: TetraJet-v2;
+    #                  WinQ: below 1)
+    noise: float  # gradients at w + N(0, (noise x step)^2) from `start` on (0: none; WinQ > 0)
 
     def __post_init__(self) -> None:
-        check(self.detect in ("ratio", "bin_edge"), "detect", self.detect, "ratio, bin_edge")
+        detectors = ("ratio", "bin_edge", "all")
+        check(self.detect in detectors, "detect", self.detect, ", ".join(detectors))
         check(0 <= self.start < 1, "start", self.start, "0 <= x < 1")
         check(self.period >= 2, "period", self.period, ">= 2")
         check(
-            0 < self.track_steps < self.period - 1,
+            self.detect != "ratio" or 0 < self.track_steps < self.period - 1,
             "track_steps",
             self.track_steps,
             "0 < x < period - 1",
         )
         check(self.ratio_threshold > 0, "ratio_threshold", self.ratio_threshold, "> 0")
         check(0 < self.edge_threshold < 0.5, "edge_threshold", self.edge_threshold, "0 < x < 0.5")
+        check(0 < self.strength <= 1, "strength", self.strength, "0 < x <= 1")
+        check(self.noise >= 0, "noise", self.noise, ">= 0")
 
 
 @POLICIES.register("osci_reset", OsciResetConfig)
@@ -62,6 +69,18 @@ class OsciReset(Policy):
     - detect=bin_edge: at i % period == 0 set every weight farther than edge_threshold x
       the bin width (the step) from its bin's centre to that centre (beyond the grid: to
       the outermost level).
+
+    - detect=all: at i % period == 0 every weight (WinQ's periodic reset).
+
+    A reset sets w to w + strength (centre - w): strength 1 is TetraJet-v2's; below 1, the
+    linear interpolation of the full-precision and the quantized weight of WinQ (Li et al.,
+    "WinQ: Accelerating Quantization-Aware Training of Language Models Around Saddle
+    Points", ICML 2026, arXiv:2605.17471; no public code, and of the paper only the abstract
+    was at hand: its interpolation weight, period and noise are this policy's options, not
+    values from the paper). `noise` > 0 adds WinQ's other part: from step ceil(start T) on,
+    each step's forward and backward run at w + e, e ~ N(0, (noise x step)^2) per weight
+    (the step of the weight's grid), and the optimizer updates w (the noise is taken off
+    after backward; drawn from torch's global generator, saved with checkpoints).
 
     The bin centre is `Quantizer.code_centre` of the weight's current code: TetraJet-v2's
     dequantized value, the level it rounds to. Resets happen in `on_step_end`, so the
@@ -83,6 +102,7 @@ class OsciReset(Policy):
         self.first = math.ceil(cfg.start * run.schedule.total)
         self.step = 0
         self.window: list[dict[str, torch.Tensor]] | None = None  # ratio: the open window
+        self.clean: list[torch.Tensor] | None = None  # noise: the weights under this step's noise
         device = next(run.model.parameters()).device
         self.reset_count = torch.zeros((), dtype=torch.int64, device=device)  # this epoch
         self.resets = 0  # reset events this epoch
@@ -98,10 +118,23 @@ class OsciReset(Policy):
         """The step after which the first reset happens."""
         cfg = self.cfg
         window = math.ceil(self.first / cfg.period) * cfg.period
-        return window if cfg.detect == "bin_edge" else window + cfg.track_steps + 1
+        return window + cfg.track_steps + 1 if cfg.detect == "ratio" else window
 
+    @torch.no_grad()
     def on_step_start(self, step: int, total: int) -> None:
         self.step = step
+        if self.cfg.noise > 0 and step >= self.first:
+            self.clean = [m.weight.detach().clone() for m in self.layers]
+            for m in self.layers:
+                q, w = m.weight_quantizer, m.weight
+                w.add_(torch.randn_like(w) * (self.cfg.noise * q.step(w.detach())))
+
+    @torch.no_grad()
+    def after_backward(self, model: nn.Module) -> None:
+        if self.clean is not None:
+            for m, w in zip(self.layers, self.clean, strict=True):
+                m.weight.copy_(w)
+            self.clean = None
 
     @torch.no_grad()
     def on_step_end(self, model: nn.Module) -> None:
@@ -109,7 +142,10 @@ class OsciReset(Policy):
         if i < self.first:
             return
         phase = i % cfg.period
-        if cfg.detect == "bin_edge":
+        if cfg.detect == "all":
+            if phase == 0:
+                self._reset([torch.ones_like(m.weight, dtype=torch.bool) for m in self.layers])
+        elif cfg.detect == "bin_edge":
             if phase == 0:
                 self._reset([self._edge_mask(m) for m in self.layers])
         elif phase == 0:
@@ -154,7 +190,10 @@ class OsciReset(Policy):
     def _reset(self, masks: list[torch.Tensor]) -> None:
         for layer, mask in zip(self.layers, masks, strict=True):
             q, w = layer.weight_quantizer, layer.weight
-            torch.where(mask, q.code_centre(q.to_int(w), w), w, out=w)
+            centre = q.code_centre(q.to_int(w), w)
+            if self.cfg.strength < 1:
+                centre = torch.lerp(w, centre, self.cfg.strength)
+            torch.where(mask, centre, w, out=w)
             self.reset_count += mask.sum()
         self.resets += 1
 
