@@ -22,6 +22,7 @@ import oscbench.quant  # noqa: F401  (the four packages import, and so register,
 from oscbench.compose import presets
 from oscbench.data.base import DATASETS
 from oscbench.distill import DistillConfig
+from oscbench.hessian import ProbeConfig
 from oscbench.models.base import MODELS
 from oscbench.naming import bits_label, method_label
 from oscbench.oscillation.policy import POLICIES
@@ -240,6 +241,7 @@ class RunSpec:
     distill: DistillConfig
     export: bool  # after training: the integer model to ONNX, its parity measured (oscbench.export)
     bn_fold: BNFoldConfig
+    probe: ProbeConfig  # measurements that leave training as it is (the Hessian traces)
 
     @property
     def plan(self) -> QuantPlan:
@@ -348,6 +350,7 @@ def validate(cfg: DictConfig) -> RunSpec:
         distill=parse(DistillConfig, cfg.distill, "distill"),
         export=cfg.export,
         bn_fold=parse(BNFoldConfig, cfg.bn_fold, "bn_fold"),
+        probe=parse(ProbeConfig, cfg.probe, "probe"),
     )
     check(spec.qkr in ("never", "auto", "always"), "qkr", spec.qkr, "never, auto, always")
     jobs = spec.jobs_per_gpu

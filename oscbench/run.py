@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,7 @@ from oscbench.evaluation import (
     split_record,
 )
 from oscbench.gpus import job_device
+from oscbench.hessian import layer_traces
 from oscbench.models.base import build_model
 from oscbench.models.pretrained import load_weights
 from oscbench.naming import result_key, run_dir_name
@@ -379,6 +381,7 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
             save=save,
             objective=built.objective,
             ema=built.ema,
+            measure=measurements(spec, built),
         )
         final = final_metrics(spec, built.model, built.data, built.tracker, history)
         final |= extra_metrics(spec, built)
@@ -393,6 +396,23 @@ def _train_and_record(spec: RunSpec, config: dict, run_dir: Path, resume: dict |
         print_summary(spec, rec.data, rec.path)
         export_if_asked(spec, run_dir)
     return final
+
+
+def measurements(spec: RunSpec, built: Built) -> Callable[[int], dict] | None:
+    """The epoch measurements `probe:` asks for: each quantized layer's Hessian trace after
+    the epochs `probe.hessian_epochs` names (`hessian_trace`, and its seconds)."""
+    cfg = spec.probe
+    if not cfg.hessian_epochs or not spec.quantized:
+        return None
+
+    def measure(epoch: int) -> dict:
+        if epoch not in cfg.hessian_epochs:
+            return {}
+        start = time.time()
+        traces = layer_traces(built.model, built.data, cfg, spec.trainer.batch_size)
+        return {"hessian_trace": traces, "hessian_s": time.time() - start}
+
+    return measure
 
 
 def export_if_asked(spec: RunSpec, run_dir: Path) -> None:

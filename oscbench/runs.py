@@ -34,6 +34,7 @@ NOT_RESULTS = (
     "method",
     "init_strict",
     "export",
+    "probe",  # measures the trained weights and leaves training as it is
 )
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
 BITS = ("bits", "act_bits", "first_last", "first_last_bits")

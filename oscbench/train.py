@@ -174,6 +174,7 @@ def train(
     save: Callable[[dict], None] | None = None,
     objective: Objective = CROSS_ENTROPY,
     ema: ModelEma | None = None,
+    measure: Callable[[int], dict] | None = None,
 ) -> list[dict]:
     """Train for `cfg.epochs`, then `cfg.extra_epochs` at `cfg.extra_lr_scale` times each
     group's peak rate (or where the schedule ended); after each epoch `save(state)` a
@@ -183,7 +184,7 @@ def train(
     rate (of the first parameter group) at the epoch's first and last steps (`lr`,
     `lr_last`), the validation split's loss and accuracy (`val_*`, the EMA copy's
     `ema_val_acc`), and with trainer.test=every_epoch the test split's (`test_*`), which
-    nothing selects on."""
+    nothing selects on; `measure(epoch)` (1-based) adds what it measures (the probe's)."""
     steps = schedule(data, cfg)
     epoch_splits = [s for s in SPLITS if data.split_size(s)]
     epoch_splits = [s for s in epoch_splits if s == "val" or cfg.test == "every_epoch"]
@@ -323,6 +324,8 @@ def train(
         osc = tracker.stats(osc_threshold) if tracker is not None else None
         if osc is not None:
             record["osc"] = osc
+        if measure is not None:
+            record |= measure(epoch + 1)
         history.append(record)
         if save is not None:
             save(state() | {"rng": rng_state(), "epoch": epoch + 1, "history": history})
