@@ -39,6 +39,9 @@ NOT_RESULTS = (
 FP_UNUSED = ("act_quantizer", "oscillation", "qkr")  # meaningless without quantized weights
 BITS = ("bits", "act_bits", "first_last", "first_last_bits")
 OPTIONAL = ("bn_fold",)  # left out while off (`enabled: false`), as in runs from before it
+# options added to a component after runs with it existed: left out at the value that
+# reproduces those runs, so that they are found again
+NEUTRAL = {"policy.osci_reset.strength": 1.0, "policy.osci_reset.noise": 0.0}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -60,6 +63,7 @@ def fingerprint(config: dict) -> dict[str, Any]:
     """The resolved config's values that determine a run's results, flattened."""
     flat = _drop(_flat(config), NOT_RESULTS)
     flat = _drop(flat, tuple(k for k in OPTIONAL if not config.get(k, {}).get("enabled")))
+    flat = {k: v for k, v in flat.items() if k not in NEUTRAL or v != NEUTRAL[k]}
     if config.get("quantizer", {}).get("name") == "none":
         flat = _drop(flat, FP_UNUSED)
         if trains_alone(config) and config.get("init_from") in (None, "fp"):

@@ -205,3 +205,18 @@ def test_winq_noise_moves_the_forward_and_leaves_the_weights_to_the_optimizer():
         twin[0].weight.grad = None
         twin(x).sum().backward()
         assert torch.equal(grad, twin[0].weight.grad) == same
+
+
+def test_runs_from_before_winqs_options_are_found_again():
+    """A record of an OsciReset run made before `strength` and `noise` existed has the key
+    a run now has at their neutral values (1, 0), so its sweep skips it; WinQ's do not."""
+    from oscbench.config import resolved
+    from oscbench.runs import run_key
+    from tests.conftest import compose_config
+
+    now = resolved(compose_config(["method=lsq_oscireset"]))
+    before = copy.deepcopy(now)
+    for key in ("strength", "noise"):
+        del before["policy"]["osci_reset"][key]
+    assert run_key(before) == run_key(now)
+    assert run_key(resolved(compose_config(["method=lsq_winq"]))) != run_key(now)
