@@ -140,7 +140,9 @@ def build(spec: RunSpec) -> Built:
         tracker = OscillationTracker(model, spec.oscillation, steps.main)
         if init is not None:
             init |= ptq_accuracy(model, data, spec.trainer)
-    run = RunContext(model, tracker, spec.bits, steps, spec.trainer.optimizer)
+    run = RunContext(
+        model, tracker, spec.bits, steps, spec.trainer.optimizer, spec.trainer.batch_size
+    )
     policies = build_policies(spec.policies, run)
     if spec.bn_fold.enabled and spec.bn_fold.freeze_epoch is not None:
         policies.append(FreezeBNStats(model, spec.bn_fold.freeze_epoch))

@@ -40,14 +40,15 @@ class Schedule:
 @dataclass
 class RunContext:
     """What a policy is built from: the quantized model, the tracker (None in full
-    precision), the run's weight bits, its schedule and its optimizer's name (sgd, adamw;
-    the toys' adam)."""
+    precision), the run's weight bits, its schedule, its optimizer's name (sgd, adamw;
+    the toys' adam) and the images each optimizer step averages its gradient over."""
 
     model: nn.Module
     tracker: OscillationTracker | None
     bits: int
     schedule: Schedule
     optimizer: str
+    batch_size: int = 1
 
 
 # probe(n, policy): n plain training steps, undone afterwards (Policy.on_epoch_start)
