@@ -205,11 +205,12 @@ def _defaults() -> DictConfig:
     return compose([])
 
 
-def cells(records: list[dict]) -> dict[tuple[str, str], list[Cell]]:
-    """The completed runs by (method label, bits label), in cells of one configuration."""
+def cells(records: list[dict], status: str = "completed") -> dict[tuple[str, str], list[Cell]]:
+    """The runs of this `status` by (method label, bits label), in cells of one
+    configuration."""
     df = report.runs_frame(records)
     out: dict[tuple[str, str], list[Cell]] = {}
-    for (method, bits), g in df[df["status"] == "completed"].groupby(["method", "bits_label"]):
+    for (method, bits), g in df[df["status"] == status].groupby(["method", "bits_label"]):
         out[(method, bits)] = [
             Cell(h["settings"].iloc[0], [records[i] for i in h.sort_values("seed")["record"]])
             for _, h in g.groupby("group")
@@ -262,9 +263,19 @@ def _from_fp(runs: list[dict]) -> bool:
     return all(r["config"].get("init_from") == "fp" or report._method(r) == "fp" for r in runs)
 
 
-def test_claim(claim: Claim, by_cell: dict) -> dict:
+def _lacking(side: Side, failed: dict) -> str:
+    """Why a side has no completed runs: none ran, or every one failed (and how)."""
+    runs = pick(side, failed)
+    if not runs:
+        return f"no runs of {side.cell}"
+    error = ((runs[0].get("error") or "").strip().splitlines() or ["?"])[-1]
+    return f"every run of {side.cell} failed ({len(runs)}; {error})"
+
+
+def test_claim(claim: Claim, by_cell: dict, failed: dict | None = None) -> dict:
     """The claim's difference a - b: means, the 95 % interval, the one-sided p-value of the
-    claimed direction, and which test gave them."""
+    claimed direction, and which test gave them; where a side has no completed run, why
+    (`failed`: the failed runs' cells)."""
     row = {
         "paper": claim.paper,
         "claim": claim.claim,
@@ -273,9 +284,9 @@ def test_claim(claim: Claim, by_cell: dict) -> dict:
         "margin": claim.margin,
     }
     ra, rb = pick(claim.a, by_cell), pick(claim.b, by_cell)
-    missing = [s.cell for s, r in ((claim.a, ra), (claim.b, rb)) if r is None]
+    missing = [s for s, r in ((claim.a, ra), (claim.b, rb)) if r is None]
     if missing:
-        return row | {"n": 0, "test": f"no runs of {', '.join(missing)}"}
+        return row | {"n": 0, "test": "; ".join(_lacking(s, failed or {}) for s in missing)}
     ga, gb = regime(ra), regime(rb)
     row["regime"] = ga if ga == gb else f"a: {ga}; b: {gb}"
     x, y = _values(ra, claim.a.metric), _values(rb, claim.b.metric)
@@ -435,8 +446,9 @@ def write(study: dict, records: list[dict], out: Path) -> pd.DataFrame:
     """The verdict table (claims.md, claims.csv), the benchmark table and the BN figure in
     `out`, beside oscbench.report's tables and figures of the same runs."""
     out.mkdir(parents=True, exist_ok=True)
-    by_cell = cells(records)
-    table = verdicts(pd.DataFrame([test_claim(c, by_cell) for c in parse_claims(study["claims"])]))
+    by_cell, failed = cells(records), cells(records, "failed")
+    claims = parse_claims(study["claims"])
+    table = verdicts(pd.DataFrame([test_claim(c, by_cell, failed) for c in claims]))
     table.to_csv(out / "claims.csv", index=False)
     counts = table["verdict"].value_counts()
     text = [

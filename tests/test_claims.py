@@ -194,6 +194,13 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
         ]
     )[0]
     assert claims.test_claim(missing, by_cell)["test"] == "no runs of y W2A2"
+    # runs that exist but all failed are named as such, with how the first one failed
+    crashed = [record("y", "w2a2", s, 0.0, 0.0) | {"status": "failed"} for s in (0, 1)]
+    crashed[0]["error"] = "Traceback ...\nFloatingPointError: training diverged"
+    failed = {("y", "w2a2"): [claims.Cell({}, crashed)]}
+    assert claims.test_claim(missing, by_cell, failed)["test"] == (
+        "every run of y W2A2 failed (2; FloatingPointError: training diverged)"
+    )
 
 
 def test_a_ptq_run_has_no_accuracy_before_bn_reestimation():
