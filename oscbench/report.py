@@ -160,9 +160,11 @@ def varying_settings(df: pd.DataFrame) -> list[str]:
 
 
 def _with_setting_columns(df: pd.DataFrame, varying: list[str]) -> pd.DataFrame:
+    """A column per varying setting: "-" where a run lacks it, "null" where it is None (as
+    YAML writes it: pandas would drop a None key from every grouping, and the row with it)."""
     df = df.copy()
     for k in varying:
-        df[k] = [s.get(k, "-") for s in df["settings"]]
+        df[k] = ["null" if s.get(k, "-") is None else s.get(k, "-") for s in df["settings"]]
     return df
 
 

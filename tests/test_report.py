@@ -203,3 +203,16 @@ def test_a_report_that_cannot_be_written_names_the_directory_and_the_fix(real, t
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"cannot write the report to {runs / 'report'}" in proc.stderr
     assert "--out DIR" in proc.stderr
+
+
+def test_a_setting_that_is_null_keeps_its_row(real):
+    """Folded runs carry bn_fold.freeze_epoch=None: their row is in every table (pandas
+    drops a None key from a grouping, and the deploy study's tables lost every folded row)."""
+    plain, folded = copy.deepcopy(real["lsq"]), copy.deepcopy(real["lsq"])
+    folded["config"]["bn_fold"] = {"enabled": True, "freeze_epoch": None}
+    folded["key"], folded["final"]["acc_bn"] = "folded", 12.5
+    df = report.runs_frame([plain, folded])
+    text = report.markdown(report.summary(df), df)
+    (row,) = [line for line in text.splitlines() if line.startswith("| lsq | True | null |")][:1]
+    assert "12.50" in row
+    assert any(line.startswith("| lsq | - | - |") for line in text.splitlines())
