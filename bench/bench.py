@@ -136,16 +136,16 @@ def median_time(fn, min_run_time: float) -> float:  # noqa: ANN001
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def step_times(min_run_time: float, rounds: int) -> dict:
-    """Each method against its own FP twin, alternating for `rounds` rounds; only those two
-    models exist at a time, as in a real run, so that one configuration's memory does not
-    slow another's."""
+def step_times(min_run_time: float, rounds: int, methods: list[str] | None = None) -> dict:
+    """Each method (`methods`, by default every preset) against its own FP twin,
+    alternating for `rounds` rounds; only those two models exist at a time, as in a real
+    run, so that one configuration's memory does not slow another's."""
     out = {}
     for model in MODELS:
         rows: dict[str, dict] = {}
         fp_all: list[float] = []
         for bits in (4, 2):
-            for method in METHODS:
+            for method in methods or METHODS:
                 pair = {"fp": setup(model, "fp", 4)[1], "method": setup(model, method, bits)[1]}
                 times: dict[str, list[float]] = {"fp": [], "method": []}
                 for _ in range(rounds):
@@ -492,7 +492,7 @@ def write(results: dict, path_md: Path) -> None:
             "|---|---|---|",
             f"| fp | {rows['fp']['seconds'] * 1e3:.1f} ms (1.00x) | |",
         ]
-        for m in METHODS:
+        for m in (m for m in METHODS if f"{m}@4" in rows):  # the presets measured
             cells = [_cell(rows[f"{m}@{b}"]) for b in (4, 2)]
             lines.append(f"| {m} | {cells[0]} | {cells[1]} |")
         lines.append("")
@@ -627,7 +627,7 @@ def write(results: dict, path_md: Path) -> None:
 
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
-    "step": lambda a: step_times(a.min_run_time, a.rounds),
+    "step": lambda a: step_times(a.min_run_time, a.rounds, a.methods),
     "tracker": lambda a: tracker_cost(a.min_run_time),
     "launches": lambda a: launches(),
     "teacher": lambda a: teacher_cost(a.min_run_time, a.rounds),
@@ -652,7 +652,14 @@ def main() -> None:
         choices=list(SECTIONS),
         help="measure this section again, keep the others of --out's results.json",
     )
+    parser.add_argument(
+        "--methods",
+        type=lambda text: text.split(","),
+        help="with --only step: these presets (comma-separated) again, the other rows kept",
+    )
     args = parser.parse_args()
+    if args.methods and args.only != "step":
+        sys.exit("bench: --methods measures some presets' steps again; use it with --only step")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory:
@@ -673,7 +680,13 @@ def main() -> None:
         sys.exit(f"bench: --only {args.only} needs a CUDA device; there is none here")
     if args.only:
         results = json.loads((args.out / "results.json").read_text())
-        results[args.only] = sections[args.only]()
+        fresh = sections[args.only]()
+        if args.methods:  # the listed presets' rows replace theirs; fp's row stays
+            fresh = {
+                m: rows | {k: v for k, v in fresh[m].items() if k != "fp"}
+                for m, rows in results[args.only].items()
+            }
+        results[args.only] = fresh
         results["section_runs"] = {**results.get("section_runs", {}), args.only: command}
     else:
         results = {"machine": machine, "command": command}
