@@ -7,10 +7,12 @@ layer, beside the layer's oscillating share in the same epoch record, lets a stu
 The Hessian is the training loss's with respect to one layer's latent weight, through the
 quantizer's straight-through estimator (what the optimizer follows), in evaluation mode
 (BatchNorm's running statistics, as PyHessian measures), on the same `batches` training
-batches at every probed epoch. Hessian-vector products are `torch.autograd.functional.hvp`:
-torch.func's transforms refuse the quantizers' autograd Functions (they define `forward(ctx,
-...)`, not `setup_context`). The random sign vectors come from a generator of the probe's
-own, so a probed run trains exactly as an unprobed one.
+batches at every probed epoch. Products are `torch.autograd.functional.vhp` (v^T H, which is
+H v for the symmetric Hessian, and the trace of H^T is H's in any case; torch's `hvp` takes
+a double-backward trick at about twice the cost): torch.func's transforms refuse the
+quantizers' autograd Functions (they define `forward(ctx, ...)`, not `setup_context`).
+The random sign vectors come from a generator of the probe's own, so a probed run trains
+exactly as an unprobed one.
 """
 
 from __future__ import annotations
@@ -95,11 +97,11 @@ def traces(
                     total = total + nn.functional.cross_entropy(logits, y, reduction="sum")
                 return total / count
 
-            def hvp(v: torch.Tensor, w: torch.Tensor = w, loss=loss) -> torch.Tensor:  # noqa: ANN001
-                _, product = torch.autograd.functional.hvp(loss, w, v.to(w.dtype).view_as(w))
+            def product(v: torch.Tensor, w: torch.Tensor = w, loss=loss) -> torch.Tensor:  # noqa: ANN001
+                _, product = torch.autograd.functional.vhp(loss, w, v.to(w.dtype).view_as(w))
                 return product.reshape(-1).double()
 
-            out[name] = hutchpp(hvp, w.numel(), matvecs, gen)
+            out[name] = hutchpp(product, w.numel(), matvecs, gen)
     finally:
         model.train(was_training)
     return out
