@@ -220,6 +220,7 @@ def test_lsq_activations_per_channel_have_ofqs_steps_and_gradients():
     assert head.s.shape == () and not head.per_channel
 
 
+@pytest.mark.slow  # 25 s; resuming every preset is tests/test_resume.py's
 def test_a_run_with_per_channel_lsq_activations_resumes(tmp_path, monkeypatch):
     from tests.test_resume import kill_and_resume
 

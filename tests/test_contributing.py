@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,6 +22,7 @@ def example_files() -> dict[str, str]:
     return dict(blocks)
 
 
+@pytest.mark.slow  # 30 s; the plugin contract itself is tests/test_contract.py's
 def test_the_worked_example_lands_as_three_files_and_runs(tmp_path):
     files = example_files()
     assert sorted(files) == [

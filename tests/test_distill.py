@@ -93,6 +93,7 @@ def test_label_smoothing_without_a_teacher_is_the_smoothed_cross_entropy():
     assert_within(smoothed, ref, gamma(20) * logq.abs().sum() / 8)
 
 
+@pytest.mark.slow  # 35 s
 def test_the_teacher_is_frozen_in_eval_mode_and_runs_without_gradients(tmp_path):
     run_config(["method=fp", "trainer.epochs=2", *QUICK], tmp_path / "fp")
     overrides = ["method=lsq", "bits=2", f"teacher={tmp_path / 'fp'}", "distill.loss=soft"]

@@ -146,6 +146,7 @@ def _mean_share(run_dir) -> float:
     return sum(e["osc"]["osc_share"] for e in history) / len(history)
 
 
+@pytest.mark.slow  # 35 s; Q-EMA's lower oscillation is a claim of the claims study
 @pytest.mark.learned
 def test_qema_oscillates_less_than_lsq_on_the_same_seed(tmp_path):
     """Digits at 2 bits, 30 epochs, seed 0. Over training Q-EMA keeps fewer weights

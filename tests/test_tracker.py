@@ -258,7 +258,16 @@ def test_model_tracker_reports_the_ratio_and_the_step_share():
     assert abs(shares[-1] - exact) <= unit_roundoff() * exact  # one float32 division
 
 
-@pytest.mark.parametrize("method", [p.name for p in presets()])
+# In the fast suite: LSQ, and the presets whose policies read the tracker and so steer
+# training by it (freezing, TRS, OsciReset); the others, whose tracker only measures, are slow.
+STEERED = {"lsq", "lsq_freeze", "lsq_trs", "lsq_oscireset"}
+SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize(
+    "method",
+    [p.name if p.name in STEERED else pytest.param(p.name, marks=SLOW) for p in presets()],
+)
 def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
     """Two epochs of every quantized preset with the per-layer tracker the flat one replaced
     (tests/reference_tracker.py) and with the flat one, advancing layer by layer (the CPU's

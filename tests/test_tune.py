@@ -100,6 +100,7 @@ def test_tuning_never_reads_the_test_split_and_optimises_the_records_validation_
     assert {b.study for b in best} == set(names) and all(b.complete == 3 for b in best)
 
 
+@pytest.mark.slow  # 30 s
 def test_final_runs_take_each_cells_best_parameters_on_fresh_seeds(tuned, tmp_path):
     args = ["experiment=final_methods", "method=lsq,lsq_dampen", "bits=2", "seed=1,2"]
     proc = _run(None, *args, f"tune.dir={tuned}", f"hydra.sweep.dir={tmp_path / 'final'}")
