@@ -25,6 +25,7 @@ DASHES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
 HATCHES = (None, "//", "..", "xx")  # bars' pattern for a variant
 NOT_SHOWN = ("bits", "fp_run.key")  # in the axes or panels; a hash (fp_run.recipe says it)
+UNSET = ("-", "None")  # a setting a run lacks, or leaves null
 
 
 def colours(n: int) -> list:
@@ -67,10 +68,21 @@ def series(runs: pd.DataFrame) -> list[str]:
         renamed = {k.rsplit(".", 1)[0] for k in varying if k.endswith(".name")}
         varying = [k for k in varying if k.endswith(".name") or k.rsplit(".", 1)[0] not in renamed]
         usual = {k: _mode(values[k]) for k in varying}
+        full, short = [], []
+        for n in range(len(rows)):
+            differs = [(k, values[k][n]) for k in varying if values[k][n] != usual[k]]
+            full.append(_label(method, differs))
+            short.append(_label(method, [(k, v) for k, v in differs if v not in UNSET]))
+        # a setting a run lacks or leaves null is left out of its label, where the labels
+        # still tell the method's variants apart
+        unique = len(set(short)) == len(set(full))
         for n, i in enumerate(rows):
-            differs = [f"{k}={values[k][n]}" for k in varying if values[k][n] != usual[k]]
-            labels[i] = method + (f" ({', '.join(differs)})" if differs else "")
+            labels[i] = short[n] if unique else full[n]
     return labels
+
+
+def _label(method: str, differs: list[tuple[str, str]]) -> str:
+    return method + (f" ({', '.join(f'{k}={v}' for k, v in differs)})" if differs else "")
 
 
 def looks(runs: pd.DataFrame, order: list[str]) -> dict[str, dict]:

@@ -216,3 +216,14 @@ def test_a_setting_that_is_null_keeps_its_row(real):
     (row,) = [line for line in text.splitlines() if line.startswith("| lsq | True | null |")][:1]
     assert "12.50" in row
     assert any(line.startswith("| lsq | - | - |") for line in text.splitlines())
+
+
+def test_a_label_leaves_out_settings_a_run_lacks_or_leaves_null(real):
+    """One unfolded and one folded run of a method (no usual value: both named): the folded
+    run's label names bn_fold.enabled=True, neither names freeze_epoch's null or an absent
+    setting's '-', since the labels still tell the two apart."""
+    plain, folded = copy.deepcopy(real["lsq"]), copy.deepcopy(real["lsq"])
+    folded["config"]["bn_fold"] = {"enabled": True, "freeze_epoch": None}
+    folded["key"] = "folded"
+    labels = figures.series(report.runs_frame([plain, folded]))
+    assert sorted(labels) == ["lsq", "lsq (bn_fold.enabled=True)"]
