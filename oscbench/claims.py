@@ -412,9 +412,13 @@ def labelled(by_cell: dict) -> list[tuple[str, list[dict]]]:
         differ = _differing(group)
         if report.RECIPE in differ:
             differ = [report.RECIPE]
-        for c in group:
-            variant = ", ".join(f"{k.rsplit('.', 1)[-1]}={c.settings.get(k)}" for k in differ)
-            out.append((f"{method}\n{bits}" + (f"\n{variant}" if variant else ""), c.runs))
+        full = [[(k.rsplit(".", 1)[-1], c.settings.get(k)) for k in differ] for c in group]
+        short = [[(k, v) for k, v in f if v is not None] for f in full]
+        if len({str(s) for s in short}) < len(group):  # a null setting tells cells apart
+            short = full
+        for c, variant in zip(group, short, strict=True):
+            text = ", ".join(f"{k}={v}" for k, v in variant)
+            out.append((f"{method}\n{bits}" + (f"\n{text}" if text else ""), c.runs))
     return out
 
 

@@ -410,3 +410,12 @@ def test_each_recipe_sweep_fine_tunes_at_its_recipes_rate():
                 if key not in ("lr", "finetune_lr"):
                     assert getattr(spec.trainer, key) == value, (run, key)
     assert recipes == 5
+
+
+def test_the_bn_figures_cells_are_named_without_settings_a_cell_leaves_null():
+    """An unfolded cell (bn_fold absent: None) beside a folded one: the first is named by
+    method and bits alone, the second by what it sets."""
+    plain = claims.Cell({}, [{}])
+    folded = claims.Cell({"bn_fold.enabled": True, "bn_fold.freeze_epoch": None}, [{}])
+    names = [name for name, _ in claims.labelled({("lsq", "w4a4"): [plain, folded]})]
+    assert names == ["lsq\nw4a4", "lsq\nw4a4\nenabled=True"]
