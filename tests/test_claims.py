@@ -224,6 +224,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(tmp_path):
     study = OmegaConf.to_container(OmegaConf.load(STUDY))
     study["base"] = [o for o in study["base"] if "launcher" not in o]  # in this process

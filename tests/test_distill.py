@@ -110,6 +110,7 @@ def test_the_teacher_is_frozen_in_eval_mode_and_runs_without_gradients(tmp_path)
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN statistics too
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 @pytest.mark.learned
 def test_a_distilled_student_ends_closer_to_its_teacher(tmp_path):
     """The same 2-bit student, the same teacher and seed: soft+hard at weight 1 against

@@ -356,6 +356,7 @@ t.check_sync = check_sync""",
     assert "rank 1: tracker." in proc.stderr and "freq" in proc.stderr
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_it(tmp_path, two_process_runs):
     """Two processes started as SLURM starts them (no torchrun agent to clean up): rank 1
     is killed (SIGKILL) in epoch 2; rank 0 exits non-zero well within the collective timeout.
@@ -411,6 +412,7 @@ t.evaluate = evaluate""",
     assert untimed[0] == untimed[1] and _numbers(resumed) == _numbers(whole)
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_a_submitit_sweep_with_two_tasks_per_node_trains_each_job_on_two_processes(tmp_path):
     """hydra/launcher=submitit_local, as hydra/launcher=slurm: rank and world come from
     submitit's job environment; each job is one 2-process run with one record."""

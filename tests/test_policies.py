@@ -80,6 +80,7 @@ def test_aoq_stage_two_learns_level_step_not_thresholds_stage_three_dampens():
     assert torch.equal(extra.detach(), expected.detach())  # the same norms, added alike
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 @pytest.mark.learned
 def test_aoq_crosses_more_thresholds_than_lsq_in_stage_one():
     """AOQ's claim: shrinking thresholds lets weights cross them. Same seed and epochs:
@@ -95,6 +96,7 @@ def test_aoq_crosses_more_thresholds_than_lsq_in_stage_one():
 # --- Dampening ---------------------------------------------------------------------
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 @pytest.mark.learned
 def test_dampening_lowers_oscillation_and_distance_to_grid(tmp_path):
     """The mechanism, with a strong pull (lambda_end 1.0): at the paper's 0.1 over 10 digits
@@ -306,6 +308,7 @@ def test_regulariser_with_a_detached_scale_has_gradient_two_lambda_q_minus_w_ove
     assert model[1].weight.grad is None  # norm layers excluded
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 @pytest.mark.learned
 def test_regulariser_moves_weights_towards_thresholds(tmp_path):
     """The share of weights near a threshold: 21.6-21.7 % with the regulariser against

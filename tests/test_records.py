@@ -205,6 +205,7 @@ def test_wandb_online_without_a_network_logs_offline_and_the_record_completes(tm
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_wandb_online_without_an_api_key_logs_offline(tmp_path):
     with socket.socket() as server:  # a server that accepts connections: the key is missing
         server.bind(("127.0.0.1", 0))

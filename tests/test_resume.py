@@ -35,6 +35,7 @@ def _comparable(final):
     return {k: v for k, v in final.items() if k != "wall_time_s"}
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_killed_run_resumes_to_the_same_final_numbers(tmp_path):
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     proc = subprocess.Popen(_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

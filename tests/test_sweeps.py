@@ -162,6 +162,7 @@ def _execute_notebook(sweep_dir):
     return text, images
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_notebook_executes_against_a_sweep(tmp_path):
     sweep(tmp_path, *TINY)
     text, images = _execute_notebook(tmp_path)

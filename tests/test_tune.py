@@ -81,6 +81,7 @@ def tuned(tmp_path_factory) -> Path:
     return sweep
 
 
+@pytest.mark.slow  # make test under 15 minutes (issue 28): a longer end-to-end run
 def test_tuning_never_reads_the_test_split_and_optimises_the_records_validation_accuracy(tuned):
     url = storage_url(tuned)
     names = sorted(s.study_name for s in optuna.get_all_study_summaries(url))
