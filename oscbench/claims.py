@@ -268,8 +268,7 @@ def _lacking(side: Side, failed: dict) -> str:
     runs = pick(side, failed)
     if not runs:
         return f"no runs of {side.cell}"
-    error = ((runs[0].get("error") or "").strip().splitlines() or ["?"])[-1]
-    return f"every run of {side.cell} failed ({len(runs)}; {error})"
+    return f"every run of {side.cell} failed ({len(runs)}; {report.error_line(runs[0]) or '?'})"
 
 
 def test_claim(claim: Claim, by_cell: dict, failed: dict | None = None) -> dict:
@@ -413,10 +412,7 @@ def labelled(by_cell: dict) -> list[tuple[str, list[dict]]]:
         if report.RECIPE in differ:
             differ = [report.RECIPE]
         full = [[(k.rsplit(".", 1)[-1], c.settings.get(k)) for k in differ] for c in group]
-        short = [[(k, v) for k, v in f if v is not None] for f in full]
-        if len({str(s) for s in short}) < len(group):  # a null setting tells cells apart
-            short = full
-        for c, variant in zip(group, short, strict=True):
+        for c, variant in zip(group, plots.without_unset(full), strict=True):
             text = ", ".join(f"{k}={v}" for k, v in variant)
             out.append((f"{method}\n{bits}" + (f"\n{text}" if text else ""), c.runs))
     return out

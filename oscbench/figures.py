@@ -25,7 +25,7 @@ DASHES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D")
 HATCHES = (None, "//", "..", "xx")  # bars' pattern for a variant
 NOT_SHOWN = ("bits", "fp_run.key")  # in the axes or panels; a hash (fp_run.recipe says it)
-UNSET = ("-", "None")  # a setting a run lacks, or leaves null
+UNSET = (None, "-", "None")  # a setting a run lacks, or leaves null (as value or as text)
 
 
 def colours(n: int) -> list:
@@ -68,21 +68,21 @@ def series(runs: pd.DataFrame) -> list[str]:
         renamed = {k.rsplit(".", 1)[0] for k in varying if k.endswith(".name")}
         varying = [k for k in varying if k.endswith(".name") or k.rsplit(".", 1)[0] not in renamed]
         usual = {k: _mode(values[k]) for k in varying}
-        full, short = [], []
-        for n in range(len(rows)):
-            differs = [(k, values[k][n]) for k in varying if values[k][n] != usual[k]]
-            full.append(_label(method, differs))
-            short.append(_label(method, [(k, v) for k, v in differs if v not in UNSET]))
-        # a setting a run lacks or leaves null is left out of its label, where the labels
-        # still tell the method's variants apart
-        unique = len(set(short)) == len(set(full))
-        for n, i in enumerate(rows):
-            labels[i] = short[n] if unique else full[n]
+        differs = [
+            [(k, values[k][n]) for k in varying if values[k][n] != usual[k]]
+            for n in range(len(rows))
+        ]
+        for i, pairs in zip(rows, without_unset(differs), strict=True):
+            labels[i] = method + (f" ({', '.join(f'{k}={v}' for k, v in pairs)})" if pairs else "")
     return labels
 
 
-def _label(method: str, differs: list[tuple[str, str]]) -> str:
-    return method + (f" ({', '.join(f'{k}={v}' for k, v in differs)})" if differs else "")
+def without_unset(variants: list[list[tuple[str, object]]]) -> list[list[tuple[str, object]]]:
+    """Variants' (setting, value) pairs without the settings a variant lacks or leaves null
+    (`UNSET`), where the variants stay told apart; else as they are."""
+    short = [[(k, v) for k, v in pairs if v not in UNSET] for pairs in variants]
+    distinct = len({str(p) for p in variants})
+    return short if len({str(s) for s in short}) == distinct else variants
 
 
 def looks(runs: pd.DataFrame, order: list[str]) -> dict[str, dict]:

@@ -17,6 +17,7 @@ exactly as an unprobed one.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -110,9 +111,7 @@ def traces(
 def layer_traces(model: nn.Module, data: Data, cfg: ProbeConfig, batch_size: int) -> dict:
     """`traces` on the probe's first `hessian_batches` training batches (the same at every
     probed epoch), with sign vectors from `cfg.seed`."""
-    batches = []
-    for i, batch in enumerate(data.train_batches(HESSIAN_STREAM, batch_size)):
-        if i == cfg.hessian_batches:
-            break
-        batches.append(batch)
+    batches = list(
+        itertools.islice(data.train_batches(HESSIAN_STREAM, batch_size), cfg.hessian_batches)
+    )
     return traces(model, batches, cfg.hessian_matvecs, torch.Generator().manual_seed(cfg.seed))

@@ -110,7 +110,7 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
                 "frozen_share": frozen,
                 "wall_time_s": f.get("wall_time_s", r.get("wall_time_s")),
                 **{k: v for k, v in f.items() if k.startswith("acc@")},
-                "error": ((r.get("error") or "").strip().splitlines() or [""])[-1],
+                "error": error_line(r),
                 "run_dir": r.get("run_dir"),
                 "run_key": r.get("key") or run_key(c),
                 "group": run_key({"settings": settings}),
@@ -119,6 +119,11 @@ def runs_frame(records: list[dict]) -> pd.DataFrame:
             }
         )
     return _dedupe(pd.DataFrame(rows))
+
+
+def error_line(record: dict) -> str:
+    """The last line of a failed run's error (its exception), or "" where it has none."""
+    return ((record.get("error") or "").strip().splitlines() or [""])[-1]
 
 
 def _dedupe(df: pd.DataFrame) -> pd.DataFrame:

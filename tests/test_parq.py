@@ -16,7 +16,13 @@ from torchao.prototype.parq.quant import UnifQuantizer
 
 from oscbench.compose import CONF_DIR
 from oscbench.export import deployed, logits_only, parity, to_onnx, weight_codes_equal
-from oscbench.oscillation.parq import PARQ, PARQScheduleConfig, mirror_sigmoid, prox_
+from oscbench.oscillation.parq import (
+    PARQ,
+    PARQScheduleConfig,
+    inv_slope,
+    mirror_sigmoid,
+    prox_,
+)
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.base import EXTRA_BIT, QUANTIZERS, UNIFORM, deployability
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
@@ -74,9 +80,7 @@ def test_the_proximal_map_is_proxparqs(per_channel, step):
         expected, None, levels, step, dim=-1 if per_channel else None
     )
     got = w.clone()
-    slope = mirror_sigmoid(step, 0, 100, 10.0, 0.5)
-    if 0 < slope:
-        slope = max(torch.finfo(torch.float32).tiny, slope)
+    slope = inv_slope(step, 0, 100, 10.0, 0.5)
     prox_(got if per_channel else got.view(-1), levels, slope)
     assert slope == inv
     assert torch.equal(got, expected)

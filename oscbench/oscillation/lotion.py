@@ -36,11 +36,17 @@ class LotionConfig:
         check(0 <= self.fisher_decay < 1, "fisher_decay", self.fisher_decay, "0 <= x < 1")
 
 
-def rounding_variance(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """sigma^2 = s^2 d (1 - d), d = w/s - floor(w/s): the variance of stochastically rounding
-    w to the grid of step s (differentiable in w; s as given)."""
+def fraction(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """d = w/s - floor(w/s): where w lies in its bin of the grid of step s (differentiable
+    in w, its derivative 1/s)."""
     t = w / s
-    d = t - torch.floor(t).detach()
+    return t - torch.floor(t).detach()
+
+
+def rounding_variance(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """sigma^2 = s^2 d (1 - d): the variance of stochastically rounding w to the grid of
+    step s (differentiable in w; s as given)."""
+    d = fraction(w, s)
     return s * s * d * (1 - d)
 
 
@@ -112,8 +118,7 @@ class Lotion(Policy):
             task = w.grad
             if self.cfg.lam > 0:
                 s = self.q.scale(w)
-                t = w / s
-                own = 0.5 * self.cfg.lam * self.curvature(i) * s * (1 - 2 * (t - torch.floor(t)))
+                own = 0.5 * self.cfg.lam * self.curvature(i) * s * (1 - 2 * fraction(w, s))
                 task = w.grad - own
             getattr(self, f"fisher_{i}").mul_(beta).addcmul_(task, task, value=1 - beta)
         self.updates += 1

@@ -64,6 +64,18 @@ def mirror_sigmoid(t: int, start: int, end: int, s: float, c: float) -> float:
     return (value - last) / (first - last)
 
 
+def inv_slope(t: int, start: int, end: int, s: float, c: float) -> float:
+    """The slope ProxPARQ maps with: `mirror_sigmoid`, at least float32's smallest normal
+    while it is positive."""
+    slope = mirror_sigmoid(t, start, end, s, c)
+    return max(torch.finfo(torch.float32).tiny, slope) if slope > 0 else 0.0
+
+
+def _at(levels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """levels[idx] for one grid (L,), row by row for one per row (C, L)."""
+    return levels[idx] if levels.dim() == 1 else levels.gather(1, idx)
+
+
 def _bucket(w: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """torch.bucketize(w, edges) (right=False), per row where edges has one per row of w."""
     if edges.dim() == 1:
@@ -80,15 +92,10 @@ def prox_(w: torch.Tensor, levels: torch.Tensor, inv_slope: float) -> None:
     last = levels.shape[-1] - 1
     if inv_slope == 0:
         mid = (levels[..., :-1] + levels[..., 1:]) / 2
-        idx = _bucket(w, mid)
-        w.copy_(levels[idx] if levels.dim() == 1 else levels.gather(1, idx))
+        w.copy_(_at(levels, _bucket(w, mid)))
         return
     idx = _bucket(w, levels)
-    lo_i, hi_i = (idx - 1).clamp_(min=0), idx.clamp(max=last)
-    if levels.dim() == 1:
-        lo, hi = levels[lo_i], levels[hi_i]
-    else:
-        lo, hi = levels.gather(1, lo_i), levels.gather(1, hi_i)
+    lo, hi = _at(levels, (idx - 1).clamp_(min=0)), _at(levels, idx.clamp(max=last))
     centre = (lo + hi) / 2
     w.copy_(torch.minimum(torch.maximum(centre + (w - centre) / inv_slope, lo), hi))
 
@@ -154,9 +161,7 @@ class PARQ(Policy):
                     m.weight.copy_(latent)
         step()
         update = (t - cfg.warmup_steps) % cfg.quant_period == 0
-        slope = mirror_sigmoid(t, self.start, self.end, cfg.steepness, cfg.anneal_center)
-        if 0 < slope:
-            slope = max(torch.finfo(torch.float32).tiny, slope)
+        slope = inv_slope(t, self.start, self.end, cfg.steepness, cfg.anneal_center)
         self.inv_slope = slope
         with torch.no_grad():
             for m, latent in zip(self.layers, self._latents(), strict=True):
