@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 SWEEP  ?= multirun/compare_methods-cnn_small-digits
+# make test: pytest-xdist's workers (auto: one per core), each on one torch thread
+JOBS   ?= auto
 
 .PHONY: install run test lint sweep report claims claims-plateau deploy bench gpu-wheels gpu-check clean
 
@@ -20,7 +22,7 @@ run: install
 	$(PY) -m oscbench.run $(ARGS)
 
 test: install
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(JOBS) $(ARGS)
 
 sweep: install
 	$(PY) -m oscbench.run experiment=compare_methods $(ARGS)

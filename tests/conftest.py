@@ -16,6 +16,9 @@ from oscbench.run import execute
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+if "PYTEST_XDIST_WORKER" in os.environ:  # `pytest -n N` (make test): N workers share the cores,
+    os.environ["OMP_NUM_THREADS"] = "1"  # each on one thread, and so is every process it starts
+    torch.set_num_threads(1)
 
 
 def unprivileged(cmd: list[str]) -> list[str]:

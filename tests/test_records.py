@@ -1,6 +1,7 @@
 """A run is what its record says: labels from what ran, reports that never merge different
 configurations, records that survive a closed stdout, W&B and damaged files."""
 
+import functools
 import json
 import os
 import signal
@@ -322,7 +323,12 @@ def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(sig, code, tm
     command continues from the checkpoint."""
     cmd = [sys.executable, "-m", "oscbench.run", "trainer.epochs=8", "logger=none"]
     cmd += [f"hydra.run.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    # SIGINT as a terminal delivers it: a job started in the background (`pytest ... &`)
+    # inherits SIGINT ignored, and Python then keeps it ignored
+    default = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=default
+    )
     assert proc.stdout.readline().startswith(b"epoch 1/8")
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
