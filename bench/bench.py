@@ -33,14 +33,14 @@ import torch
 from torch.utils import benchmark
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from oscbench.accel import Accel
-from oscbench.compose import compose, presets
-from oscbench.config import validate
 from oscbench.distributed import World, start
-from oscbench.optim import build_optimizers
+from oscbench.launch.build import build
+from oscbench.launch.compose import compose, presets
+from oscbench.launch.config import validate
 from oscbench.quant.lsq import lsq_quantize
-from oscbench.run import build
-from oscbench.train import compiled, train_step
+from oscbench.training.accel import Accel
+from oscbench.training.loop import compiled, train_step
+from oscbench.training.optim import build_optimizers
 
 HERE = Path(__file__).resolve().parent
 METHODS = [p.name for p in presets() if p.name != "fp"]  # each against its FP twin
@@ -317,10 +317,10 @@ _METADATA = {torch.ops.aten.detach, torch.ops.aten.lift_fresh, torch.ops.aten.al
 
 
 def export_cost(min_run_time: float) -> dict:
-    """resnet18-CIFAR, LSQ W4A4 (issue 28): seconds to export it to ONNX (`oscbench.export`:
+    """resnet18-CIFAR, LSQ W4A4 (issue 28): seconds to export it to ONNX (`oscbench.deploy.onnx`:
     the integer twin, torch.onnx's exporter, the graph without the codes) and to load it
     into onnxruntime; a batch of 32 in onnxruntime against the fake-quantized model."""
-    from oscbench.export import deployed, logits_only, session, to_onnx
+    from oscbench.deploy.onnx import deployed, logits_only, session, to_onnx
 
     built, _ = setup("resnet18_cifar", "lsq", 4)
     model = built.model.eval()

@@ -10,7 +10,7 @@ date) and exits 1 where a goal is missed.
    by device time. Goals: LSQ >= 0.8x FP, every other preset >= 0.6x, the tracker <= 5 %,
    compiled never slower than eager.
 2. Host synchronisation: the CUDA-against-CPU runs below train with every per-step call of
-   the loop (`oscbench.train.PER_STEP`) under `torch.cuda.set_sync_debug_mode("warn")`, each
+   the loop (`oscbench.training.loop.PER_STEP`) under `torch.cuda.set_sync_debug_mode("warn")`, each
    warning recorded (not "error": a step stopped half way would change the run); per-epoch
    code may synchronise. Goal: none.
 3. CUDA against the CPU: every preset, 3 epochs of glyphs (10,000 training images, 2,000
@@ -50,10 +50,10 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench import median_time, setup  # noqa: E402
-from oscbench.compose import compose, presets  # noqa: E402
-from oscbench.config import resolved, validate  # noqa: E402
-from oscbench.run import execute  # noqa: E402
-from oscbench.train import per_step_wrapped  # noqa: E402
+from oscbench.launch.compose import compose, presets  # noqa: E402
+from oscbench.launch.config import resolved, validate  # noqa: E402
+from oscbench.launch.execute import execute  # noqa: E402
+from oscbench.training.loop import per_step_wrapped  # noqa: E402
 
 METHODS = [p.name for p in presets()]
 BATCH = 256
@@ -123,7 +123,7 @@ def profile(method: str, steps: int = 5) -> dict:
 
 @contextmanager
 def per_step_sync_check() -> Iterator[list[str]]:
-    """Every per-step call of the training loop (`oscbench.train.PER_STEP`) under sync debug
+    """Every per-step call of the training loop (`oscbench.training.loop.PER_STEP`) under sync debug
     mode "warn", its warnings recorded; yields the list of synchronisations found, each with
     the call it was in. Warnings, not "error": a step stopped half way and run again would
     change the run that is compared with the CPU's."""

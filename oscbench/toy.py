@@ -21,11 +21,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from torch import nn  # noqa: E402
 
-from oscbench.accel import Accel  # noqa: E402
-from oscbench.compose import CONF_DIR, compose  # noqa: E402
-from oscbench.config import validate  # noqa: E402
-from oscbench.files import write_json_atomic  # noqa: E402
-from oscbench.naming import overrides_suffix  # noqa: E402,F401  (registers the resolver)
+from oscbench.launch.compose import CONF_DIR, compose  # noqa: E402
+from oscbench.launch.config import validate  # noqa: E402
+from oscbench.launch.naming import overrides_suffix  # noqa: E402,F401  (registers the resolver)
 from oscbench.oscillation.policy import RunContext, Schedule, build_policies  # noqa: E402
 from oscbench.oscillation.tracker import LayerTracker, OscillationTracker, TrackerConfig  # noqa: E402
 from oscbench.quant.lsq import lsq_quantize  # noqa: E402
@@ -35,7 +33,9 @@ from oscbench.quant.modules import (  # noqa: E402
     quantizer_factory,
     quantizer_parameters,
 )
-from oscbench.train import train_step  # noqa: E402
+from oscbench.records.files import write_json_atomic  # noqa: E402
+from oscbench.training.accel import Accel  # noqa: E402
+from oscbench.training.loop import train_step  # noqa: E402
 
 
 def _grid(w: torch.Tensor, step: float, n: int, p: int) -> torch.Tensor:

@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from oscbench.compose import compose
-from oscbench.config import resolved, validate
+from oscbench.launch.compose import compose
+from oscbench.launch.config import resolved, validate
+from oscbench.launch.execute import execute
 from oscbench.oscillation.policy import Policy
-from oscbench.run import execute
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
@@ -49,7 +49,7 @@ def quick() -> list[str]:
 
 def build_config(overrides: list[str]):
     """Validate and build a run (CPU, no W&B) without training: (spec, Built)."""
-    from oscbench.run import build
+    from oscbench.launch.build import build
 
     spec = validate(compose_config(["device=cpu", "logger=none", *overrides]))
     return spec, build(spec)
@@ -62,7 +62,7 @@ def check_latex(table: str, tmp_path: Path) -> None:
     import shutil
     import subprocess
 
-    from oscbench.latex import document
+    from oscbench.analysis.latex import document
 
     if shutil.which("pdflatex"):
         (tmp_path / "table.tex").write_text(document(table))
@@ -114,17 +114,10 @@ class Observer(Policy):
 
 def fit(spec, built, extra_policies=()) -> list[dict]:
     """Train a built run through the real loop; extra policies run after the run's own."""
-    from oscbench.train import train
+    from oscbench.training.loop import Trainer
 
     policies = [*built.policies, *extra_policies]
-    return train(
-        built.model,
-        built.data,
-        spec.trainer,
-        policies,
-        built.tracker,
-        spec.oscillation.threshold,
-        on_epoch=lambda record: None,
-        objective=built.objective,
-        ema=built.ema,
+    trainer = Trainer(
+        built.model, built.data, spec.trainer, policies, built.tracker, built.objective, built.ema
     )
+    return trainer.fit(on_epoch=lambda record: None)

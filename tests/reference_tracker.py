@@ -36,6 +36,7 @@ class OscillationTracker(nn.Module):
     def __init__(self, model: nn.Module, cfg: TrackerConfig, total_steps: int) -> None:
         super().__init__()
         self.momentum = cfg.effective_momentum(total_steps)
+        self.threshold = cfg.threshold
         self.names, self.layers = tracked_layers(model, cfg)  # the layers: not submodules
         self.states = nn.ModuleList(
             LayerTracker(
@@ -75,10 +76,11 @@ class OscillationTracker(nn.Module):
         total = sum(layer.weight.numel() for layer, _ in chosen)
         return sum(s.switches for _, s in chosen) / max(total, 1)
 
-    def stats(self, threshold: float) -> dict | None:
+    def stats(self, threshold: float | None = None) -> dict | None:
         """Epoch metrics per layer and over the model (weighted by weight count; the model's
         d_Q / d_w is the ratio of its sums), and a histogram of per-weight oscillation counts
         so far; resets the epoch counters. None when no layer is tracked."""
+        threshold = self.threshold if threshold is None else threshold
         states = zip(self.names, self.layers, self.states, self.moves, strict=True)
         layers = {
             name: s.epoch_stats(threshold) | m.epoch_stats() | placed(layer)

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from oscbench.accel import compile_refused
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer
 from oscbench.registry import ConfigError
+from oscbench.training.accel import compile_refused
 from tests.conftest import build_config, fit
 from tests.learned import above
 

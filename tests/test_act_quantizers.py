@@ -4,10 +4,10 @@ formulas, and each in a run end to end."""
 import pytest
 import torch
 
-from oscbench.checkpoint import FINAL_MODEL
 from oscbench.quant.lsq import LSQConfig, LSQQuantizer, lsq_quantize
 from oscbench.quant.lsq_plus import LSQPlusConfig, LSQPlusQuantizer
 from oscbench.quant.ltq import LTQConfig, LTQQuantizer
+from oscbench.records.checkpoint import FINAL_MODEL
 from tests.bounds import assert_within, gamma
 from tests.conftest import run_config
 from tests.learned import above

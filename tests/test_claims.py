@@ -18,10 +18,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from scipy import stats
 
-from oscbench import claims, report
-from oscbench.compose import compose
-from oscbench.config import resolved, validate
-from oscbench.runs import fingerprint
+from oscbench.analysis import claims, frame, report, study
+from oscbench.launch.compose import compose
+from oscbench.launch.config import resolved, validate
+from oscbench.records.runs import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "claims" / "study.yaml"
@@ -314,7 +314,7 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
         "oscillation_over_training.png",
     ):
         assert (out / figure).stat().st_size > 0
-    loaded = report.load_records(sweep_dir)
+    loaded = frame.load_records(sweep_dir)
     assert set(claims.cells(loaded)) == {("fp", "fp32"), ("lsq", "w2a2")}
     other = next(r for r in loaded if r["method"] == "lsq" and r["config"]["seed"] == 1)
     lr = other["config"]["trainer"]["lr"]
@@ -418,5 +418,5 @@ def test_the_bn_figures_cells_are_named_without_settings_a_cell_leaves_null():
     method and bits alone, the second by what it sets."""
     plain = claims.Cell({}, [{}])
     folded = claims.Cell({"bn_fold.enabled": True, "bn_fold.freeze_epoch": None}, [{}])
-    names = [name for name, _ in claims.labelled({("lsq", "w4a4"): [plain, folded]})]
+    names = [name for name, _ in study.labelled({("lsq", "w4a4"): [plain, folded]})]
     assert names == ["lsq\nw4a4", "lsq\nw4a4\nenabled=True"]

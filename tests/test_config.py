@@ -8,8 +8,8 @@ import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import ConfigKeyError
 
-from oscbench.config import validate
-from oscbench.preflight import unwritable
+from oscbench.launch.config import validate
+from oscbench.launch.preflight import unwritable
 from oscbench.registry import ConfigError
 from tests.conftest import compose_config, unprivileged
 

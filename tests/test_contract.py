@@ -5,8 +5,8 @@ conf/method/. A new plugin is covered here without an edit to this file."""
 import pytest
 import torch
 
-from oscbench.compose import compose, presets
-from oscbench.config import Component, check_combination, validate
+from oscbench.launch.compose import compose, presets
+from oscbench.launch.config import Component, check_combination, validate
 from oscbench.oscillation.policy import POLICIES
 from oscbench.quant.base import (
     ACTIVATIONS,

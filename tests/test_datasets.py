@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from oscbench.config import validate
 from oscbench.data.base import DataNotFound, build_data, crop_flip
+from oscbench.launch.config import validate
 from tests.conftest import compose_config
 
 CPU = torch.device("cpu")

@@ -1,5 +1,5 @@
-"""Distillation (oscbench/distill.py): the soft loss against its formula, the teacher frozen,
-a distilled student closer to its teacher, and teacher=fp in a sweep trained once."""
+"""Distillation (oscbench/training/distill.py): the soft loss against its formula, the teacher
+frozen, a distilled student closer to its teacher, and teacher=fp in a sweep trained once."""
 
 import math
 
@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscbench.distill import DistillConfig, Objective
-from oscbench.record import load_results
+from oscbench.records.record import load_results
+from oscbench.training.distill import DistillConfig, Objective
 from tests.bounds import assert_within, gamma
 from tests.conftest import build_config, fit, run_config
 from tests.learned import below

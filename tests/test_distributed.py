@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from oscbench.distributed import World, all_sum, broadcast, from_env, start
-from oscbench.runs import RESULTS
+from oscbench.records.runs import RESULTS
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])
@@ -76,8 +76,8 @@ def test_rank_zero_decides_and_sums_reach_every_rank():
 
 
 def _tensor_data(augment: str):
-    from oscbench.config import validate
     from oscbench.data.base import build_data
+    from oscbench.launch.config import validate
     from tests.conftest import compose_config
 
     name = "synthetic" if augment == "crop_flip" else "digits"
@@ -179,7 +179,7 @@ def test_only_rank_zero_writes_and_prints_in_rank_zeros_directory(tmp_path):
 
 SLOW_RECORD = """
 import time
-import oscbench.record as record
+import oscbench.records.record as record
 _finish = record.Recorder.finish
 def finish(self, final):
     if self.writes:
@@ -224,7 +224,7 @@ def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_
 
 
 def _global_batch_norm(rank: int, port: int, x, out) -> None:  # noqa: ANN001
-    from oscbench.batchnorm import GlobalBatchNorm2d
+    from oscbench.training.batchnorm import GlobalBatchNorm2d
 
     os.environ |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     world = World(rank, 2, rank)
@@ -334,7 +334,7 @@ def test_check_sync_fails_a_run_whose_ranks_differ(tmp_path):
     differing entry named, on every rank, with a non-zero exit."""
     script = _patched(
         tmp_path,
-        """import torch, oscbench.train as t
+        """import torch, oscbench.training.loop as t
 real = t.check_sync
 def check_sync(state, world, epoch):
     if world.rank == 1:
@@ -366,7 +366,7 @@ def test_a_killed_rank_ends_the_run_and_the_same_command_resumes_it(tmp_path, tw
     overrides = [*EQUIVALENT["lsq W4A4"], *THREE_EPOCHS, "trainer.check_sync=true"]
     script = _patched(
         tmp_path,
-        """import oscbench.train as t
+        """import oscbench.training.loop as t
 real, calls = t.evaluate, []
 def evaluate(*args, **kwargs):
     calls.append(1)

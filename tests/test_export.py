@@ -13,8 +13,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from oscbench.compose import CONF_DIR
-from oscbench.export import Deployed, deployed, logits_only, parity, to_onnx, weight_codes_equal
+from oscbench.deploy.onnx import Deployed, deployed, logits_only, to_onnx
+from oscbench.deploy.parity import parity, weight_codes_equal
+from oscbench.launch.compose import CONF_DIR
 from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, Quantizer
 from oscbench.quant.modules import QConv2d, QLinear, calibrate, quantized_layers
 from tests.conftest import run_config
@@ -176,7 +177,7 @@ def test_export_refuses_a_full_precision_run_and_learned_thresholds(tmp_path):
 
 
 def test_a_record_from_before_export_and_bn_fold_existed_exports(tmp_path):
-    from oscbench.export import export_run
+    from oscbench.launch.export import export_run
 
     run_config(["logger=none", "device=cpu", "trainer.epochs=1"], tmp_path)
     path = tmp_path / "results.json"

@@ -135,8 +135,8 @@ def test_a_folded_run_trains_tracks_folded_codes_and_exports_without_batchnorm(t
 
 
 def test_bn_statistics_stop_moving_from_the_freeze_epoch():
-    from oscbench.evaluation import reestimate_bn
-    from oscbench.run import FreezeBNStats
+    from oscbench.training.batchnorm import FreezeBNStats
+    from oscbench.training.evaluation import reestimate_bn
 
     _, built = build_freeze()
     layer = next(m for m in built.model.modules() if isinstance(m, QConvBn2d))
@@ -178,9 +178,9 @@ def test_policies_that_move_latent_weights_to_codes_are_refused_with_folding():
 
 def test_folding_off_and_export_leave_a_runs_identity_as_before_they_existed():
     """Records made before bn_fold and export existed are found again (run_key)."""
-    from oscbench.compose import compose
-    from oscbench.config import resolved
-    from oscbench.runs import run_key
+    from oscbench.launch.compose import compose
+    from oscbench.launch.config import resolved
+    from oscbench.records.runs import run_key
 
     config = resolved(compose(["bits=3"]))
     before = {k: v for k, v in config.items() if k not in ("bn_fold", "export")}

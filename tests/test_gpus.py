@@ -1,11 +1,11 @@
-"""A sweep's parallel jobs spread over the visible GPUs (oscbench/gpus.py), tested on the CPU
+"""A sweep's parallel jobs spread over the visible GPUs (oscbench/launch/gpus.py), tested on the CPU
 with a given device count: the slots are file locks, which work the same without a GPU."""
 
 import threading
 
 import pytest
 
-from oscbench.gpus import gpu_slot, job_device
+from oscbench.launch.gpus import gpu_slot, job_device
 from oscbench.registry import ConfigError
 from tests.conftest import build_config
 

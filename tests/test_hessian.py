@@ -1,5 +1,5 @@
-"""The curvature probe (oscbench/hessian.py): Hutch++ against known traces, per layer against
-the explicit Hessian, and a run's records with the traces beside the oscillating shares."""
+"""The curvature probe (oscbench/training/hessian.py): Hutch++ against known traces, per layer
+against the explicit Hessian, and a run's records with the traces beside the oscillating shares."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from oscbench.config import Component
-from oscbench.hessian import hutchpp, traces
+from oscbench.launch.config import Component
 from oscbench.quant.lsq import LSQConfig
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
+from oscbench.training.hessian import hutchpp, traces
 from tests.bounds import gamma
 from tests.conftest import run_config
 
@@ -95,7 +95,7 @@ def test_a_probed_run_records_each_layers_trace_at_the_chosen_epochs(tmp_path):
     """The traces sit in the epoch records the probe names, with the layers' oscillating
     shares of the same epoch; training is as without the probe, bit for bit."""
     args = ["bits=2", "trainer.epochs=3", "logger=none", "device=cpu"]
-    from oscbench.record import load_results
+    from oscbench.records.record import load_results
 
     run_config([*args, "probe.hessian_epochs=[1,3]", "probe.hessian_matvecs=6"], tmp_path / "a")
     run_config(args, tmp_path / "b")

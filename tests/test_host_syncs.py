@@ -7,8 +7,8 @@ import functools
 
 import pytest
 
-from oscbench.compose import presets
-from oscbench.train import per_step_wrapped
+from oscbench.launch.compose import presets
+from oscbench.training.loop import per_step_wrapped
 from tests.conftest import run_config
 from tests.syncs import HostSyncs
 
@@ -21,7 +21,7 @@ CASES = [(p.name, []) for p in presets()] + [("lsq", ["trainer.ema_decay=0.9"])]
 def test_no_per_step_call_of_the_loop_would_synchronise_a_gpu(method, extra, tmp_path):
     """Every preset (and LSQ with an EMA copy), 4 epochs at batch 256 (every policy's
     phase reached: BinReg's from its second epoch), with each per-step call of the loop
-    (`oscbench.train.PER_STEP`: `train_step`, the schedule's step, the EMA's update)
+    (`oscbench.training.loop.PER_STEP`: `train_step`, the schedule's step, the EMA's update)
     watched; per-epoch code may synchronise. BinReg's bin sums were `torch.bincount`, whose
     CUDA kernel reads the largest code on the host."""
     probe = HostSyncs()

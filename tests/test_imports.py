@@ -1,5 +1,6 @@
-"""The import graph of the package: no cycles, and no plugin importing its own package's
-`__init__` (which imports every plugin: the registries live in leaf modules)."""
+"""The import graph of the package: its layers import only downwards, no cycles, and no
+plugin importing its own package's `__init__` (which imports every plugin: the registries
+live in leaf modules)."""
 
 import ast
 from pathlib import Path
@@ -14,16 +15,17 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def module_imports() -> dict[str, set[str]]:
-    """Each module's imports of oscbench modules at module level (imports inside
-    functions are deferred on purpose, for start-up). A package whose `__init__` calls
-    `import_plugins` imports every module in it."""
+def module_imports(deferred: bool = False) -> dict[str, set[str]]:
+    """Each module's imports of oscbench modules at module level, and with `deferred` those
+    inside functions too (deferred on purpose, for start-up: they cannot close a cycle, but
+    they must respect the layers). A package whose `__init__` calls `import_plugins` imports
+    every module in it."""
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
         found: set[str] = set()
-        for node in tree.body:
+        for node in ast.walk(tree) if deferred else tree.body:
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 for alias in node.names:
                     sub = f"{node.module}.{alias.name}"
@@ -34,6 +36,61 @@ def module_imports() -> dict[str, set[str]]:
                 found |= {m for m in modules if m.rpartition(".")[0] == name}
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
+
+
+FOUNDATION = {"oscbench", "oscbench.registry", "oscbench.distributed"}  # open to every layer
+COMMANDS = {f"oscbench.{c}" for c in ("run", "report", "claims", "export", "toy")}
+PLUGINS = ("quant", "oscillation", "models", "data")
+# each layer and the layers below it, which it may import (and itself, and the foundation)
+BELOW = {
+    "records": set(),
+    "plugins": {"records"},
+    "training": {"records", "plugins"},
+    "deploy": {"records", "plugins"},
+    "launch": {"records", "plugins", "training", "deploy"},
+    "analysis": {"records", "plugins", "launch"},
+    "commands": {"records", "plugins", "training", "deploy", "launch", "analysis"},
+}
+
+
+def layer(module: str) -> str:
+    if module in FOUNDATION:
+        return "foundation"
+    if module in COMMANDS:
+        return "commands"
+    room = module.split(".")[1]
+    return "plugins" if room in PLUGINS else room
+
+
+def upward(graph: dict[str, set[str]]) -> list[str]:
+    """Every import of a module from a layer its own may not import."""
+    return sorted(
+        f"{name} ({layer(name)}) imports {dep} ({layer(dep)})"
+        for name, deps in graph.items()
+        for dep in deps
+        if layer(dep) not in {layer(name), "foundation", *BELOW.get(layer(name), ())}
+    )
+
+
+def test_every_module_is_in_a_layer_and_imports_only_downwards():
+    """records <- plugins <- training <- launch <- commands; deploy (the integer model) over
+    the plugins, under launch; analysis over records and launch's composition: a module
+    imports its own layer, the layers below it and the foundation, also inside functions;
+    nothing imports a command."""
+    graph = module_imports(deferred=True)
+    assert {layer(m) for m in graph} == {"foundation", *BELOW}
+    assert upward(graph) == []
+
+
+def test_the_layer_check_can_fail():
+    """An upward import, as a fault introduced once: a record that imports the loop."""
+    graph = module_imports(deferred=True)
+    graph["oscbench.records.runs"] = graph["oscbench.records.runs"] | {"oscbench.training.loop"}
+    graph["oscbench.quant.lsq"] = graph["oscbench.quant.lsq"] | {"oscbench.run"}
+    assert upward(graph) == [
+        "oscbench.quant.lsq (plugins) imports oscbench.run (commands)",
+        "oscbench.records.runs (records) imports oscbench.training.loop (training)",
+    ]
 
 
 def test_no_module_imports_itself_in_a_cycle():

@@ -8,12 +8,13 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from oscbench.checkpoint import FINAL_MODEL
-from oscbench.compose import compose
-from oscbench.config import resolved, validate
-from oscbench.record import load_results, print_summary
+from oscbench.launch.compose import compose
+from oscbench.launch.config import resolved, validate
+from oscbench.launch.summary import print_summary
+from oscbench.records.checkpoint import FINAL_MODEL
+from oscbench.records.record import load_results
+from oscbench.records.runs import RESULTS, fingerprint
 from oscbench.registry import ConfigError
-from oscbench.runs import RESULTS, fingerprint
 from tests.conftest import build_config, run_config
 
 QUICK = ["logger=none", "device=cpu"]
@@ -45,7 +46,7 @@ def test_ptq_accuracy_is_the_quantized_start_and_qat_reports_the_gap_it_recovere
     gap recovered is (QAT - PTQ) / (FP - PTQ)."""
     import copy
 
-    from oscbench.evaluation import evaluate, gap_recovered, ptq_accuracy, reestimate_bn
+    from oscbench.training.evaluation import evaluate, gap_recovered, ptq_accuracy, reestimate_bn
 
     run_config(["method=fp", "trainer.epochs=3", *QUICK], tmp_path / "fp")
     qat = ["method=lsq", "bits=2", f"init_from={tmp_path / 'fp'}"]

@@ -4,9 +4,9 @@ import math
 
 import pytest
 
-from oscbench.compose import presets
-from oscbench.config import validate
-from oscbench.record import load_results
+from oscbench.launch.compose import presets
+from oscbench.launch.config import validate
+from oscbench.records.record import load_results
 from oscbench.registry import ConfigError
 from tests.conftest import compose_config, run_config
 from tests.learned import above

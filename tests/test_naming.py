@@ -1,8 +1,8 @@
 """Run directory names: what identifies a run, short, and true to what ran."""
 
-from oscbench.compose import compose
-from oscbench.naming import run_dir_name
-from oscbench.run import fp_counterpart
+from oscbench.launch.compose import compose
+from oscbench.launch.execute import fp_counterpart
+from oscbench.launch.naming import run_dir_name
 
 
 def _name(overrides: list[str]) -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from oscbench.config import Component
+from oscbench.launch.config import Component
 from oscbench.oscillation.osci_reset import OsciReset, OsciResetConfig
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.lsq import LSQConfig
@@ -136,7 +136,7 @@ def test_an_open_window_is_saved_with_the_policy_and_resumes_exactly():
 def test_the_preset_resets_weights_in_a_digits_run(tmp_path):
     """One reset event (the schedule's); it moves 1.08, 1.09, 1.18 % of the weights on the
     native, avx2 and default paths (bench/margins.md)."""
-    from oscbench.record import load_results
+    from oscbench.records.record import load_results
     from tests.conftest import run_config
 
     args = ["method=lsq_oscireset", "bits=2", "logger=none", "device=cpu"]
@@ -210,8 +210,8 @@ def test_winq_noise_moves_the_forward_and_leaves_the_weights_to_the_optimizer():
 def test_runs_from_before_winqs_options_are_found_again():
     """A record of an OsciReset run made before `strength` and `noise` existed has the key
     a run now has at their neutral values (1, 0), so its sweep skips it; WinQ's do not."""
-    from oscbench.config import resolved
-    from oscbench.runs import run_key
+    from oscbench.launch.config import resolved
+    from oscbench.records.runs import run_key
     from tests.conftest import compose_config
 
     now = resolved(compose_config(["method=lsq_oscireset"]))

@@ -14,8 +14,9 @@ from torchao.prototype.parq.optim import ProxPARQ, QuantOptimizer
 from torchao.prototype.parq.optim.parq import normalized_mirror_sigmoid
 from torchao.prototype.parq.quant import UnifQuantizer
 
-from oscbench.compose import CONF_DIR
-from oscbench.export import deployed, logits_only, parity, to_onnx, weight_codes_equal
+from oscbench.deploy.onnx import deployed, logits_only, to_onnx
+from oscbench.deploy.parity import parity, weight_codes_equal
+from oscbench.launch.compose import CONF_DIR
 from oscbench.oscillation.parq import (
     PARQ,
     PARQScheduleConfig,
@@ -192,7 +193,7 @@ def test_a_run_ends_with_every_quantized_weight_on_a_level_and_exports():
 
 
 def test_parq_without_its_policy_or_with_a_warmup_as_long_as_the_run_is_refused():
-    from oscbench.config import validate
+    from oscbench.launch.config import validate
 
     with pytest.raises(ConfigError, match="add policy=parq or use method=parq"):
         validate(compose_config(["quantizer=parq", "policy=[]"]))

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from oscbench.config import validate
+from oscbench.launch.config import validate
 from oscbench.models.base import build_model
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.modules import (

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from oscbench.config import Component
+from oscbench.launch.config import Component
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.oscillation.ramping import Ramping, RampingConfig
 from oscbench.quant.lsq import LSQConfig

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from oscbench.compose import CONF_DIR, compose, presets
-from oscbench.config import validate
-from oscbench.record import load_results
+from oscbench.launch.compose import CONF_DIR, compose, presets
+from oscbench.launch.config import validate
+from oscbench.records.record import load_results
 from tests.conftest import run_config
 
 RECIPES = sorted(p.stem for p in Path(CONF_DIR, "recipe").glob("*.yaml"))
@@ -78,7 +78,7 @@ def test_every_method_trains_two_epochs_under_its_recipe(method, recipe, tmp_pat
 
 
 def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_path):
-    from oscbench import report
+    from oscbench.analysis import frame, report
     from tests.test_sweeps import records, sweep
 
     args = ["experiment=compare_methods", "method=fp,aoq", "bits=2", "seed=0", "logger=none"]
@@ -89,7 +89,7 @@ def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_
     )
     assert ran == [("aoq", "aoq2025"), ("aoq", "common"), ("fp", "common")]
     assert out.count("already holds this completed run") == 1  # fp under paper: fp's common
-    report.write_report(report.load_records(tmp_path), tmp_path / "report")
+    report.write_report(frame.load_records(tmp_path), tmp_path / "report")
     table = (tmp_path / "report" / "table.md").read_text()
     assert "| method | recipe.name | 2-bit |" in table
     assert "| aoq | aoq2025 |" in table and "| aoq | common |" in table
@@ -102,9 +102,9 @@ def test_compare_methods_with_a_recipe_axis_reports_both_and_the_difference(tmp_
 
 def _identity(overrides: list[str]) -> tuple[str, str]:
     """A run's key and the recipe of the fp run it starts from."""
-    from oscbench.config import resolved
-    from oscbench.run import identified
-    from oscbench.runs import run_key
+    from oscbench.launch.config import resolved
+    from oscbench.launch.execute import identified
+    from oscbench.records.runs import run_key
 
     config = identified(resolved(compose(overrides)), overrides)
     return run_key(config), config["fp_run"]["recipe"]
@@ -162,7 +162,7 @@ def test_a_recipe_run_says_what_it_did_not_apply(tmp_path, capsys):
 def test_a_full_precision_run_records_no_fp_run_to_start_from_or_distil():
     """A recipe asks quantized runs to start from and distil the fp run; the fp run itself
     does neither, and its record says so."""
-    from oscbench.config import resolved
+    from oscbench.launch.config import resolved
 
     config = resolved(compose(["method=fp", "recipe=aoq2025"]))
     assert config["init_from"] is None and config["teacher"] is None

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from oscbench import report
-from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL
-from oscbench.compose import CONF_DIR
-from oscbench.config import validate
-from oscbench.record import load_results
+from oscbench.analysis import frame, report
+from oscbench.launch.compose import CONF_DIR
+from oscbench.launch.config import validate
+from oscbench.records.checkpoint import CHECKPOINT, FINAL_MODEL
+from oscbench.records.record import load_results
 from oscbench.registry import ConfigError
 from tests.conftest import build_config, compose_config, run_config
 
@@ -54,8 +54,8 @@ def test_the_report_never_averages_runs_that_differ_in_more_than_the_seed(tmp_pa
                 ["method=lsq", "bits=2", f"seed={seed}", *extra, *QUICK],
                 tmp_path / f"{'-'.join(extra)}-s{seed}",
             )
-    df = report.runs_frame(report.load_records(tmp_path))
-    stats = report.summary(df)
+    df = frame.runs_frame(frame.load_records(tmp_path))
+    stats = frame.summary(df)
     assert list(stats.index.names) == ["method", "act_bits", "trainer.epochs", "bits"]
     assert set(stats.index) == {("lsq", 2, 1, 2), ("lsq", 2, 2, 2), ("lsq", 8, 1, 2)}
     assert (stats["acc_count"] == 2).all()  # two seeds each, nothing else merged
@@ -70,7 +70,7 @@ def test_the_same_run_found_twice_counts_once(tmp_path, capsys):
     run_config(["trainer.epochs=1", *QUICK], tmp_path / "a")
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "results.json").write_text((tmp_path / "a" / "results.json").read_text())
-    stats = report.summary(report.runs_frame(report.load_records(tmp_path)))
+    stats = frame.summary(frame.runs_frame(frame.load_records(tmp_path)))
     assert stats["acc_count"].tolist() == [1]
     assert "repeats the run" in capsys.readouterr().err
 
@@ -80,7 +80,7 @@ def test_the_report_names_files_it_cannot_read_and_leaves_a_missing_path_alone(t
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "results.json").write_text('{"status": "comp')
     (tmp_path / "dir" / "results.json").mkdir(parents=True)  # unreadable as a file
-    records = report.load_records(tmp_path)
+    records = frame.load_records(tmp_path)
     assert len(records) == 1
     err = capsys.readouterr().err
     assert f"{tmp_path / 'cut' / 'results.json'} is damaged" in err
@@ -141,7 +141,7 @@ def test_ptq_without_cross_bits_reports_its_rounded_accuracy(tmp_path):
     )  # noqa: E501
     assert set(k for k in final if k.startswith("acc@")) == {"acc@2bit"}
     assert final["acc@2bit"] != final["acc_bn"]  # ternary weights lose accuracy on digits
-    df = report.runs_frame(report.load_records(tmp_path))
+    df = frame.runs_frame(frame.load_records(tmp_path))
     assert df["acc"].tolist() == [final["acc@2bit"]] and df["method"].tolist() == ["ptq"]
 
 

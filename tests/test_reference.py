@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-from oscbench.accel import Accel
-from oscbench.optim import build_optimizers
 from oscbench.oscillation.osc_reg import OscReg, OscRegConfig
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.qkr import QKRAttention
-from oscbench.train import train_step
+from oscbench.training.accel import Accel
+from oscbench.training.loop import train_step
+from oscbench.training.optim import build_optimizers
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import Observer, build_config, fit
 from tests.test_qkr import DEIT

@@ -16,7 +16,7 @@ import pytest
 from matplotlib.colors import to_hex, to_rgba_array
 from matplotlib.transforms import Bbox
 
-from oscbench import figures, report
+from oscbench.analysis import figures, frame, report
 from tests.conftest import run_config, unprivileged
 
 QUICK = ["logger=none", "device=cpu"]
@@ -28,7 +28,7 @@ def real(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("real")
     run_config(["method=fp", "trainer.epochs=1", *QUICK], root / "fp")
     run_config(["method=lsq", "bits=2", "trainer.epochs=3", *QUICK], root / "lsq")
-    return {name: report.load_records(root / name)[0] for name in ("fp", "lsq")}
+    return {name: frame.load_records(root / name)[0] for name in ("fp", "lsq")}
 
 
 def _crowd(real: dict[str, dict]) -> list[dict]:
@@ -131,7 +131,7 @@ def test_the_figures_have_legends_within_the_axes_width_and_one_colour_per_metho
 
 
 def test_a_series_is_labelled_by_what_differs_within_its_method(real):
-    df = report.runs_frame(_crowd(real))
+    df = frame.runs_frame(_crowd(real))
     labels = set(figures.series(df[df["status"] == "completed"]))
     assert "method_with_a_long_name_0" in labels  # the usual variant: the method alone
     assert "method_with_a_long_name_0 (trainer.lr=0.1)" in labels
@@ -159,7 +159,7 @@ def test_a_setting_without_one_usual_value_is_named_on_every_series():
 
 def test_rows_order_a_settings_numbers_by_size_and_text_after_them():
     values = [160, "-", 20, 80.0, "sgd", 10, float("nan")]
-    ordered = sorted(values, key=report._numbers_first)
+    ordered = sorted(values, key=frame.numbers_first)
     assert ordered[:4] == [10, 20, 80.0, 160]  # as text: 10, 160, 20, 80
     assert [str(v) for v in ordered[4:]] == ["-", "nan", "sgd"]
 
@@ -172,7 +172,7 @@ def test_recipes_are_compared_between_rows_alike_in_every_other_setting(tmp_path
             ["method=fp", f"recipe={recipe}", f"trainer.epochs={epochs}", *QUICK],
             tmp_path / "runs" / f"{recipe}-{epochs}",
         )
-    records = report.load_records(tmp_path / "runs")
+    records = frame.load_records(tmp_path / "runs")
     report.write_report(records, tmp_path / "report")
     table = (tmp_path / "report" / "table.md").read_text()
     section = table.split("### Each paper's recipe against the common one")[1]
@@ -211,8 +211,8 @@ def test_a_setting_that_is_null_keeps_its_row(real):
     plain, folded = copy.deepcopy(real["lsq"]), copy.deepcopy(real["lsq"])
     folded["config"]["bn_fold"] = {"enabled": True, "freeze_epoch": None}
     folded["key"], folded["final"]["acc_bn"] = "folded", 12.5
-    df = report.runs_frame([plain, folded])
-    text = report.markdown(report.summary(df), df)
+    df = frame.runs_frame([plain, folded])
+    text = report.markdown(frame.summary(df), df)
     (row,) = [line for line in text.splitlines() if line.startswith("| lsq | True | null |")][:1]
     assert "12.50" in row
     assert any(line.startswith("| lsq | - | - |") for line in text.splitlines())
@@ -225,5 +225,5 @@ def test_a_label_leaves_out_settings_a_run_lacks_or_leaves_null(real):
     plain, folded = copy.deepcopy(real["lsq"]), copy.deepcopy(real["lsq"])
     folded["config"]["bn_fold"] = {"enabled": True, "freeze_epoch": None}
     folded["key"] = "folded"
-    labels = figures.series(report.runs_frame([plain, folded]))
+    labels = figures.series(frame.runs_frame([plain, folded]))
     assert sorted(labels) == ["lsq", "lsq (bn_fold.enabled=True)"]

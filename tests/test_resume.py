@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from oscbench.checkpoint import CHECKPOINT
-from oscbench.compose import presets
-from oscbench.record import load_results
+from oscbench.launch.compose import presets
+from oscbench.records.checkpoint import CHECKPOINT
+from oscbench.records.record import load_results
 from oscbench.registry import ConfigError
 from tests.conftest import run_config
 
@@ -126,20 +126,20 @@ class _Killed(BaseException):
 def kill_and_resume(args: list[str], tmp_path, monkeypatch) -> None:  # noqa: ANN001
     """Run `args` whole, and again killed after its first epoch's checkpoint and resumed:
     the same history and final numbers."""
-    import oscbench.run
+    from oscbench.training.loop import Trainer
 
     whole = run_config(args, tmp_path / "whole")
-    real_train = oscbench.run.train
+    real_fit = Trainer.fit
 
-    def killed_after_the_first_epoch(*a, save, **k):
+    def killed_after_the_first_epoch(self, on_epoch, save, measure=None):
         def save_then_die(state):
             save(state)
             if state["epoch"] == 1:
                 raise _Killed
 
-        return real_train(*a, save=save_then_die, **k)
+        return real_fit(self, on_epoch, save_then_die, measure)
 
-    monkeypatch.setattr(oscbench.run, "train", killed_after_the_first_epoch)
+    monkeypatch.setattr(Trainer, "fit", killed_after_the_first_epoch)
     with pytest.raises(_Killed):
         run_config(args, tmp_path / "killed")
     monkeypatch.undo()

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from oscbench.config import LoggerConfig
-from oscbench.files import write_json_atomic
-from oscbench.record import Recorder, load_results, machine
+from oscbench.records.files import write_json_atomic
+from oscbench.records.record import Recorder, load_results, machine
+from oscbench.records.wandb import LoggerConfig
 from tests.conftest import run_config
 from tests.learned import above, at_least
 

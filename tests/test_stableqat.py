@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from oscbench.compose import CONF_DIR
+from oscbench.launch.compose import CONF_DIR
 from oscbench.quant.base import QUANTIZERS
 from oscbench.quant.stableqat import ROOT2_PI, surrogate_factor
 from oscbench.registry import InvalidValue

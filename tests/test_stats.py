@@ -1,4 +1,4 @@
-"""The report's statistics (oscbench/stats.py) against scipy on a hand-made runs.csv with a
+"""The report's statistics (oscbench/analysis/stats.py) against scipy on a hand-made runs.csv with a
 known answer: method a differs from the baseline, method b does not."""
 
 import io
@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from oscbench.stats import compare, versus
+from oscbench.analysis.stats import compare, versus
 
 RUNS = """label,bits,seed,init_from,acc
 lsq,2,0,{init},80.0
@@ -68,7 +68,7 @@ def test_a_baseline_without_a_bit_width_stands_for_every_one_and_lone_runs_are_n
 
 
 def test_the_report_marks_the_significant_difference_only():
-    from oscbench.report import significance_markdown
+    from oscbench.analysis.differences import significance_markdown
 
     text = significance_markdown(compare(_runs("fp"), "acc"), "lsq")
     rows = {

@@ -12,8 +12,8 @@ import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
-from oscbench import report
-from oscbench.runs import RESULTS
+from oscbench.analysis import frame, report
+from oscbench.records.runs import RESULTS
 from tests.conftest import check_latex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,16 +50,16 @@ def records(sweep_dir):
 
 
 def check_report(sweep_dir, methods, bits):
-    paths = report.write_report(report.load_records(sweep_dir), sweep_dir / "report")
+    paths = report.write_report(frame.load_records(sweep_dir), sweep_dir / "report")
     table = (sweep_dir / "report" / "table.md").read_text()
     columns = " | ".join(f"{b}-bit" for b in bits) + " |"
-    accuracies = [m for m in report.METRICS if m.startswith("acc")]  # with deployability
+    accuracies = [m for m in frame.METRICS if m.startswith("acc")]  # with deployability
     assert table.count(f"| method | deployable | {columns}") == len(accuracies)
-    assert table.count(f"| method | {columns}") == len(report.METRICS) - len(accuracies)
+    assert table.count(f"| method | {columns}") == len(frame.METRICS) - len(accuracies)
     assert "d_Q/d_w" in table
     for m in methods:
         assert f"| {m} |" in table
-    stats = report.summary(report.runs_frame(report.load_records(sweep_dir)))
+    stats = frame.summary(frame.runs_frame(frame.load_records(sweep_dir)))
     assert set(stats.index) == {(m, b) for m in methods for b in bits}
     pngs = [p for name, p in paths.items() if name.endswith(".png")]
     names = ("accuracy_vs_bits", "oscillation_over_training", "oscillation_by_layer")
@@ -107,7 +107,7 @@ def test_relaunching_a_sweep_trains_nothing_and_fp_is_trained_once(tmp_path):
     assert out.count("already holds this completed run") == 4
     assert {k: (v["wall_time_s"], v["key"]) for k, v in records(tmp_path).items()} == first
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.pt")} == stamps
-    stats = report.summary(report.runs_frame(report.load_records(tmp_path)))
+    stats = frame.summary(frame.runs_frame(frame.load_records(tmp_path)))
     assert stats.loc[("fp", 2), "acc_mean"] == stats.loc[("fp", 3), "acc_mean"]
 
 
@@ -118,7 +118,7 @@ def test_a_failing_run_is_recorded_and_the_sweep_goes_on(tmp_path):
     status = {r["config"]["trainer"]["lr"]: r for r in records(tmp_path).values()}
     assert status[1e30]["status"] == "failed" and "diverged" in status[1e30]["error"]
     assert status[0.05]["status"] == "completed"  # launched after the failure
-    report.write_report(report.load_records(tmp_path), tmp_path / "report")
+    report.write_report(frame.load_records(tmp_path), tmp_path / "report")
     table = (tmp_path / "report" / "table.md").read_text()
     assert "(1 failed)" in table and "Runs that did not complete" in table
     assert "training diverged" in table

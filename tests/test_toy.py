@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from oscbench.compose import CONF_DIR
+from oscbench.launch.compose import CONF_DIR
 from oscbench.toy import run_problem
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from oscbench.compose import presets
+from oscbench.launch.compose import presets
 from oscbench.oscillation.tracker import LayerTracker, OscillationTracker, TrackerConfig
 from tests.bounds import gamma, unit_roundoff
 from tests.conftest import build_config, fit
@@ -237,7 +237,7 @@ def test_dq_over_dw_stays_a_ratio_of_movements_when_a_learned_step_turns_negativ
 
 
 def test_model_tracker_reports_the_ratio_and_the_step_share():
-    from oscbench.train import train
+    from oscbench.training.loop import Trainer
     from tests.conftest import build_config
 
     spec, built = build_config(["bits=2", "trainer.epochs=2"])
@@ -246,9 +246,7 @@ def test_model_tracker_reports_the_ratio_and_the_step_share():
     def record(r):
         shares.append(float(built.tracker.step_share()))
 
-    history = train(
-        built.model, built.data, spec.trainer, [], built.tracker, 0.005, on_epoch=record
-    )
+    history = Trainer(built.model, built.data, spec.trainer, [], built.tracker).fit(record)
     osc = history[-1]["osc"]
     layers = osc["layers"].values()
     assert osc["dq"] == sum(v["dq"] for v in layers)
@@ -276,11 +274,11 @@ def test_flat_tracker_is_the_per_layer_tracker_bit_for_bit(method, monkeypatch):
     (codes, directions, frequencies, counts), also where policies read the tracker
     (freezing, TRS, OsciReset) and so steer training by it. A preset that trains in full
     precision has no tracker."""
-    import oscbench.run
+    import oscbench.launch.build
     from tests import reference_tracker
 
     def trained(tracker_class: type, one_span: bool = False) -> tuple[list[dict], dict, dict]:
-        monkeypatch.setattr(oscbench.run, "OscillationTracker", tracker_class)
+        monkeypatch.setattr(oscbench.launch.build, "OscillationTracker", tracker_class)
         spec, built = build_config([f"method={method}", "bits=3", "trainer.epochs=2"])
         tracker = built.tracker
         if one_span and tracker is not None:

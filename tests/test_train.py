@@ -5,14 +5,14 @@ import copy
 import pytest
 import torch
 
-from oscbench.config import validate
 from oscbench.data.base import build_data
-from oscbench.evaluation import reestimate_bn
+from oscbench.launch.config import validate
 from oscbench.models.base import build_model
-from oscbench.optim import build_optimizers, lr_factor
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.modules import calibrate, quantize_model, quantizer_factory
-from oscbench.train import train
+from oscbench.training.evaluation import reestimate_bn
+from oscbench.training.loop import Trainer
+from oscbench.training.optim import build_optimizers, lr_factor
 from tests.bounds import assert_within, sum_difference_bound, unit_roundoff
 from tests.conftest import compose_config
 
@@ -149,7 +149,7 @@ def test_bn_reestimation_is_a_plain_average_of_batch_statistics():
 
 def test_model_and_tracker_state_roundtrip_restores_them_exactly():
     spec, data, model, tracker = _setup(["bits=2", "trainer.epochs=2"])
-    train(model, data, spec.trainer, [], tracker, 0.005, on_epoch=lambda r: None)
+    Trainer(model, data, spec.trainer, [], tracker).fit(on_epoch=lambda r: None)
     state = copy.deepcopy(model.state_dict())
     tracked = copy.deepcopy(tracker.state_dict())
     assert {k.rsplit(".", 1)[-1] for k in tracked} == {
@@ -188,7 +188,7 @@ def test_loop_hooks_run_in_order_and_policies_wrap_the_optimizer_step():
     outermost) -> on_step_end -> the weight quantizers' after_step -> tracker update."""
     from oscbench.oscillation.policy import Policy
     from oscbench.quant.modules import quantized_layers
-    from oscbench.train import train_step
+    from oscbench.training.loop import train_step
 
     spec, data, model, tracker = _setup([])
     events = []
@@ -219,7 +219,7 @@ def test_loop_hooks_run_in_order_and_policies_wrap_the_optimizer_step():
     real_update = tracker.update
     tracker.update = lambda: (events.append("tracker"), real_update())
     x, y = next(data.train_batches(0, 32))
-    from oscbench.accel import Accel
+    from oscbench.training.accel import Accel
 
     accel = Accel.resolve(spec.trainer, torch.device("cpu"))
     train_step(model, model, x, y, opt, [Recorder("a"), Recorder("b")], tracker, accel, 0, 10)
@@ -280,14 +280,8 @@ def test_a_probe_runs_plain_steps_on_its_own_batches_and_leaves_no_trace():
 
     prober = Prober()
     calls_after = []
-    train(
-        model,
-        data,
-        spec.trainer,
-        [prober],
-        tracker,
-        0.005,
-        on_epoch=lambda record: calls_after.append(int(prober.calls)),
+    Trainer(model, data, spec.trainer, [prober], tracker).fit(
+        on_epoch=lambda record: calls_after.append(int(prober.calls))
     )
     per_epoch = data.steps_per_epoch(spec.trainer.batch_size)
     for epoch in (0, 1):
@@ -297,13 +291,13 @@ def test_a_probe_runs_plain_steps_on_its_own_batches_and_leaves_no_trace():
     assert calls_after == [per_epoch, 2 * per_epoch]
     # the same run without the probes ends with the same weights and optimizer state
     spec, data, plain, tracker = _setup(["trainer.epochs=2", "trainer.optimizer=adamw"])
-    train(plain, data, spec.trainer, [], tracker, 0.005, on_epoch=lambda record: None)
+    Trainer(plain, data, spec.trainer, [], tracker).fit(on_epoch=lambda record: None)
     for key, value in plain.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, model.state_dict()[key]), key
     # the probe's steps and the epoch's: different batches, the same on every run
     first = next(data.train_batches(0, spec.trainer.batch_size))[0]
-    from oscbench.train import PROBE_STREAM
+    from oscbench.training.loop import PROBE_STREAM
 
     probe_first = next(data.train_batches(PROBE_STREAM, spec.trainer.batch_size))[0]
     assert not torch.equal(first, probe_first)

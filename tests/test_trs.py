@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from oscbench.record import load_results
+from oscbench.records.record import load_results
 from tests.bounds import assert_within, gamma
 from tests.conftest import build_config, run_config
 from tests.learned import below

@@ -16,10 +16,10 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
-from oscbench import report
-from oscbench.compose import presets
-from oscbench.config import validate
-from oscbench.tune import INTERRUPTED, distributions, storage_url
+from oscbench.analysis import frame, report
+from oscbench.launch.compose import presets
+from oscbench.launch.config import validate
+from oscbench.launch.tune import INTERRUPTED, distributions, storage_url
 from tests.conftest import check_latex, compose_config
 
 QUICK = ["trainer.epochs=3", "logger=none", "device=cpu"]
@@ -124,7 +124,7 @@ def test_final_runs_take_each_cells_best_parameters_on_fresh_seeds(tuned, tmp_pa
     proc = _run(None, *args, "hydra.sweeper.use=defaults", f"hydra.sweep.dir={untuned}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {r["config"]["trainer"]["lr"] for r in _records(untuned)} == {0.05}
-    finals = report.load_records(tmp_path / "final")
+    finals = frame.load_records(tmp_path / "final")
     paths = report.write_report(finals, tmp_path / "r", "lsq", tuned, untuned)
     table = paths["table.md"].read_text()
     versus = pd.read_csv(paths["versus.csv"])
@@ -142,7 +142,7 @@ def test_final_runs_take_each_cells_best_parameters_on_fresh_seeds(tuned, tmp_pa
 
 
 KILL_AND_FAIL = """
-import oscbench.record as record, oscbench.run as run
+import oscbench.records.record as record, oscbench.run as run
 calls = {"execute": 0, "epochs": 0}
 _execute, _log = run.execute, record.Recorder.log_epoch
 def execute(*args, **kwargs):

@@ -14,10 +14,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from oscbench.compose import compose
-from oscbench.config import validate
+from oscbench.launch.build import build
+from oscbench.launch.compose import compose
+from oscbench.launch.config import validate
 from oscbench.quant.fold import QConvBn2d
-from oscbench.run import build
 
 FP_RUN = "multirun/deploy/fp/fp32-mobilenetv2_small-glyphs-s0"
 

@@ -11,7 +11,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from oscbench.report import load_records
+from oscbench.analysis.frame import load_records
 
 HERE = Path(__file__).resolve().parent
 

@@ -1,1 +1,1 @@
-"""oscbench's tuning sweepers (oscbench.tune), where Hydra looks for plugins."""
+"""oscbench's tuning sweepers (oscbench.launch.tune), where Hydra looks for plugins."""

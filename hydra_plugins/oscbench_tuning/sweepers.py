@@ -1,7 +1,7 @@
 """`TuneSweeper` (experiment=tune_methods) and `BestSweeper` (experiment=final_methods).
 
 Hydra instantiates sweepers only from the hydra_plugins package, so they live here; the
-studies' bookkeeping is oscbench.tune. Hydra imports every plugin module at start-up:
+studies' bookkeeping is oscbench.launch.tune. Hydra imports every plugin module at start-up:
 Optuna (over a second to import) is imported only when a sweep starts.
 
 oscbench's own sweeper on current Optuna, not hydra-optuna-sweeper: that plugin pins
@@ -91,7 +91,7 @@ class TuneSweeper(_Launching):
 
     def _check(self) -> None:
         """Bad settings, refused before the storage is touched."""
-        from oscbench.preflight import reject
+        from oscbench.launch.preflight import reject
 
         trials = self.n_trials
         if not isinstance(trials, int) or isinstance(trials, bool) or trials < 1:
@@ -105,9 +105,9 @@ class TuneSweeper(_Launching):
             reject(f"hydra.sweeper.n_jobs={self.n_jobs} is invalid; allowed: an integer >= 1")
 
     def sweep(self, arguments: list[str]) -> None:
-        from oscbench.preflight import reject
+        from oscbench.launch.preflight import reject
+        from oscbench.launch.tune import cell_name, distributions, open_study, summary
         from oscbench.registry import ConfigError
-        from oscbench.tune import cell_name, distributions, open_study, summary
 
         self._check()
         sweep_dir = Path(self.config.hydra.sweep.dir)
@@ -143,7 +143,7 @@ class TuneSweeper(_Launching):
     def _tune(self, sweep_dir: Path, name: str, cell: list[str], space: dict) -> None:
         import optuna
 
-        from oscbench.tune import completed, open_study, reopen, sampler_seed
+        from oscbench.launch.tune import completed, open_study, reopen, sampler_seed
 
         study = open_study(sweep_dir, self.storage, name, self.direction)
         study.sampler = instantiate(self.sampler_config, seed=sampler_seed(self.seed, study))
@@ -200,9 +200,9 @@ class BestSweeper(_Launching):
         self.cell_keys, self.max_batch_size = list(cell_keys), max_batch_size
 
     def sweep(self, arguments: list[str]) -> list:
-        from oscbench.preflight import reject
+        from oscbench.launch.preflight import reject
+        from oscbench.launch.tune import best_params
         from oscbench.registry import ConfigError
-        from oscbench.tune import best_params
 
         if self.use not in ("best", "defaults"):
             reject(f"hydra.sweeper.use={self.use} is invalid; allowed: best, defaults")
@@ -225,6 +225,6 @@ class BestSweeper(_Launching):
         return returns
 
     def _cell(self, job: list[str]) -> str:
-        from oscbench.tune import cell_name
+        from oscbench.launch.tune import cell_name
 
         return cell_name(job, self.cell_keys)

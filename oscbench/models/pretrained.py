@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from oscbench.checkpoint import CHECKPOINT, FINAL_MODEL
-from oscbench.console import say
-from oscbench.files import DamagedFile
+from oscbench.records.checkpoint import CHECKPOINT, FINAL_MODEL
+from oscbench.records.console import say
+from oscbench.records.files import DamagedFile
+from oscbench.records.runs import RESULTS
 from oscbench.registry import ConfigError
-from oscbench.runs import RESULTS
 
 
 def read_state_dict(path: Path, key: str = "init_from") -> dict[str, torch.Tensor]:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.console import warn
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
 from oscbench.quant.base import QUANTIZED
 from oscbench.quant.modules import quantized_layers
+from oscbench.records.console import warn
 from oscbench.registry import check
 
 

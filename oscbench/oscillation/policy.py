@@ -102,7 +102,7 @@ POLICIES: Registry[Policy] = Registry("policy")
 
 
 def build_policies(components, run: RunContext) -> list[Policy]:  # noqa: ANN001
-    """Build validated `Component`s (see oscbench.config) into policies."""
+    """Build validated `Component`s (see oscbench.launch.config) into policies."""
     return [POLICIES.get(c.name).build(c.options, run) for c in components]
 
 

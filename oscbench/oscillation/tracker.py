@@ -290,6 +290,7 @@ class OscillationTracker(nn.Module):
     def __init__(self, model: nn.Module, cfg: TrackerConfig, total_steps: int) -> None:
         super().__init__()
         self.momentum = cfg.effective_momentum(total_steps)
+        self.threshold = cfg.threshold  # what `stats` counts as oscillating unless told
         self.names, self.layers = tracked_layers(model, cfg)  # the layers: not submodules
         self.wide = any(layer.weight_quantizer.bits > 7 for layer in self.layers)
         sizes = [layer.weight.numel() for layer in self.layers]
@@ -397,12 +398,14 @@ class OscillationTracker(nn.Module):
         return (self.switches * mask).sum() / (self.sizes * mask).sum().clamp_min(1)
 
     @torch.no_grad()
-    def stats(self, threshold: float) -> dict | None:
-        """Epoch metrics per layer and over the model (`summarise`), with the share of
-        weights that never left their level in the epoch (`stuck_share`); resets the epoch
-        counters. None when no layer is tracked."""
+    def stats(self, threshold: float | None = None) -> dict | None:
+        """Epoch metrics per layer and over the model (`summarise`; oscillating: frequency
+        above `threshold`, default `oscillation.threshold`), with the share of weights that
+        never left their level in the epoch (`stuck_share`); resets the epoch counters. None
+        when no layer is tracked."""
         if not self.layers:
             return None
+        threshold = self.threshold if threshold is None else threshold
         switches, oscillations = self.epoch_switches.tolist(), self.epoch_oscillations.tolist()
         self.epoch_switches.zero_()
         self.epoch_oscillations.zero_()

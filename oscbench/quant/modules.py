@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscbench.batchnorm import bn_momentum
+from oscbench.models.base import bn_momentum
 from oscbench.quant.base import QUANTIZERS, Quantizer
 
 # (bits, channels or None, is_weight) -> Quantizer, or None for "leave in full precision"

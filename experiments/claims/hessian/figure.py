@@ -23,8 +23,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from oscbench.figures import colours  # noqa: E402
-from oscbench.record import load_results  # noqa: E402
+from oscbench.analysis.figures import colours  # noqa: E402
+from oscbench.records.record import load_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -3,8 +3,8 @@ of the means over seeds, its 95 % confidence interval and p-value from scipy's t
 Holm's correction across the table (statsmodels). Paired by seed (`ttest_rel`) when both
 cells hold the same seeds and every run starts from its seed's FP run (`init_from=fp`), so
 that a seed's two runs share their start; otherwise Welch's test (`ttest_ind`,
-`equal_var=False`). The report (`oscbench/report.py: significance`) tests each method against
-`--baseline` (lsq by default) this way.
+`equal_var=False`). The report (`oscbench/analysis/report.py: significance`) tests each
+method against `--baseline` (lsq by default) this way.
 """
 
 from __future__ import annotations

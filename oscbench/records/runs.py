@@ -16,8 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from oscbench.console import warn
-from oscbench.files import DamagedFile, read_json
+from oscbench.records.console import warn
+from oscbench.records.files import DamagedFile, read_json
 
 RESULTS = "results.json"
 # labels and settings that do not change a run's results (`method` names the components,

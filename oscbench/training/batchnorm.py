@@ -1,33 +1,16 @@
-"""Batch-norm helpers shared by calibration and BN re-estimation."""
+"""Batch norm over the global batch of every rank (`trainer.sync_bn`), and folded batch
+norm's switch to running statistics (`bn_fold.freeze_epoch`)."""
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn as dist_nn
 from torch import nn
 
-
-def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@contextmanager
-def bn_momentum(model: nn.Module, momentum: float | None) -> Iterator[list]:
-    """Every BN layer's momentum set to `momentum` (0: running statistics untouched; None:
-    a cumulative average), restored afterwards; yields the layers."""
-    bns = batchnorms(model)
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.momentum = momentum
-    try:
-        yield bns
-    finally:
-        for bn, value in zip(bns, saved, strict=True):
-            bn.momentum = value
+from oscbench.oscillation.policy import Policy, Probe
+from oscbench.quant.fold import QConvBn2d
+from oscbench.quant.modules import swap_module
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -65,8 +48,6 @@ def global_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
     GlobalBatchNorm2d elsewhere (same parameters and statistics)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    from oscbench.quant.modules import swap_module  # which imports this module
-
     for name, m in list(model.named_modules()):
         if type(m) is nn.BatchNorm2d:
             new = GlobalBatchNorm2d(
@@ -75,3 +56,19 @@ def global_batch_norm(model: nn.Module, device: torch.device) -> nn.Module:
             new.load_state_dict(m.state_dict())
             swap_module(model, name, new)
     return model
+
+
+class FreezeBNStats(Policy):
+    """`bn_fold.freeze_epoch`: from that epoch on (also when a run resumes past it), every
+    folded BatchNorm uses its running statistics (`QConvBn2d.freeze_bn_stats`). Built by the
+    run, not a `policy:` of the config."""
+
+    def __init__(self, model: nn.Module, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+        self.layers = [m for m in model.modules() if isinstance(m, QConvBn2d)]
+
+    def on_epoch_start(self, epoch: int, probe: Probe) -> None:
+        if epoch >= self.epoch:
+            for layer in self.layers:
+                layer.freeze_bn_stats()

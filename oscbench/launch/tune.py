@@ -28,7 +28,7 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
-from oscbench.files import DamagedFile
+from oscbench.records.files import DamagedFile
 from oscbench.registry import ConfigError
 
 STORAGES = {"sqlite": "optuna.db", "journal": "optuna.journal"}  # file in the sweep directory

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from oscbench.config import TrainerConfig
+from oscbench.training.config import TrainerConfig
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from oscbench.files import DamagedFile, write_atomic
+from oscbench.records.files import DamagedFile, write_atomic
+from oscbench.records.runs import fingerprint
 from oscbench.registry import ConfigError
-from oscbench.runs import fingerprint
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "model_final.pt"

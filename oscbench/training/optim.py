@@ -19,8 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from oscbench.config import TrainerConfig
 from oscbench.quant.modules import quantized_layers, quantizer_parameters
+from oscbench.training.config import TrainerConfig
 
 
 def _optimizer(kind: str, groups: list[dict], cfg: TrainerConfig) -> torch.optim.Optimizer:

@@ -1,5 +1,5 @@
 """What a run prints (a line per epoch here; the summary with the record, in
-oscbench/record.py). Printing never changes a record: when the reader of stdout goes away
+oscbench/records/record.py). Printing never changes a record: when the reader of stdout goes away
 (`... | head -1`), printing stops quietly."""
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import torch
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from oscbench.config import TrainerConfig
+from oscbench.training.config import TrainerConfig
 
 
 class ModelEma(ModelEmaV3):

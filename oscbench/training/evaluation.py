@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oscbench.accel import Accel
-from oscbench.batchnorm import bn_momentum
-from oscbench.config import RunSpec, TrainerConfig
 from oscbench.data.base import Data
 from oscbench.distributed import all_sum, sync_buffers
+from oscbench.models.base import bn_momentum
 from oscbench.oscillation.tracker import OscillationTracker
 from oscbench.quant.base import clip_to_grid
 from oscbench.quant.modules import QuantPlan, quantize_model, quantized_layers
 from oscbench.quant.rtn import RTNConfig, RTNQuantizer
+from oscbench.training.accel import Accel
+from oscbench.training.config import TrainerConfig
 
 DIST_BINS = 20  # over [0, 0.5] step: inside the grid a weight is at most half a step away
 
@@ -190,17 +190,19 @@ def _ratio(dq: float, dw: float) -> float:
 
 
 def final_metrics(
-    spec: RunSpec,
     model: nn.Module,
     data: Data,
     tracker: OscillationTracker | None,
     history: list[dict],
+    cfg: TrainerConfig,
+    bits: int,
+    cross_bits: list[int],
+    plan: QuantPlan,
 ) -> dict:
     """Accuracy and loss on each of `final_splits` before and after BN re-estimation
     (test: `acc`, `loss`, `acc_bn`; validation: `val_acc`, `val_loss`, `val_acc_bn`),
-    cross-bit accuracy, oscillation totals and the threshold-distance histogram, from the
-    trained model and its history."""
-    cfg = spec.trainer
+    accuracy with the weights rounded to each of `cross_bits`, oscillation totals and the
+    threshold-distance histogram at `bits`, from the trained model and its history."""
     splits = final_splits(data, cfg)
     final = {}
     for split, prefix in splits.items():
@@ -209,9 +211,8 @@ def final_metrics(
     reestimate_bn(model, data, cfg.bn_reestimate_batches, cfg.batch_size)
     for split, prefix in splits.items():
         final[f"{prefix}acc_bn"] = evaluate(model, data, split, cfg.eval_batch_size)["acc"]
-    ptq_bits = [spec.bits] if spec.ptq else []
-    final |= cross_bit_accuracy(model, data, spec.cross_bits + ptq_bits, spec.plan, cfg)
-    final["threshold_distance"] = threshold_distance_histogram(model, spec.bits, spec.plan)
+    final |= cross_bit_accuracy(model, data, cross_bits, plan, cfg)
+    final["threshold_distance"] = threshold_distance_histogram(model, bits, plan)
     osc = history[-1].get("osc")
     if osc:
         final |= {

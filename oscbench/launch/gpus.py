@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from oscbench.config import RunSpec
 from oscbench.distributed import World, broadcast
+from oscbench.launch.config import RunSpec
 from oscbench.registry import ConfigError
 
 

@@ -52,11 +52,12 @@ def skip_if_completed(task: DictConfig, overrides: list[str], run_dir: Path) -> 
     """A run directory that cannot be written but holds this completed run (a read-only
     copy of a study): say so and show its summary, as a rerun does, and exit 0 (Hydra
     would fail writing its own files there)."""
-    from oscbench.config import resolved, validate
-    from oscbench.console import say
-    from oscbench.record import load_results, print_summary
-    from oscbench.run import identified
-    from oscbench.runs import RESULTS, find_completed, run_key
+    from oscbench.launch.config import resolved, validate
+    from oscbench.launch.execute import identified
+    from oscbench.launch.summary import print_summary
+    from oscbench.records.console import say
+    from oscbench.records.record import load_results
+    from oscbench.records.runs import RESULTS, find_completed, run_key
 
     key = run_key(identified(resolved(task), overrides))
     done = find_completed(run_dir, key)
@@ -86,8 +87,8 @@ def remove_if_unused(run_dir: Path) -> None:
 
 class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from oscbench.compose import resolve_recipe
-        from oscbench.config import validate
+        from oscbench.launch.compose import resolve_recipe
+        from oscbench.launch.config import validate
         from oscbench.registry import ConfigError
 
         task = resolve_recipe(

@@ -1,0 +1,196 @@
+"""A quantized model as the integer model an integer runtime runs (`deployed`, `to_onnx`).
+
+The graph, made by torch.onnx's exporter (`dynamo=True`, opset 21), is a QDQ model:
+- each quantized layer's weight is an integer initializer (int8; int16 where a mid-rise grid
+  at 8 bits needs 9 bits, `Quantizer.deploy`) with DequantizeLinear, per tensor or per
+  output channel, at the scale the quantizer's forward pass uses (`integer_form`), so that
+  the dequantized weight is the fake-quantized one bit for bit;
+- each quantized layer's input goes through QuantizeLinear (uint8 or int8), a Clip to its
+  b-bit range where b < 8, and DequantizeLinear, at the learned step (LSQ+'s real-valued
+  offset: a float Sub before, an Add after); first and last layers at their own bits;
+- the rest (BatchNorm, activation functions, pooling, residual additions) stays in float,
+  as in any QDQ model; a runtime fuses what it can.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
+import torch.nn.functional as F
+from torch import nn
+
+from oscbench.quant.base import UNIFORM, IntegerForm, NotDeployable, Quantizer
+from oscbench.quant.fold import QConvBn2d
+from oscbench.quant.modules import QuantizedLayer, quantized_layers, swap_module
+
+ONNX_FILE = "model.onnx"
+OPSET = 21  # DequantizeLinear of int16 codes
+qd = torch.ops.quantized_decomposed
+
+
+def integer_dtype(form: IntegerForm) -> torch.dtype:
+    """The smallest ONNX integer type of QuantizeLinear/DequantizeLinear that holds the codes."""
+    if form.bits > 16 or (not form.signed and form.bits > 8):
+        raise NotDeployable(f"codes {form.qmin}..{form.qmax} fit no int8, uint8 or int16")
+    if form.signed:
+        return torch.int8 if form.bits <= 8 else torch.int16
+    return torch.uint8
+
+
+class QDQ(nn.Module):
+    """An input quantizer as QuantizeLinear, a Clip to its own range where its integer type's
+    is wider, and DequantizeLinear. `emit`, when set, collects the codes (the parity probe)."""
+
+    def __init__(self, form: IntegerForm) -> None:
+        super().__init__()
+        self.form = form
+        self.dtype = integer_dtype(form)
+        info = torch.iinfo(self.dtype)
+        self.full = (info.min, info.max)
+        if form.axis is None:
+            self.scale = float(form.scale)
+        else:
+            self.register_buffer("scales", form.scale.float().reshape(-1))
+            self.register_buffer("zero_points", torch.zeros(form.scale.numel(), dtype=torch.long))
+        self.emit: list[torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.form
+        if f.offset is not None:
+            x = x - f.offset
+        if f.axis is None:
+            q = qd.quantize_per_tensor(x, self.scale, f.zero_point, *self.full, self.dtype)
+            if (f.qmin, f.qmax) != self.full:
+                q = torch.clamp(q, f.qmin, f.qmax)
+            y = qd.dequantize_per_tensor(q, self.scale, f.zero_point, f.qmin, f.qmax, self.dtype)
+        else:
+            args = (self.scales, self.zero_points, f.axis, f.qmin, f.qmax, self.dtype)
+            q = qd.quantize_per_channel(x, *args)
+            y = qd.dequantize_per_channel(q, *args)
+        if self.emit is not None:
+            self.emit.append(q)
+        return y if f.offset is None else y + f.offset
+
+
+class Deployed(nn.Module):
+    """A quantized Conv2d or Linear as the integer model has it: integer weight codes with
+    DequantizeLinear, its input through `QDQ`."""
+
+    def __init__(self, name: str, layer: QuantizedLayer) -> None:
+        super().__init__()
+        wq: Quantizer = layer.weight_quantizer
+        w = layer.quantizer_input().detach()  # with bn_fold: the folded weight
+        self.form = form = wq.integer_form(w)
+        self.dtype = integer_dtype(form)
+        self.register_buffer("weight_codes", wq.integer_codes(w).to(self.dtype))
+        if form.axis is None:
+            self.weight_scale = float(form.scale)  # a constant of the graph
+        else:
+            self.register_buffer("weight_scale", form.scale.float().reshape(-1))
+        self.bias = folded_bias(layer) if isinstance(layer, QConvBn2d) else layer.bias
+        aq = layer.input_quantizer
+        self.input = QDQ(aq.integer_form(None)) if aq is not None else None
+        self.conv = None
+        if isinstance(layer, nn.Conv2d):
+            if layer.padding_mode != "zeros":
+                raise NotDeployable(f"{name}: padding_mode={layer.padding_mode} (zeros only)")
+            keys = ("stride", "padding", "dilation", "groups")
+            self.conv = {k: getattr(layer, k) for k in keys}
+        with torch.no_grad():
+            if not torch.equal(self.weight(), wq(w).float()):
+                raise RuntimeError(  # a quantizer whose integer_form is not its forward's
+                    f"{name}: {type(wq).__name__}.integer_form does not give its "
+                    "fake-quantized weight; fix integer_form"
+                )
+
+    def weight(self) -> torch.Tensor:
+        f, codes = self.form, self.weight_codes
+        if f.axis is None:
+            return qd.dequantize_per_tensor(codes, self.weight_scale, 0, f.qmin, f.qmax, self.dtype)
+        return qd.dequantize_per_channel(
+            codes, self.weight_scale, None, f.axis, f.qmin, f.qmax, self.dtype
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input(x) if self.input is not None else x
+        if self.conv is None:
+            return F.linear(x, self.weight(), self.bias)
+        return F.conv2d(x, self.weight(), self.bias, **self.conv)
+
+
+class Probe(nn.Module):
+    """The deployed model, returning its logits and every quantized input's codes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.qdqs = [m for m in model.modules() if isinstance(m, QDQ)]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        codes: list[torch.Tensor] = []
+        for q in self.qdqs:
+            q.emit = codes
+        try:
+            logits = self.model(x)
+        finally:
+            for q in self.qdqs:
+                q.emit = None
+        return (logits, *codes)
+
+
+def folded_bias(layer: QConvBn2d) -> nn.Parameter:
+    """beta + (b - running_mean) gamma / sigma: with the folded weight, the layer's output
+    in evaluation (no BatchNorm node in the graph)."""
+    bn = layer.bn
+    b = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    return nn.Parameter((bn.bias + (b - bn.running_mean) * layer.scale_factor()).detach())
+
+
+def deployed(model: nn.Module) -> nn.Module:
+    """A copy of `model` in eval mode with every quantized layer `Deployed`."""
+    twin = copy.deepcopy(model).eval()
+    for name, layer in list(quantized_layers(twin)):
+        try:
+            swap_module(twin, name, Deployed(name, layer))
+        except NotDeployable as e:
+            wq, aq = layer.weight_quantizer, layer.input_quantizer
+            which = type(aq if aq is not None and aq.deploy != UNIFORM else wq).__name__
+            raise NotDeployable(f"{which} ({name}): {e}") from None
+    return twin
+
+
+def to_onnx(twin: nn.Module, example: torch.Tensor) -> bytes:
+    """The deployed model with its codes as outputs (`Probe`), as serialized ONNX."""
+    batch = {0: torch.export.Dim.DYNAMIC}
+    program = torch.onnx.export(
+        Probe(twin).eval(),
+        (example,),
+        dynamo=True,
+        opset_version=OPSET,
+        input_names=["input"],
+        dynamic_shapes=(batch,),
+        verbose=False,
+    )
+    return program.model_proto.SerializeToString()
+
+
+def logits_only(probe: bytes) -> bytes:
+    """The probe's graph with its first output only: the model a user deploys."""
+    import onnx
+
+    proto = onnx.load_from_string(probe)
+    del proto.graph.output[1:]
+    return proto.SerializeToString()
+
+
+def session(model: bytes, optimized: bool):  # noqa: ANN201
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.log_severity_level = 3
+    if not optimized:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])

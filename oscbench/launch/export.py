@@ -1,0 +1,126 @@
+"""A completed run's integer model (`export=true`, `python -m oscbench.export RUN_DIR`):
+rebuilt from its record, written as `model.onnx` next to it, its parity measured in
+onnxruntime on the run's test split and written into the record's `export` block
+(`oscbench.deploy`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from oscbench.data.base import Data, build_data
+from oscbench.deploy.onnx import ONNX_FILE, OPSET, deployed, logits_only, to_onnx
+from oscbench.deploy.parity import accuracy, parity, weight_codes_equal
+from oscbench.launch.compose import compose
+from oscbench.launch.config import RunSpec, resolved, validate
+from oscbench.models.base import build_model
+from oscbench.quant.base import NotDeployable
+from oscbench.records.checkpoint import FINAL_MODEL
+from oscbench.records.files import DamagedFile, write_atomic, write_json_atomic
+from oscbench.records.record import load_results
+from oscbench.records.runs import RESULTS
+from oscbench.registry import ConfigError
+
+
+def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
+    """A completed run's spec, data (on the CPU) and final model, and its record."""
+    from oscbench.launch.build import quantize  # the run's own quantization and calibration
+
+    record = load_results(run_dir)
+    if record.get("status") != "completed":
+        raise ConfigError(
+            f"{run_dir / RESULTS} is a run that has not completed (status "
+            f"{record.get('status')}); run the same command again to finish it, then export"
+        )
+    final_model = run_dir / FINAL_MODEL
+    if not final_model.exists():
+        raise ConfigError(f"{final_model} is missing: the run's final weights are not there")
+    config = {k: v for k, v in record["config"].items() if k != "fp_run"}
+    # top-level keys newer than the record (export, bn_fold) at their defaults, which leave
+    # a run as it was before they existed (its key is unchanged: oscbench.records.runs.fingerprint)
+    defaults = resolved(compose([]))
+    config = {k: v for k, v in defaults.items() if k not in config} | config
+    spec = validate(OmegaConf.create(config | {"device": "cpu"}))
+    device = torch.device("cpu")
+    data = build_data(spec.dataset, seed=spec.seed, device=device)
+    model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)
+    if spec.quantized:
+        quantize(spec, model, data)
+    try:
+        state = torch.load(final_model, map_location=device, weights_only=False)
+    except Exception as e:  # noqa: BLE001  (torch raises several kinds for a damaged file)
+        raise DamagedFile(f"{final_model} is damaged ({e}); train the run again") from None
+    model.load_state_dict(state)
+    return spec, data, model.eval(), record
+
+
+def export_run(run_dir: Path, batch_size: int | None = None) -> dict:
+    """Export the run in `run_dir` to `model.onnx`, measure its parity and write the
+    record's `export` block (also when the export is refused: its reason); returns it."""
+    import onnxruntime
+
+    spec, data, model, record = rebuild(Path(run_dir))
+    batch_size = batch_size or spec.trainer.eval_batch_size
+    block: dict = {"opset": OPSET, "onnxruntime": onnxruntime.__version__}
+    try:
+        if not spec.quantized:
+            what = (
+                "a PTQ run trains in full precision and rounds its weights only to evaluate them"
+                if spec.ptq
+                else "a full-precision run has no integer model"
+            )
+            raise NotDeployable(f"{what}; export a quantized run")
+        start = time.perf_counter()
+        twin = deployed(model)
+        example = next(data.eval_batches("test", min(batch_size, 2)))[0]
+        probe = to_onnx(twin, example)
+        onnx_model = logits_only(probe)
+        write_atomic(run_dir / ONNX_FILE, lambda f: f.write(onnx_model))
+        block["file"] = ONNX_FILE
+        block["seconds_export"] = time.perf_counter() - start
+        layers, equal = weight_codes_equal(model, onnx_model)
+        if not equal:
+            raise RuntimeError(f"{run_dir / ONNX_FILE}: weight codes differ from the quantizers'")
+        block["weights"] = {"quantized_layers": layers, "codes_equal": equal}
+        start = time.perf_counter()
+        block |= parity(model, probe, data.eval_batches("test", batch_size))
+        block["optimized"] = {"acc": accuracy(onnx_model, data.eval_batches("test", batch_size))}
+        block["seconds_parity"] = time.perf_counter() - start
+        key = "acc_bn" if "acc_bn" in record["final"] else "acc"
+        recorded = round(record["final"][key] * block["test_images"] / 100)
+        block["images_vs_record"] = {"record": key, "difference": block["correct"] - recorded}
+    except NotDeployable as e:
+        block["refused"] = str(e)
+    record["export"] = block
+    write_json_atomic(run_dir / RESULTS, record)
+    return block
+
+
+def summary(block: dict) -> str:
+    if "refused" in block:
+        return f"export refused: {block['refused']}"
+    codes, logits = block["input_codes"], block["logits"]
+    lines = [
+        f"exported   {block['file']} ({block['seconds_export']:.1f} s; onnxruntime "
+        f"{block['onnxruntime']}, opset {block['opset']})",
+        f"weights    {block['weights']['quantized_layers']} quantized layers, integer codes "
+        + ("equal to oscbench's" if block["weights"]["codes_equal"] else "DIFFER"),
+        f"accuracy   {block['acc']:.2f} % on {block['test_images']:,} test images "
+        f"({block['images_vs_record']['difference']:+d} images against the record's "
+        f"{block['images_vs_record']['record']}); onnxruntime optimized: "
+        f"{block['optimized']['acc']:.2f} %",
+        f"codes      {codes['differ']:,} of {codes['compared']:,} quantized inputs differ "
+        f"(by at most {codes['max_difference']}; {codes['images_with_a_difference']:,} images)",
+        f"logits     max |difference| {logits['max_abs_difference']:.3g}"
+        + (
+            f", {logits['images_over_bound']} images over the bound "
+            f"(at most {logits['max_share_of_bound']:.2g} of it)"
+            if logits["bound"]
+            else ""
+        ),
+    ]
+    return "\n".join(lines)
