@@ -227,3 +227,17 @@ def test_a_label_leaves_out_settings_a_run_lacks_or_leaves_null(real):
     folded["key"] = "folded"
     labels = figures.series(frame.runs_frame([plain, folded]))
     assert sorted(labels) == ["lsq", "lsq (bn_fold.enabled=True)"]
+
+
+def test_a_metric_that_no_run_has_gets_no_table(real):
+    """Runs that were not exported: no table of exported accuracy full of '-'; once one
+    run is, the table is there, with a cell for that run only."""
+    df = frame.runs_frame([real["lsq"], real["fp"]])
+    text = report.markdown(frame.summary(df), df)
+    assert "### Test accuracy (%) after BN re-estimation" in text
+    assert "exported integer model" not in text and "Frozen weights" not in text
+    exported = copy.deepcopy(real["lsq"])
+    exported["export"] = {"acc": 42.0, "test_images": 360, "correct": 151}
+    df = frame.runs_frame([exported, real["fp"]])
+    table = report.markdown(frame.summary(df), df).split("exported integer model")[1]
+    assert "| lsq | yes | 42.00 |" in table.split("###")[0]  # one run: no spread

@@ -45,7 +45,8 @@ def _deployable(stats: pd.DataFrame, row: tuple) -> str:
 
 
 def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
-    """One table per metric: a row per method (and varying setting), a column per bit-width."""
+    """One table per metric that some run has: a row per method (and varying setting), a
+    column per bit-width."""
     out = []
     names = list(stats.index.names)
     row_keys = names[:-1]  # method and the varying settings
@@ -63,6 +64,8 @@ def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
             f"{', '.join(row_keys[1:])}.\n"
         )
     for metric, (title, scale, decimals) in METRICS.items():
+        if not stats.get(f"{metric}_count", pd.Series(dtype=float)).fillna(0).any():
+            continue  # no run has it (no run exported, none froze a weight): no empty table
         extra = ["deployable"] if metric.startswith("acc") else []
         out.append(f"### {title}\n")
         head = [*row_keys, *extra, *(f"{b}-bit" for b in bits)]
