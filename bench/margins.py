@@ -1,6 +1,7 @@
 """The margins of the tests' bounds on learned outcomes (tests/learned.py), on every CPU
-path: each test marked `learned` runs once per path (.ci/cpu_path: native, avx2, default)
-and every value it checks is tabled beside its bound.
+path: each test marked `learned` runs once per path (.ci/cpu_path: native, avx2, default),
+under pytest-xdist's workers as `make test` runs it, and every value it checks is tabled
+beside its bound.
 
     python bench/margins.py [--paths native avx2 default] [--out bench/margins.md] [-- PYTEST ARGS]
 
@@ -29,7 +30,7 @@ def measure(path: str, pytest_args: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "margins.jsonl"
         cmd = [str(ROOT / ".ci" / "cpu_path"), path, sys.executable, "-m", "pytest"]
-        cmd += ["-q", "-p", "no:cacheprovider", "-m", "learned", *pytest_args]
+        cmd += ["-q", "-p", "no:cacheprovider", "-n", "auto", "-m", "learned", *pytest_args]
         env = {**os.environ, "OSCBENCH_MARGINS": str(out), "WANDB_SILENT": "true"}
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
         print(f"{path}: {proc.stdout.strip().splitlines()[-1]}", file=sys.stderr)
@@ -57,7 +58,8 @@ def table(rows: list[dict], paths: list[str]) -> str:
         "# Bounds on learned outcomes, on every CPU path",
         "",
         "`python bench/margins.py`: each test marked `learned` on the CPU paths of "
-        "`.ci/cpu_path` (2-core AMD EPYC: native is AVX-512 with 2 threads). A cell is the "
+        "`.ci/cpu_path` (2-core AMD EPYC: native is AVX-512), run as `make test` runs them: "
+        "one pytest-xdist worker per core, each on one torch thread. A cell is the "
         "value the test checks on that path, and its bound where that is another measured "
         "value. Safety: the smallest gap between value and bound over the paths, in units "
         "of the gap's range over the paths (below 1: another CPU could well cross the bound; "
