@@ -134,7 +134,7 @@ def test_an_open_window_is_saved_with_the_policy_and_resumes_exactly():
 
 @pytest.mark.learned
 def test_the_preset_resets_weights_in_a_digits_run(tmp_path):
-    """One reset event (the schedule's); it moves 1.08, 1.09, 1.18 % of the weights on the
+    """One reset event (the schedule's); it moves 1.26, 1.17, 1.18 % of the weights on the
     native, avx2 and default paths (bench/margins.md)."""
     from oscbench.records.record import load_results
     from tests.conftest import run_config

@@ -150,8 +150,8 @@ def _mean_share(run_dir) -> float:
 @pytest.mark.learned
 def test_qema_oscillates_less_than_lsq_on_the_same_seed(tmp_path):
     """Digits at 2 bits, 30 epochs, seed 0. Over training Q-EMA keeps fewer weights
-    oscillating (mean share 3.0-3.1 % against LSQ's 5.2-5.7 %) and crosses less (70-71k
-    against 109-114k crossings) on the native, avx2 and default paths (bench/margins.md).
+    oscillating (mean share 2.4-2.5 % against LSQ's 5.0-5.6 %) and crosses less (63k
+    against 107-114k crossings) on the native, avx2 and default paths (bench/margins.md).
     The share in the last epoch is not asserted: as the cosine rate reaches zero both end
     near 0.6 % and their order flips between CPU paths (CI: 0.602 against 0.599 %)."""
     args = ["bits=2", "logger=none", "device=cpu"]
