@@ -15,6 +15,7 @@ from torch import nn
 from oscbench.data.base import Data, build_data
 from oscbench.deploy.onnx import ONNX_FILE, OPSET, deployed, logits_only, to_onnx
 from oscbench.deploy.parity import accuracy, parity, weight_codes_equal
+from oscbench.launch.build import quantize
 from oscbench.launch.compose import compose
 from oscbench.launch.config import RunSpec, resolved, validate
 from oscbench.models.base import build_model
@@ -28,8 +29,6 @@ from oscbench.registry import ConfigError
 
 def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
     """A completed run's spec, data (on the CPU) and final model, and its record."""
-    from oscbench.launch.build import quantize  # the run's own quantization and calibration
-
     record = load_results(run_dir)
     if record.get("status") != "completed":
         raise ConfigError(

@@ -159,7 +159,6 @@ class Trainer:
         self.forward = compiled(forward) if cfg.compile else forward
         self.opt = build_optimizers(model, cfg, self.steps.main)
         self.step = 0  # optimizer steps taken
-        self.epoch = 0  # epochs trained
         self.history: list[dict] = []  # a record per epoch trained
 
     def state_dict(self) -> dict:
@@ -172,7 +171,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "step": self.step,
             "rng": rng_state(),
-            "epoch": self.epoch,
+            "epoch": len(self.history),
             "history": self.history,
         }
 
@@ -195,7 +194,7 @@ class Trainer:
                 "or start over with trainer.resume=never"
             ) from None
         set_rng_state(state["rng"])
-        self.history, self.step, self.epoch = list(state["history"]), state["step"], state["epoch"]
+        self.history, self.step = list(state["history"]), state["step"]
 
     def fit(
         self,
@@ -210,7 +209,7 @@ class Trainer:
         `ema_val_acc`), and with trainer.test=every_epoch the test split's (`test_*`), which
         nothing selects on; `measure(epoch)` (1-based) adds what it measures (the probe's)."""
         cfg = self.cfg
-        for epoch in range(self.epoch, cfg.epochs + cfg.extra_epochs):
+        for epoch in range(len(self.history), cfg.epochs + cfg.extra_epochs):
             if epoch >= cfg.epochs and cfg.extra_lr_scale is not None:
                 for group in self.opt.param_groups:
                     group["lr"] = cfg.extra_lr_scale * group.get("initial_lr", group["lr"])
@@ -230,7 +229,6 @@ class Trainer:
             if measure is not None:
                 record |= measure(epoch + 1)
             self.history.append(record)
-            self.epoch = epoch + 1
             if save is not None:
                 save(self.state_dict())
             on_epoch(record)
