@@ -14,12 +14,12 @@ from oscbench.launch.build import build, extra_metrics, measurements
 from oscbench.launch.compose import compose, method_free, presets, without_recipe
 from oscbench.launch.config import RunSpec, resolved, validate
 from oscbench.launch.naming import run_dir_name
-from oscbench.launch.summary import print_summary
+from oscbench.launch.summary import print_summary, show_completed
 from oscbench.records.checkpoint import CHECKPOINT, FINAL_MODEL, save_atomic
 from oscbench.records.console import epoch_line, say, warn
-from oscbench.records.record import Recorder, load_results, machine
+from oscbench.records.record import Recorder, machine
 from oscbench.records.reuse import claim, dependency
-from oscbench.records.runs import RESULTS, fingerprint, run_key
+from oscbench.records.runs import fingerprint, run_key
 from oscbench.training.evaluation import final_metrics, gap_recovered, split_record
 from oscbench.training.loop import Trainer
 
@@ -108,12 +108,7 @@ def execute(
     world = from_env()  # several processes: rank 0 locks and decides, the others follow
     with claim(search_root, run_dir, config, world, spec.trainer.resume == "auto") as found:
         if found.done is not None:
-            say(
-                f"oscbench: {found.done} already holds this completed run "
-                "(trainer.resume=never trains it again)"
-            )
-            record = load_results(found.done)
-            print_summary(spec, record, found.done / RESULTS)
+            record = show_completed(spec, found.done, "trainer.resume=never trains it again")
             if "export" not in record and world.main:
                 export_if_asked(spec, found.done)
             return record["final"]

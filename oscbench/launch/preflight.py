@@ -54,16 +54,13 @@ def skip_if_completed(task: DictConfig, overrides: list[str], run_dir: Path) -> 
     would fail writing its own files there)."""
     from oscbench.launch.config import resolved, validate
     from oscbench.launch.execute import identified
-    from oscbench.launch.summary import print_summary
-    from oscbench.records.console import say
-    from oscbench.records.record import load_results
-    from oscbench.records.runs import RESULTS, find_completed, run_key
+    from oscbench.launch.summary import show_completed
+    from oscbench.records.runs import find_completed, run_key
 
     key = run_key(identified(resolved(task), overrides))
     done = find_completed(run_dir, key)
     if done is not None:
-        say(f"oscbench: {done} already holds this completed run (read-only: nothing written)")
-        print_summary(validate(task), load_results(done), done / RESULTS)
+        show_completed(validate(task), done, "read-only: nothing written")
         sys.exit(0)
 
 

@@ -6,6 +6,17 @@ from pathlib import Path
 
 from oscbench.launch.config import RunSpec
 from oscbench.records.console import say
+from oscbench.records.record import load_results
+from oscbench.records.runs import RESULTS
+
+
+def show_completed(spec: RunSpec, done: Path, why: str) -> dict:
+    """A completed run found again, where nothing is trained: where it is and why (`why`),
+    then its summary, as at its end. Returns its record."""
+    say(f"oscbench: {done} already holds this completed run ({why})")
+    record = load_results(done)
+    print_summary(spec, record, done / RESULTS)
+    return record
 
 
 def print_summary(spec: RunSpec, results: dict, path: Path) -> None:
