@@ -198,9 +198,11 @@ def test_a_claim_is_tested_with_scipys_t_tests_on_the_records(tmp_path):
     crashed = [record("y", "w2a2", s, 0.0, 0.0) | {"status": "failed"} for s in (0, 1)]
     crashed[0]["error"] = "Traceback ...\nFloatingPointError: training diverged"
     failed = {("y", "w2a2"): [claims.Cell({}, crashed)]}
-    assert claims.test_claim(missing, by_cell, failed)["test"] == (
-        "every run of y W2A2 failed (2; FloatingPointError: training diverged)"
-    )
+    row = claims.test_claim(missing, by_cell, failed)
+    assert row["test"] == "every run of y W2A2 failed (2; FloatingPointError: training diverged)"
+    # ... and their verdict says so: runs that failed are not runs that never ran
+    table = claims.verdicts(pd.DataFrame([row, claims.test_claim(missing, by_cell)]))
+    assert list(table["verdict"]) == [claims.FAILED, claims.NOT_RUN]
 
 
 def test_a_ptq_run_has_no_accuracy_before_bn_reestimation():
@@ -302,7 +304,7 @@ def test_a_tiny_claims_study_runs_end_to_end_and_its_numbers_match_the_records(t
         [r["final"]["acc@2bit"] for r in fp]
     )
     assert np.isclose(versus["diff"], expected, rtol=0, atol=1e-9)
-    assert set(table["verdict"]) <= {*claims.VERDICTS, claims.NOT_RUN}
+    assert set(table["verdict"]) <= {*claims.VERDICTS, claims.FAILED, claims.NOT_RUN}
     assert table.loc[table["claim"] == "not run", "verdict"].item() == claims.NOT_RUN
     text = (out / "claims.md").read_text()
     assert (

@@ -15,7 +15,9 @@ a difference `a - b` between two cells of runs (a method at a bit-width label su
 
 Runs pair by seed (scipy's `ttest_rel`) when both cells hold the same seeds and each run
 starts from its seed's FP run (`init_from=fp`, or is that run), as do two metrics of one
-cell; otherwise Welch's test.
+cell; otherwise Welch's test. A claim with a side of no completed run has no verdict of
+these: **runs failed** where that side's runs ran and every one failed (how the first
+failed beside it), **not run** where it has none.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from oscbench.registry import ConfigError
 ALPHA = 0.05
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 NOT_RUN = "not run"  # a claim whose cells the runs lack
+FAILED = "runs failed"  # a claim with a cell whose every run failed
 DEPTHWISE, POINTWISE = ("conv_dw",), ("conv_pw", "conv_pwl")  # timm's inverted residuals
 
 
@@ -254,9 +257,8 @@ def _from_fp(runs: list[dict]) -> bool:
     return all(r["config"].get("init_from") == "fp" or frame.method_of(r) == "fp" for r in runs)
 
 
-def _lacking(side: Side, failed: dict) -> str:
-    """Why a side has no completed runs: none ran, or every one failed (and how)."""
-    runs = pick(side, failed)
+def _lacking(side: Side, runs: list[dict] | None) -> str:
+    """Why a side has no completed runs: none ran, or every one (`runs`) failed, and how."""
     if not runs:
         return f"no runs of {side.cell}"
     return f"every run of {side.cell} failed ({len(runs)}; {frame.error_line(runs[0]) or '?'})"
@@ -276,7 +278,9 @@ def test_claim(claim: Claim, by_cell: dict, failed: dict | None = None) -> dict:
     ra, rb = pick(claim.a, by_cell), pick(claim.b, by_cell)
     missing = [s for s, r in ((claim.a, ra), (claim.b, rb)) if r is None]
     if missing:
-        return row | {"n": 0, "test": "; ".join(_lacking(s, failed or {}) for s in missing)}
+        crashed = [pick(s, failed or {}) for s in missing]
+        why = "; ".join(_lacking(s, r) for s, r in zip(missing, crashed, strict=True))
+        return row | {"n": 0, "failed": any(crashed), "test": why}
     ga, gb = regime(ra), regime(rb)
     row["regime"] = ga if ga == gb else f"a: {ga}; b: {gb}"
     x, y = metric_values(ra, claim.a.metric), metric_values(rb, claim.b.metric)
@@ -305,9 +309,11 @@ def verdicts(table: pd.DataFrame) -> pd.DataFrame:
     p-values of the opposite direction), then each claim's verdict (see the module's doc)."""
     table = table.copy()
     table["p_holm"] = np.nan
-    table["verdict"] = np.where(table["n"] > 0, "inconclusive", NOT_RUN)
+    none = pd.Series(False, index=table.index)
+    failed = table["failed"].eq(True) if "failed" in table else none
+    table["verdict"] = np.select([table["n"] > 0, failed], ["inconclusive", FAILED], NOT_RUN)
     table["why"] = ""
-    tested = table["p"].notna() if "p" in table else pd.Series(False, index=table.index)
+    tested = table["p"].notna() if "p" in table else none
     if not tested.any():
         return table
     table.loc[tested, "p_holm"] = multipletests(table.loc[tested, "p"], ALPHA, "holm")[1]

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from oscbench.analysis import figures as plots
 from oscbench.analysis import frame, report
 from oscbench.analysis.claims import (
+    FAILED,
     METRICS,
     NOT_RUN,
     VERDICTS,
@@ -147,7 +148,7 @@ def write(study: dict, records: list[dict], out: Path) -> pd.DataFrame:
         "Not reproduced: the interval lies below the margin (`+m`: an effect of m or more is "
         "ruled out; `≥ -m`: a loss beyond m) or the difference is significant the other way. "
         "Mean ± std over seeds.\n",
-        ", ".join(f"{counts.get(v, 0)} {v}" for v in (*VERDICTS, NOT_RUN)) + ".\n",
+        ", ".join(f"{counts.get(v, 0)} {v}" for v in (*VERDICTS, FAILED, NOT_RUN)) + ".\n",
         markdown(table),
         "\n## The benchmark (FP and LSQ)\n",
         benchmark_markdown(by_cell),
