@@ -309,11 +309,11 @@ def verdicts(table: pd.DataFrame) -> pd.DataFrame:
     p-values of the opposite direction), then each claim's verdict (see the module's doc)."""
     table = table.copy()
     table["p_holm"] = np.nan
-    none = pd.Series(False, index=table.index)
-    failed = table["failed"].eq(True) if "failed" in table else none
+    nowhere = pd.Series(False, index=table.index)
+    failed = table["failed"].eq(True) if "failed" in table else nowhere
     table["verdict"] = np.select([table["n"] > 0, failed], ["inconclusive", FAILED], NOT_RUN)
     table["why"] = ""
-    tested = table["p"].notna() if "p" in table else none
+    tested = table["p"].notna() if "p" in table else nowhere
     if not tested.any():
         return table
     table.loc[tested, "p_holm"] = multipletests(table.loc[tested, "p"], ALPHA, "holm")[1]
