@@ -94,6 +94,49 @@ def test_linear_schedule_decays_to_zero_after_the_warmup():
     assert all(a > b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
+def test_multistep_schedule_is_torchs_multisteplr():
+    """PARQ's ResNet-20 recipe (facebookresearch/parq, examples/qat_resnet_cifar10.py):
+    MultiStepLR at epochs 80, 120 and 150 of 200, gamma 0.1, stepped once an epoch; here the
+    milestones are shares of the steps (200 steps: one an epoch). With k milestones passed,
+    oscbench raises gamma to k (C's pow: within 2 u of gamma^k, u double's unit roundoff;
+    LambdaLR's factors are Python floats), torch multiplies by gamma at each (k - 1
+    roundings): within (k + 1) u of each other, asserted within twice that."""
+    ours = lr_factor("multistep", 200, 0, [0.4, 0.6, 0.75], 0.1)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = torch.optim.lr_scheduler.MultiStepLR(opt, [80, 120, 150], gamma=0.1)
+    for epoch in range(200):
+        passed = sum(epoch >= m for m in (80, 120, 150))
+        lr = opt.param_groups[0]["lr"]
+        assert ours(epoch) == 0.1**passed
+        assert abs(ours(epoch) - lr) <= 2 * (passed + 1) * 2.0**-53 * lr
+        opt.step()
+        theirs.step()
+    warm = [lr_factor("multistep", 100, 10, [0.5], 0.5)(t) for t in range(100)]
+    assert warm[0] == 0.1 and warm[9:50] == [1.0] * 41 and warm[50:] == [0.5] * 50
+
+
+def test_a_multistep_run_steps_its_rate_at_the_milestones():
+    """trainer.schedule=multistep in a run: each epoch's last rate (`lr_last`) is lr times
+    gamma to the milestones passed (a quarter and a half of 4 epochs: at epochs 2 and 3);
+    the milestones and gamma are part of the run's identity where they are not the
+    defaults, which leave earlier runs' identities as they were."""
+    from oscbench.launch.config import resolved
+    from oscbench.records.runs import fingerprint
+    from tests.conftest import build_config, fit
+
+    args = ["trainer.schedule=multistep", "trainer.warmup_fraction=0", "trainer.epochs=4"]
+    custom = [*args, "trainer.milestones=[0.25,0.5]", "trainer.gamma=0.5"]
+    spec, built = build_config(custom)
+    lr = spec.trainer.lr
+    assert [h["lr_last"] for h in fit(spec, built)] == [lr, lr / 2, lr / 4, lr / 4]
+    assert {"trainer.milestones", "trainer.gamma"} <= set(
+        fingerprint(resolved(compose_config(custom)))
+    )
+    assert not {"trainer.milestones", "trainer.gamma"} & set(
+        fingerprint(resolved(compose_config(args)))
+    )
+
+
 @pytest.mark.parametrize("kind", ["adam", "sgd"])
 def test_quantizer_steps_get_an_optimizer_of_their_own(kind):
     """Nagel et al.'s --sep-quant-optimizer: the steps in their own optimizer at quant_lr,

@@ -41,7 +41,12 @@ BITS = ("bits", "act_bits", "first_last", "first_last_bits")
 OPTIONAL = ("bn_fold",)  # left out while off (`enabled: false`), as in runs from before it
 # options added to a component after runs with it existed: left out at the value that
 # reproduces those runs, so that they are found again
-NEUTRAL = {"policy.osci_reset.strength": 1.0, "policy.osci_reset.noise": 0.0}
+NEUTRAL = {
+    "policy.osci_reset.strength": 1.0,
+    "policy.osci_reset.noise": 0.0,
+    "trainer.milestones": [0.5, 0.75],
+    "trainer.gamma": 0.1,
+}
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -20,7 +20,10 @@ class TrainerConfig:
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
     warmup_fraction: float  # linear warm-up over this share of the main steps, then `schedule`
-    schedule: str  # cosine | linear: decay to 0 at the end of the main epochs | constant
+    schedule: str  # cosine | linear: decay to 0 at the end of the main epochs | constant |
+    #                multistep: times `gamma` at each of `milestones` (torch's MultiStepLR)
+    milestones: list[float]  # multistep: shares of the main steps, counted from the first
+    gamma: float  # multistep: the factor at each milestone
     label_smoothing: float  # of the cross-entropy with the labels (0 = off)
     extra_epochs: int  # epochs after the main run, for a policy's phase (CGA)
     extra_lr_scale: float | None  # their rate, a share of each group's peak; null: as ended
@@ -54,8 +57,17 @@ class TrainerConfig:
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         optimizers = ("sgd", "adam", "adamw")
         check(self.optimizer in optimizers, "optimizer", self.optimizer, ", ".join(optimizers))
-        schedules = ("cosine", "linear", "constant")
+        schedules = ("cosine", "linear", "constant", "multistep")
         check(self.schedule in schedules, "schedule", self.schedule, ", ".join(schedules))
+        m = self.milestones
+        check(
+            all(a < b for a, b in zip([0.0, *m], [*m, 1.0], strict=True)),
+            "milestones",
+            m,
+            "increasing shares of the main steps, each 0 < x < 1 (epochs 80, 120 of 200: "
+            "[0.4, 0.6])",
+        )
+        check(self.gamma > 0, "gamma", self.gamma, "a number > 0 (MultiStepLR's: 0.1)")
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "0 <= x < 1")
         check(
             self.quant_optimizer in ("shared", "adam", "sgd"),

@@ -13,8 +13,9 @@ its weight steps at 1/200 of it). The quantizer group is a group of the main opt
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -32,15 +33,23 @@ def _optimizer(kind: str, groups: list[dict], cfg: TrainerConfig) -> torch.optim
     return adam(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))
 
 
-def lr_factor(kind: str, total: int, warmup: int) -> Callable[[int], float]:
+def lr_factor(
+    kind: str, total: int, warmup: int, milestones: Sequence[float] = (), gamma: float = 0.1
+) -> Callable[[int], float]:
     """The learning rate's factor at each step: a linear warm-up over `warmup` steps, then
-    `cosine` or `linear` decay to 0 at `total`, or `constant`."""
+    `cosine` or `linear` decay to 0 at `total`, or `multistep`: `gamma` to the number of
+    `milestones` (shares of `total`, from the first step) reached, as torch's MultiStepLR
+    counts epochs (the ResNet recipe of He et al. 2016: 0.1 at half and three quarters);
+    or `constant`."""
+    steps = [round(m * total) for m in milestones]
 
     def factor(step: int) -> float:
         if kind == "constant":
             return 1.0
         if step < warmup:
             return (step + 1) / warmup
+        if kind == "multistep":
+            return gamma ** bisect.bisect_right(steps, step)
         t = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * t)) if kind == "cosine" else 1.0 - t
 
@@ -113,7 +122,7 @@ def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimi
             _group("act_quantizer", [p for p in qparams if id(p) not in steps], cfg.act_quant_lr),
         ]
     warmup = round(cfg.warmup_fraction * total)
-    main_factor = lr_factor(cfg.schedule, total, warmup)
+    main_factor = lr_factor(cfg.schedule, total, warmup, cfg.milestones, cfg.gamma)
     if cfg.quant_optimizer == "shared":
         groups = [g for g in main + quant if g["params"]]
         return Optimizers([(_optimizer(cfg.optimizer, groups, cfg), main_factor)])
