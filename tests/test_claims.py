@@ -28,10 +28,12 @@ STUDY = ROOT / "experiments" / "claims" / "study.yaml"
 DEPLOY = ROOT / "experiments" / "deploy" / "study.yaml"
 
 
-def _expand(overrides: list[str]) -> list[list[str]]:
-    """The runs of one multirun command line: the product of its swept values."""
+def _configurations(overrides: list[str]) -> list[list[str]]:
+    """The configurations one multirun command line trains: the product of its swept values,
+    less its seeds (a seed makes no cell of its own: each configuration is composed once)."""
     axes = []
-    for o in OverridesParser.create().parse_overrides(overrides):
+    unseeded = [o for o in overrides if not o.startswith("seed=")]
+    for o in OverridesParser.create().parse_overrides(unseeded):
         key = o.get_key_element()
         values = (
             list(o.sweep_string_iterator())
@@ -51,8 +53,8 @@ def _made(study: dict) -> dict[tuple[str, str], list[claims.Cell]]:
         return {k: v for k, v in fingerprint(resolved(cfg)).items() if k != "seed"}
 
     made = {("fp", "fp32"): [claims.Cell(settings(compose([*base, "method=fp"])), [])]}
-    for sweep in study["sweeps"]:  # seeds make no cells of their own: composed once
-        for run in _expand([o for o in sweep if not o.startswith("seed=")]):
+    for sweep in study["sweeps"]:
+        for run in _configurations(sweep):
             cfg = compose([*base, *run])
             spec = validate(cfg)
             assert spec.model.name == "mobilenetv2_small"
@@ -400,8 +402,8 @@ def test_each_recipe_sweep_fine_tunes_at_its_recipes_rate():
     study = OmegaConf.to_container(OmegaConf.load(STUDY))
     base = [o for o in study["base"] if "launcher" not in o]
     recipes = 0
-    for sweep in study["sweeps"]:  # seeds make no cells of their own: composed once
-        for run in _expand([o for o in sweep if not o.startswith("seed=")]):
+    for sweep in study["sweeps"]:
+        for run in _configurations(sweep):
             spec = validate(compose([*base, *run]))
             if spec.recipe == "common":
                 assert (spec.trainer.lr, spec.trainer.finetune_lr) == (0.2, 0.05)
