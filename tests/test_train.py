@@ -66,6 +66,40 @@ def test_optimizer_groups_are_named_and_quantizer_steps_have_no_weight_decay():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(every)
 
 
+@pytest.mark.parametrize("rule", ["biases", "1d"])
+def test_no_weight_decay_spares_the_biases_or_every_1d_parameter(rule):
+    """biases: PARQ's split_param_groups (norms' weights decay); 1d: timm's rule."""
+    spec, _, model, _ = _setup([f"trainer.no_weight_decay={rule}"])
+    groups = {g["name"]: g for g in build_optimizers(model, spec.trainer, 100).param_groups}
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = sorted(names[id(p)] for p in groups["no_decay"]["params"])
+    decayed = sorted(names[id(p)] for p in groups.get("other", {"params": []})["params"])
+    biases = sorted(n for n in names.values() if n.endswith(".bias"))
+    norms = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and biases  # cnn_small: conv-BN blocks and a linear head
+    if rule == "biases":
+        assert list(groups) == ["other", "no_decay", "latent", "quantizer"]
+        assert spared == biases
+        assert decayed == sorted(f"{n}.weight" for n in norms)
+    else:
+        assert spared == sorted(biases + [f"{n}.weight" for n in norms])
+        assert list(groups) == ["no_decay", "latent", "quantizer"]  # an empty group is left out
+
+
+def test_no_weight_decay_1d_also_spares_the_models_own_names():
+    """timm's DeiT names pos_embed, cls_token and dist_token in no_weight_decay()."""
+    spec, _, model, _ = _setup(
+        ["model=deit_tiny", "model.img_size=8", "model.patch_size=2", "trainer.no_weight_decay=1d"]
+    )
+    groups = {g["name"]: g for g in build_optimizers(model, spec.trainer, 100).param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in groups["no_decay"]["params"]}
+    assert {"pos_embed", "cls_token"} <= spared
+    one_d = {n for n, p in model.named_parameters() if p.ndim <= 1 and "quantizer" not in n}
+    assert one_d <= spared
+
+
 def test_input_quantizers_take_their_own_rate_with_act_quant_lr():
     spec, _, model, _ = _setup(["trainer.quant_lr=0.003", "trainer.act_quant_lr=0.3"])
     groups = {g["name"]: g for g in build_optimizers(model, spec.trainer, 100).param_groups}

@@ -86,7 +86,8 @@ class Policy(nn.Module):
         """Wraps the optimizer step: `step()` runs it (with the wrappers of the policies after
         this one). A policy may surround it or take some parameters out of it and update them
         itself. The optimizer's groups are named (`group["name"]`): "latent" (the quantized
-        layers' weights), "other", and "quantizer" (quantizer parameters)."""
+        layers' weights), "other", "no_decay" (trainer.no_weight_decay's), and "quantizer"
+        (quantizer parameters)."""
         step()
 
     def on_step_end(self, model: nn.Module) -> None:

@@ -46,6 +46,7 @@ NEUTRAL = {
     "policy.osci_reset.noise": 0.0,
     "trainer.milestones": [0.5, 0.75],
     "trainer.gamma": 0.1,
+    "trainer.no_weight_decay": "none",
 }
 
 

@@ -19,6 +19,9 @@ class TrainerConfig:
     momentum: float  # SGD momentum (Adam, AdamW: beta1)
     nesterov: bool
     weight_decay: float  # not applied to quantizer parameters
+    no_weight_decay: str  # none | biases (PARQ's split_param_groups) | 1d (timm's
+    #                       param_groups_weight_decay: biases, every 1-D parameter, the
+    #                       model's own no_weight_decay() names)
     warmup_fraction: float  # linear warm-up over this share of the main steps, then `schedule`
     schedule: str  # cosine | linear: decay to 0 at the end of the main epochs | constant |
     #                multistep: times `gamma` at each of `milestones` (torch's MultiStepLR)
@@ -104,6 +107,10 @@ class TrainerConfig:
             "null (quant_lr) or a number >= 0",
         )
         check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
+        exempt = ("none", "biases", "1d")
+        check(
+            self.no_weight_decay in exempt, "no_weight_decay", self.no_weight_decay, ", ".join(exempt)
+        )
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check(
             0 <= self.warmup_fraction < 1,

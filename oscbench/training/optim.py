@@ -2,7 +2,9 @@
 
 Parameters fall in named groups (policies address them by name): "other" (every parameter
 that is neither a quantized layer's weight nor a quantizer's), "latent" (the quantized
-layers' weights), both at `trainer.lr` with weight decay, and "quantizer" at
+layers' weights), both at `trainer.lr` with weight decay, "no_decay" (those of "other" that
+`trainer.no_weight_decay` spares: PARQ's biases, timm's 1-D parameters) at `trainer.lr`
+without, and "quantizer" at
 `trainer.quant_lr` without (with `trainer.act_quant_lr` set, the input quantizers'
 parameters are a group "act_quantizer" at that rate: AOQ trains LTQ at the main rate and
 its weight steps at 1/200 of it). The quantizer group is a group of the main optimizer
@@ -18,6 +20,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from oscbench.quant.modules import quantized_layers, quantizer_parameters
@@ -103,14 +106,32 @@ def _group(name: str, params: list, lr: float, weight_decay: float = 0.0) -> dic
     return {"name": name, "params": params, "lr": lr, "weight_decay": weight_decay}
 
 
+def spared(model: nn.Module, rule: str) -> set[int]:
+    """The ids of the parameters that `trainer.no_weight_decay` keeps out of weight decay:
+    `biases`, every parameter named bias (facebookresearch/parq `utils/train.py`:
+    `split_param_groups`, whose norm weights do decay); `1d`, those timm's
+    `param_groups_weight_decay` spares (biases, every parameter of one dimension or fewer,
+    and the names in the model's `no_weight_decay()`), as timm's `create_optimizer_v2` does
+    for OFQ (nbasyl/OFQ `train.py`)."""
+    if rule == "none":
+        return set()
+    if rule == "biases":
+        return {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=names)
+    return {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+
+
 def build_optimizers(model: nn.Module, cfg: TrainerConfig, total: int) -> Optimizers:
     """The run's optimizers over `total` main steps (empty groups are left out)."""
     qparams = quantizer_parameters(model)
     latent = [layer.weight for _, layer in quantized_layers(model)]
     taken = {id(p) for p in qparams} | {id(p) for p in latent}
     other = [p for p in model.parameters() if id(p) not in taken]
+    exempt = spared(model, cfg.no_weight_decay)
     main = [
-        _group("other", other, cfg.lr, cfg.weight_decay),
+        _group("other", [p for p in other if id(p) not in exempt], cfg.lr, cfg.weight_decay),
+        _group("no_decay", [p for p in other if id(p) in exempt], cfg.lr),
         _group("latent", latent, cfg.lr, cfg.weight_decay),
     ]
     if cfg.act_quant_lr is None:
