@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from oscbench.quant.modules import quantized_layers, quantizer_parameters
@@ -117,6 +116,8 @@ def spared(model: nn.Module, rule: str) -> set[int]:
         return set()
     if rule == "biases":
         return {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
+    from timm.optim import param_groups_weight_decay  # seconds to import: only where used
+
     names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, 1.0, no_weight_decay_list=names)
     return {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
