@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torchao.prototype.parq.optim import ProxPARQ, QuantOptimizer
 from torchao.prototype.parq.optim.parq import normalized_mirror_sigmoid
-from torchao.prototype.parq.quant import UnifQuantizer
+from torchao.prototype.parq.quant import LSBQuantizer, UnifQuantizer
 
 from oscbench.deploy.onnx import deployed, logits_only, to_onnx
 from oscbench.deploy.parity import parity, weight_codes_equal
@@ -25,7 +25,7 @@ from oscbench.oscillation.parq import (
     prox_,
 )
 from oscbench.oscillation.policy import RunContext, Schedule
-from oscbench.quant.base import EXTRA_BIT, QUANTIZERS, UNIFORM, deployability
+from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, deployability
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
 from oscbench.registry import ConfigError
 from tests.conftest import build_config, compose_config, fit
@@ -61,6 +61,51 @@ def test_levels_and_codes_are_unifquantizers(bits, per_channel, method, shift):
     assert q.deploy == (EXTRA_BIT if shift == 0.5 else UNIFORM)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsbq_levels_and_rounding_are_lsbquantizers(bits, per_channel):
+    torch.manual_seed(bits)
+    w = torch.randn(6, 3, 3, 3) * torch.rand(6, 1, 1, 1)
+    q = quantizer(bits, 6, per_channel=per_channel, levels="lsbq")
+    q.init_from(w)
+    p = w.flatten(1) if per_channel else w
+    hard, levels = LSBQuantizer().quantize(p, bits, dim=-1 if per_channel else None)
+    assert torch.equal(q.levels(w), levels)
+    assert torch.equal(q.quantize(w), hard.view(w.shape))
+    assert q.deploy == LOOKUP
+    with pytest.raises(NotDeployable, match="quantizer.levels=uniform"):
+        q.integer_form(w)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_lsbq_codes_are_the_nearest_levels_on_an_uneven_grid(per_channel):
+    torch.manual_seed(0)
+    w = torch.randn(6, 3, 3, 3) * torch.rand(6, 1, 1, 1)
+    q = quantizer(3, 6, per_channel=per_channel, levels="lsbq")
+    q.init_from(w)
+    rows = w.flatten(1) if per_channel else w.reshape(1, -1)
+    levels = q.levels(w) if per_channel else q.levels(w).unsqueeze(0)  # (C or 1, 8)
+    gaps = levels.diff(dim=-1)
+    assert (gaps > 0).all() and not torch.allclose(gaps, gaps[..., :1].expand_as(gaps))
+    mids = (levels[..., 1:] + levels[..., :-1]) / 2
+    index = (rows.unsqueeze(-1) > mids.unsqueeze(1)).sum(-1)  # thresholds below w: ties lower
+    codes = q.to_int(w)
+    assert torch.equal(codes.reshape(rows.shape), (index - 4).float())
+    chosen = levels.gather(1, index)
+    assert torch.equal(q.code_centre(codes, w).reshape(rows.shape), chosen)
+    # the nearest level: no level closer, but for rounding in (w - level), |w| eps at most
+    distance = (rows.unsqueeze(-1) - levels.unsqueeze(1)).abs()
+    bound = torch.finfo(w.dtype).eps * (rows.abs() + levels.abs().amax(-1, keepdim=True))
+    assert ((rows - chosen).abs() <= distance.amin(-1) + bound).all()
+    expected = (rows.unsqueeze(-1) - mids.unsqueeze(1)).abs().amin(-1)
+    assert torch.equal(q.threshold_distance(w).reshape(rows.shape), expected)
+    step = (levels[..., -1] - levels[..., 0]) / 7  # the mean spacing, per row
+    assert torch.equal(q.step(w).reshape(-1), step)
+    low, high = q.bounds(w)
+    assert torch.equal(low.reshape(-1), levels[..., 0])
+    assert torch.equal(high.reshape(-1), levels[..., -1])
+
+
 def test_the_slope_schedule_is_the_mirror_sigmoid():
     for s, c in [(100.0, 0.5), (10.0, 0.5), (3.0, 0.3)]:
         for t in range(20, 120):
@@ -94,13 +139,14 @@ def test_a_slope_between_zero_and_one_pulls_weights_towards_the_bins_ends():
     assert torch.equal(w, torch.tensor([-1.5, -1.5, -0.75, 0.25, 0.5, 0.5, 1.5]))
 
 
-def _pair(per_channel: bool):
+def _pair(per_channel: bool, levels: str):
     """One linear layer trained by oscbench's policy and its twin by torchao's optimizer."""
     torch.manual_seed(0)
     ours = nn.Sequential(nn.Linear(12, 6))
     theirs = copy.deepcopy(ours)
     node = OmegaConf.merge(
-        OmegaConf.load(f"{CONF_DIR}/quantizer/parq.yaml"), {"per_channel": per_channel}
+        OmegaConf.load(f"{CONF_DIR}/quantizer/parq.yaml"),
+        {"per_channel": per_channel, "levels": levels},
     )
     component = type("C", (), {"name": "parq", "options": QUANTIZERS.parse(node, "quantizer")})
     none = lambda bits, channels, is_weight: None  # noqa: E731
@@ -125,7 +171,7 @@ def _pair(per_channel: bool):
     )
     ref = QuantOptimizer(
         base,
-        UnifQuantizer(),
+        LSBQuantizer() if levels == "lsbq" else UnifQuantizer(),
         ProxPARQ(policy.start, policy.end, steepness=10.0),
         warmup_steps=3,
         quant_period=4,
@@ -134,11 +180,13 @@ def _pair(per_channel: bool):
     return ours, policy, opt, theirs, ref
 
 
+@pytest.mark.parametrize("levels", ["uniform", "lsbq"])
 @pytest.mark.parametrize("per_channel", [False, True])
-def test_forty_steps_are_quantoptimizers_bit_for_bit(per_channel):
+def test_forty_steps_are_quantoptimizers_bit_for_bit(per_channel, levels):
     """The whole step: warm-up, latent weights restored and kept, levels every 4 steps,
-    the annealed map, hard rounding after anneal_end (steps 4..24 of 40 here)."""
-    ours, policy, opt, theirs, ref = _pair(per_channel)
+    the annealed map, hard rounding after anneal_end (steps 4..24 of 40 here), by the
+    quantizer's own rounding at the steps that set the levels (27, 31, 35, 39)."""
+    ours, policy, opt, theirs, ref = _pair(per_channel, levels)
     torch.manual_seed(1)
     for _ in range(40):
         x, y = torch.randn(16, 12), torch.randn(16, 6)
@@ -190,6 +238,31 @@ def test_a_run_ends_with_every_quantized_weight_on_a_level_and_exports():
         )
         == EXTRA_BIT
     )
+
+
+def test_an_lsbq_run_ends_on_its_uneven_levels_and_is_not_exported_as_integers():
+    spec, built = build_config(
+        [
+            "method=parq",
+            "bits=2",
+            "quantizer.levels=lsbq",
+            "trainer.epochs=4",
+            "policy.parq.anneal_end=0.5",
+        ]
+    )
+    history = fit(spec, built)
+    assert history[0]["osc"]["on_level_share"] < 0.5
+    assert history[-1]["osc"]["on_level_share"] == 1.0
+    assert history[-1]["osc"]["crossings"] > 0  # the tracker reads the codes of uneven levels
+    for m in built.policies[0].layers:
+        levels = m.weight_quantizer.levels(m.weight)
+        gaps = levels.diff()
+        assert not torch.allclose(gaps, gaps[:1].expand_as(gaps))  # v1 != 2 v2
+        assert torch.isin(m.weight, levels).float().mean() > 0.99  # greedy sums: ulps aside
+    with pytest.raises(NotDeployable, match="LSBQ"):
+        deployed(built.model)
+    config = {"quantizer": {"name": "parq", "levels": "lsbq"}, "act_quantizer": {"name": "lsq"}}
+    assert deployability(config) == LOOKUP
 
 
 def test_parq_without_its_policy_or_with_a_warmup_as_long_as_the_run_is_refused():

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
-from oscbench.quant.base import PROXIMAL, QUANTIZED
+from oscbench.quant.base import PROXIMAL, QUANTIZED, bucket, take
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.parq import PARQQuantizer
 from oscbench.registry import ConfigError, check
@@ -71,18 +71,6 @@ def inv_slope(t: int, start: int, end: int, s: float, c: float) -> float:
     return max(torch.finfo(torch.float32).tiny, slope) if slope > 0 else 0.0
 
 
-def _at(levels: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """levels[idx] for one grid (L,), row by row for one per row (C, L)."""
-    return levels[idx] if levels.dim() == 1 else levels.gather(1, idx)
-
-
-def _bucket(w: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
-    """torch.bucketize(w, edges) (right=False), per row where edges has one per row of w."""
-    if edges.dim() == 1:
-        return torch.bucketize(w, edges)
-    return torch.searchsorted(edges.contiguous(), w.contiguous())
-
-
 def prox_(w: torch.Tensor, levels: torch.Tensor, inv_slope: float) -> None:
     """The proximal map in place (`ProxPARQ.apply_`): in the bin [lo, hi] of neighbouring
     levels holding w (beyond the grid, lo = hi = the outermost level), w becomes
@@ -92,10 +80,10 @@ def prox_(w: torch.Tensor, levels: torch.Tensor, inv_slope: float) -> None:
     last = levels.shape[-1] - 1
     if inv_slope == 0:
         mid = (levels[..., :-1] + levels[..., 1:]) / 2
-        w.copy_(_at(levels, _bucket(w, mid)))
+        w.copy_(take(levels, bucket(w, mid)))
         return
-    idx = _bucket(w, levels)
-    lo, hi = _at(levels, (idx - 1).clamp_(min=0)), _at(levels, idx.clamp(max=last))
+    idx = bucket(w, levels)
+    lo, hi = take(levels, (idx - 1).clamp_(min=0)), take(levels, idx.clamp(max=last))
     centre = (lo + hi) / 2
     w.copy_(torch.minimum(torch.maximum(centre + (w - centre) / inv_slope, lo), hi))
 
@@ -110,7 +98,9 @@ class PARQ(Policy):
     them (`PARQQuantizer.set_levels`), and from the annealing's start the layers' weights
     become `prox_(latent, levels, inv_slope(t))`, inv_slope = max(float32's tiny,
     mirror_sigmoid) in the annealing span (at its first step 1: only weights beyond the grid
-    move, to its ends).
+    move, to its ends). From its end (slope 0), a step that sets the levels rounds as the
+    quantizer does (`PARQQuantizer.quantize`: ProxPARQ's `p.copy_(q)`), the others to the
+    nearest level.
 
     Which weights: every layer quantized by `quantizer: parq` (the 8-bit first and last at
     their bits; the reference quantizes every weight but the norms' and a ViT's head and
@@ -169,7 +159,9 @@ class PARQ(Policy):
                 q = m.weight_quantizer
                 if update:
                     q.set_levels(latent)
-                if t >= self.start:  # before it, ProxPARQ leaves the weights as they are
+                if t >= self.end and update:  # ProxPARQ takes the quantizer's own rounding
+                    m.weight.copy_(q.quantize(latent))
+                elif t >= self.start:  # before it, ProxPARQ leaves the weights as they are
                     w = m.weight.flatten(1) if q.per_channel else m.weight.view(-1)
                     prox_(w, q.levels(m.weight), slope)
 

@@ -1,6 +1,7 @@
-"""The quantizer interface, the uniform grid every quantizer here describes, the quantizer
-registry, the capabilities that policies ask of a quantizer, and how a quantizer's levels
-map to the integers of a deployed model (`Quantizer.deploy`, `IntegerForm`).
+"""The quantizer interface, the grids quantizers describe (uniform, or a set of levels:
+PARQ's LSBQ), the quantizer registry, the capabilities that policies ask of a quantizer,
+and how a quantizer's levels map to the integers of a deployed model (`Quantizer.deploy`,
+`IntegerForm`).
 
 A quantizer plugin is one module that defines a `Quantizer` subclass and registers it:
 
@@ -54,7 +55,7 @@ CAPABILITIES = {
 # How a quantizer's levels map to integers (Quantizer.deploy; the report's "deployable")
 UNIFORM = "yes"  # level = scale (code - zero point): QuantizeLinear/DequantizeLinear at b bits
 EXTRA_BIT = "at b+1 bits"  # mid-rise levels (k + 1/2) s: the odd integer 2k + 1 on a step s / 2
-LOOKUP = "lookup"  # learned non-uniform thresholds: a code is a table lookup, not a rounding
+LOOKUP = "lookup"  # non-uniform thresholds or levels (LTQ, LSBQ): a table lookup, not a rounding
 
 
 class NotDeployable(ValueError):
@@ -164,17 +165,83 @@ class UniformGrid:
         return (t - j).abs() * self.step
 
 
+def bucket(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """torch.bucketize(x, edges) (right=False): against one sorted edges (E,), or row by row
+    against one per row (C, E) for x (C, K)."""
+    if edges.dim() == 1:
+        return torch.bucketize(x, edges)
+    return torch.searchsorted(edges.contiguous(), x.contiguous())
+
+
+def take(values: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """values[idx] for one set (L,), row by row for one per row (C, L)."""
+    return values[idx] if values.dim() == 1 else values.gather(1, idx)
+
+
+@dataclass
+class LevelGrid:
+    """Sorted levels that need not be evenly spaced (PARQ's LSBQ levels, sums of ±v_i): one
+    set `values` (L,) for the whole tensor, or one per output channel (C, L), for a tensor of
+    `dims` dimensions. Level i has the code n + i; the thresholds lie halfway between
+    neighbours, where rounding to the nearest level decides. `step` is the mean spacing
+    (last - first) / (L - 1), the uniform grid's step where the levels are evenly spaced."""
+
+    values: torch.Tensor
+    n: int
+    dims: int
+
+    @property
+    def p(self) -> int:
+        return self.n + self.values.shape[-1] - 1
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        """A value per row (C,) shaped to broadcast over the tensor's dim 0."""
+        return t.view(-1, *([1] * (self.dims - 1))) if self.values.dim() == 2 else t
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) if self.values.dim() == 2 else x.reshape(-1)
+
+    @property
+    def step(self) -> torch.Tensor:
+        first, last = self.values[..., 0], self.values[..., -1]
+        return self._view((last - first) / (self.values.shape[-1] - 1))
+
+    def levels(self) -> torch.Tensor:
+        return self.values
+
+    def thresholds(self) -> torch.Tensor:
+        return (self.values[..., :-1] + self.values[..., 1:]) / 2
+
+    def bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._view(self.values[..., 0]), self._view(self.values[..., -1])
+
+    def nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """The index of each element's nearest level, shaped like x (a tie: the lower)."""
+        return bucket(self._rows(x.detach()), self.thresholds()).view(x.shape)
+
+    def code_centre(self, codes: torch.Tensor) -> torch.Tensor:
+        return take(self.values, self._rows(codes - self.n).long()).view(codes.shape)
+
+    def threshold_distance(self, x: torch.Tensor) -> torch.Tensor:
+        t, rows = self.thresholds(), self._rows(x.detach())
+        i = bucket(rows, t)
+        below = take(t, (i - 1).clamp_(min=0))
+        above = take(t, i.clamp_(max=t.shape[-1] - 1))
+        return torch.minimum((rows - below).abs(), (rows - above).abs()).view(x.shape)
+
+
 class Quantizer(nn.Module):
     """Fake quantizer: `forward(x)` returns x on the grid with straight-through gradients.
 
     What policies, the tracker and the evaluation read of a quantizer (its interface):
-    `to_int(x)` the integer codes the forward pass uses; `grid(x)` its `UniformGrid` for
-    tensor x (some grids are statistics of x), from which `levels`, `thresholds`, `step`,
-    `bounds`, `threshold_distance` and `code_centre` follow; `after_step(x)`, the loop's
-    call after each optimizer step. A quantizer whose scale comes from data is set up by
-    `init_from(x)` once (weights at swap time, activations on a calibration batch); `ready`
-    says whether that happened. Non-tensor state (`ready`, and the attributes a subclass
-    names in `extra_state`) travels in the module's extra state, so `load_state_dict` restores it.
+    `to_int(x)` the integer codes the forward pass uses; `grid(x)` its `UniformGrid` (or
+    `LevelGrid`) for tensor x (some grids are statistics of x), from which `levels`,
+    `thresholds`, `step`, `bounds`, `threshold_distance` and `code_centre` follow;
+    `after_step(x)`, the loop's call after each optimizer step. A quantizer whose scale
+    comes from data is set up by `init_from(x)` once (weights at swap time, activations on
+    a calibration batch); `ready` says whether that happened. Non-tensor state (`ready`, and
+    the attributes a subclass names in `extra_state`) travels in the module's extra state,
+    so `load_state_dict` restores it.
 
     Declarations read by the configuration check (class attributes): `bit_range`,
     `capabilities`, `bit_note`, said when `bits` is out of range, and `driven_by`, the
@@ -213,7 +280,7 @@ class Quantizer(nn.Module):
         with the weight, after the policies' `on_step_end` and before the tracker reads the
         codes; for state that follows the weight from step to step (an EMA of it)."""
 
-    def grid(self, x: torch.Tensor) -> UniformGrid:
+    def grid(self, x: torch.Tensor) -> UniformGrid | LevelGrid:
         """The grid on which x is quantized."""
         raise NotImplementedError
 

@@ -47,6 +47,7 @@ NEUTRAL = {
     "trainer.milestones": [0.5, 0.75],
     "trainer.gamma": 0.1,
     "trainer.no_weight_decay": "none",
+    "quantizer.levels": "uniform",  # PARQ's
 }
 
 

@@ -109,7 +109,10 @@ class TrainerConfig:
         check(0 <= self.momentum < 1, "momentum", self.momentum, "0 <= x < 1")
         exempt = ("none", "biases", "1d")
         check(
-            self.no_weight_decay in exempt, "no_weight_decay", self.no_weight_decay, ", ".join(exempt)
+            self.no_weight_decay in exempt,
+            "no_weight_decay",
+            self.no_weight_decay,
+            ", ".join(exempt),
         )
         check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
         check(
