@@ -28,19 +28,26 @@ def _leaves(node, prefix=""):
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_key_a_recipe_sets_exists_without_it(recipe):
     """Compose the defaults with only the recipe's own group choices: every key the recipe
-    sets must already be there (a misspelt key would otherwise be added silently)."""
+    sets must already be there, or for a quantizer be an option of one of the group's
+    plugins (parq2025's LSBQ `levels`; a misspelt key would otherwise be added silently)."""
     node = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR, "recipe", f"{recipe}.yaml")))
     groups = [
         f"{k.split('/')[-1]}={v}" for entry in node.pop("defaults", []) for k, v in entry.items()
     ]
     base = compose(groups)
     for key in _leaves(node):
-        assert OmegaConf.select(base, key, default="<missing>") != "<missing>", (recipe, key)
+        group, _, option = key.partition(".")
+        if group in ("quantizer", "act_quantizer"):  # an option of some plugin of the group
+            plugins = Path(CONF_DIR, group).glob("*.yaml")
+            assert any(option in OmegaConf.load(p) for p in plugins), (recipe, key)
+        else:
+            assert OmegaConf.select(base, key, default="<missing>") != "<missing>", (recipe, key)
 
 
 def test_paper_is_each_methods_own_recipe_and_the_record_says_which_ran(tmp_path):
     owners = {p.name: compose([f"method={p.name}"]).method.get("paper") for p in presets()}
-    assert {owners[m] for m in ("lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg")} == set(PAPERS)
+    owned = ("lsq_dampen", "lsq_freeze", "ofq", "aoq", "osc_reg", "parq")
+    assert {owners[m] for m in owned} == set(PAPERS)
     for method, paper in owners.items():
         assert validate(compose([f"method={method}", "recipe=paper"])).recipe == (paper or "common")
     aoq = validate(compose(["method=aoq", "recipe=paper"]))
@@ -175,3 +182,18 @@ def test_wenshoj_et_al_fine_tune_with_adam_at_their_notebooks_constant_rate():
     spec = validate(compose(["method=osc_reg", "recipe=wenshoj2025"]))
     t = spec.trainer
     assert (t.optimizer, t.lr, t.schedule, t.weight_decay) == ("adam", 2.5e-4, "constant", 0.0)
+
+
+def test_parq_trains_from_scratch_with_sgd_multistep_and_lsbq_levels_as_its_resnet20_script():
+    spec = validate(compose(["method=parq", "recipe=paper"]))
+    t = spec.trainer
+    assert spec.recipe == "parq2025" and spec.init_from is None and spec.teacher is None
+    assert (t.optimizer, t.lr, t.momentum, t.nesterov) == ("sgd", 0.1, 0.9, False)
+    assert (t.weight_decay, t.no_weight_decay, t.warmup_fraction) == (2e-4, "biases", 0.0)
+    assert (t.schedule, list(t.milestones), t.gamma) == ("multistep", [0.4, 0.6, 0.75], 0.1)
+    assert spec.quantizer.options.levels == "lsbq" and spec.act_quantizer.name == "none"
+    assert spec.first_last == "same"
+    # LSQ under PARQ's recipe: all but LSBQ's levels, which LSQ has not
+    lsq = compose(["method=lsq", "recipe=parq2025"])
+    assert list(lsq.recipe.not_applied) == ["quantizer.levels"]
+    assert validate(lsq).trainer.no_weight_decay == "biases"
