@@ -12,7 +12,7 @@ from oscbench.oscillation.tracker import (
     LayerTracker,
     Movement,
     TrackerConfig,
-    level_spacing,
+    level_distance,
     on_level,
     summarise,
     tracked_layers,
@@ -59,8 +59,9 @@ class OscillationTracker(nn.Module):
         for layer, state, move in zip(self.layers, self.states, self.moves, strict=True):
             if layer.training:
                 q, w = layer.weight_quantizer, layer.weight
-                delta = state.update(q.to_int(w))
-                move.update(w, delta, level_spacing(q.levels(w)))
+                codes = q.to_int(w)
+                delta = state.update(codes)
+                move.update(w, level_distance(q, w, codes, delta))
 
     def layer_mask(self, layers: list[QuantizedLayer]) -> torch.Tensor:
         chosen = {id(layer) for layer in layers}

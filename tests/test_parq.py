@@ -28,6 +28,7 @@ from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, deployability
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
 from oscbench.registry import ConfigError
+from tests.bounds import gamma
 from tests.conftest import build_config, compose_config, fit
 
 pytestmark = pytest.mark.numeric  # bit-for-bit parity: rerun in CI under other CPU code paths
@@ -104,6 +105,28 @@ def test_lsbq_codes_are_the_nearest_levels_on_an_uneven_grid(per_channel):
     low, high = q.bounds(w)
     assert torch.equal(low.reshape(-1), levels[..., 0])
     assert torch.equal(high.reshape(-1), levels[..., -1])
+
+
+def test_on_lsbq_levels_the_quantized_movement_is_each_weights_own_gap():
+    """d_Q on uneven levels: |level(new code) - level(old code)| per weight, not the code
+    change times one spacing."""
+    from oscbench.oscillation.tracker import code_distance, level_distance, level_spacing
+
+    torch.manual_seed(3)
+    w = torch.randn(4, 64)
+    q = quantizer(2, 4, levels="lsbq")
+    q.init_from(w)
+    before = q.to_int(w).to(torch.int8)
+    moved = w + 0.5 * torch.randn_like(w)
+    after = q.to_int(moved).to(torch.int8)
+    delta = after - before
+    levels = q.levels(w).double()
+    gaps = (levels[after.long() + 2] - levels[before.long() + 2]).abs()
+    expected = gaps.sum().item()
+    got = level_distance(q, moved, after, delta).item()
+    assert abs(got - expected) <= gamma(w.numel()) * expected  # a float32 sum of n terms
+    uniform = code_distance(delta, level_spacing(q.levels(w))).item()
+    assert abs(uniform - expected) > 0.05 * expected  # one spacing would misstate it
 
 
 def test_the_slope_schedule_is_the_mirror_sigmoid():

@@ -184,7 +184,7 @@ def test_switches_of_the_last_update_and_the_code_change():
 def test_dq_over_dw_on_a_hand_made_trajectory():
     """TetraJet's ratio: sum |Q(w_t) - Q(w_t-1)| over sum |w_t - w_t-1|, Q on a grid of
     spacing 0.5 (per tensor) or (0.5, 0.25) (per channel)."""
-    from oscbench.oscillation.tracker import Movement
+    from oscbench.oscillation.tracker import Movement, code_distance
 
     w = [
         torch.tensor([[0.20, 0.10], [0.00, 0.30]]),
@@ -198,7 +198,7 @@ def test_dq_over_dw_on_a_hand_made_trajectory():
     for spacing, dq in ((torch.tensor(0.5), 0.5 + 1.0), (torch.tensor([0.5, 0.25]), 1.25)):
         tr, move = LayerTracker(codes[0], momentum=0.1), Movement(w[0])
         for wt, ct in zip(w[1:], codes[1:], strict=True):
-            move.update(wt, tr.update(ct), spacing)
+            move.update(wt, code_distance(tr.update(ct), spacing))
         # every |latent step| (0.06 + 0.10, then 0.02 + 0.02 + 0.10), exactly, from the
         # float32 values; each step's float32 sum of 4 rounded differences: gamma_5 relative
         steps = zip(w[:-1], w[1:], strict=True)

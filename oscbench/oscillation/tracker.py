@@ -13,7 +13,8 @@ steps and weights of |w_t - w_{t-1}| (latent movement), d_Q = the same sum of
 threshold moves its quantized value a whole level for a tiny latent step: a high ratio.
 Here |Q(w_t) - Q(w_{t-1})| = |code change| x the level spacing of the current grid, so the
 ratio counts level changes and not the drift of a learned step size (TetraJet's MXFP4 scales
-are powers of two that rarely move, so there the two agree).
+are powers of two that rarely move, so there the two agree); on uneven levels (PARQ's LSBQ)
+it is the distance between the two codes' current levels (`level_distance`).
 
 Per layer and epoch, at its end, PARQ's `relative_quantized_frac` (Jin et al., ICML 2025;
 facebookresearch/parq at 36bae00c, `parq/optim/quantopt.py`: `_count_quantized_params`): the
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import Quantizer
+from oscbench.quant.base import LevelGrid, Quantizer
 from oscbench.quant.modules import QuantizedLayer, quantized_layers
 from oscbench.registry import check
 
@@ -188,14 +189,8 @@ class Movement(nn.Module):
         self.register_buffer("epoch_dw", weight.new_zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def update(self, weight: torch.Tensor, delta: torch.Tensor, spacing: torch.Tensor) -> None:
-        """`delta`: the step's code changes; `spacing`: the level spacing, a scalar or one
-        per output channel."""
-        moved = delta.abs()
-        if spacing.dim():  # per channel: sum |code change| per channel first
-            dq = torch.dot(moved.flatten(1).sum(1, dtype=torch.float32), spacing.float())
-        else:
-            dq = moved.sum(dtype=torch.float32) * spacing
+    def update(self, weight: torch.Tensor, dq: torch.Tensor) -> None:
+        """`dq`: how far the quantized weights moved in the step (`level_distance`)."""
         self.epoch_dq.add_(dq)
         self.epoch_dw.add_(
             torch.sub(weight.detach(), self.previous).abs_().sum()
@@ -214,6 +209,28 @@ def level_spacing(levels: torch.Tensor) -> torch.Tensor:
     """Distance between neighbouring levels, from `Quantizer.levels` ((L,) or (C, L)): a
     distance, so positive also where a learned step went negative and reversed the grid."""
     return (levels[..., 1] - levels[..., 0]).detach().abs()
+
+
+def code_distance(delta: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
+    """Σ |code change| x the level spacing: a scalar, or one per output channel (summed per
+    channel first)."""
+    moved = delta.abs()
+    if spacing.dim():
+        return torch.dot(moved.flatten(1).sum(1, dtype=torch.float32), spacing.float())
+    return moved.sum(dtype=torch.float32) * spacing
+
+
+def level_distance(
+    q: Quantizer, w: torch.Tensor, codes: torch.Tensor, delta: torch.Tensor
+) -> torch.Tensor:
+    """How far the quantized values of w moved in one step (codes: after it; delta: its
+    code changes), summed: `code_distance` on evenly spaced levels, and on uneven ones (a
+    `LevelGrid`: PARQ's LSBQ) |level(code) - level(code - change)| per weight."""
+    grid = q.grid(w)
+    if isinstance(grid, LevelGrid):
+        moved = grid.code_centre(codes) - grid.code_centre(codes - delta)
+        return moved.abs().sum(dtype=torch.float32)
+    return code_distance(delta, level_spacing(q.levels(w)))
 
 
 HIST_MAX = 20  # per-epoch histogram of oscillations so far: 0, 1, ..., 19, >= 20
@@ -376,7 +393,8 @@ class OscillationTracker(nn.Module):
                 a, b = a - start, b - start
                 switches.append(direction[a:b].count_nonzero())
                 oscillations.append(osc[a:b].count_nonzero())
-                self.moves[i].update(w, delta[a:b].view(w.shape), level_spacing(q.levels(w)))
+                codes, change = new[a:b].view(w.shape), delta[a:b].view(w.shape)
+                self.moves[i].update(w, level_distance(q, w, codes, change))
         switches = torch.stack(switches)
         self.switches.copy_(switches)
         self.epoch_switches.add_(switches)
