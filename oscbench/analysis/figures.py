@@ -160,7 +160,8 @@ def save(fig: plt.Figure, path: Path) -> Path:
 
 def accuracy_vs_bits(runs: pd.DataFrame, style: dict, out: Path) -> Path:
     """Test accuracy against weight bits, a line per series joining its bit-widths (mean
-    over seeds, bars: one std); a run trained in full precision (fp) is a level line."""
+    over seeds, bars: one std), ticks at the bit-widths that ran; a run trained in full
+    precision (fp) is a level line."""
     fig, ax = plt.subplots(figsize=(6.5, 4.4), layout="constrained")
     for label, g in _each(runs, style):
         acc = g.groupby("bits")["acc"]
@@ -168,7 +169,7 @@ def accuracy_vs_bits(runs: pd.DataFrame, style: dict, out: Path) -> Path:
         ax.errorbar(
             mean.index, mean.values, yerr=std.values, capsize=3, label=label, **line(style[label])
         )
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xticks(sorted(runs["bits"].unique()))  # the bit-widths that ran, no others
     ax.set(xlabel="weight bits", ylabel="test accuracy (%)", title="Accuracy vs bit-width")
     legend(fig, [ax], *handles_of([ax], style))
     return save(fig, out / "accuracy_vs_bits.png")
