@@ -5,6 +5,7 @@ optimizer steps against `QuantOptimizer` with `ProxPARQ`; then a run's weights e
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ from oscbench.oscillation.parq import (
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, deployability
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
+from oscbench.quant.parq import sign_patterns
 from oscbench.registry import ConfigError
 from tests.bounds import gamma
 from tests.conftest import build_config, compose_config, fit
@@ -76,6 +78,12 @@ def test_lsbq_levels_and_rounding_are_lsbquantizers(bits, per_channel):
     assert q.deploy == LOOKUP
     with pytest.raises(NotDeployable, match="quantizer.levels=uniform"):
         q.integer_form(w)
+
+
+def test_the_sign_patterns_are_lsbquantizers_basis_in_its_order():
+    for bits in range(1, 9):
+        basis = torch.tensor(list(itertools.product((-1, 1), repeat=bits)), dtype=torch.float32)
+        assert torch.equal(sign_patterns(bits), basis)
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -8,7 +8,6 @@ torchao 0.18 `torchao/prototype/parq/quant/`). Training is policy `parq`
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -50,22 +49,29 @@ def binary_sign(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x == 0, 1.0, x.sign())
 
 
-def lsbq_greedy(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sign_patterns(bits: int) -> torch.Tensor:
+    """The 2^b x b matrix of every choice of signs ±1, row i the bits of i from the highest
+    (0: -1, 1: +1): `itertools.product((-1, 1), repeat=b)`'s order, LSBQuantizer's basis."""
+    i, j = torch.arange(2**bits), torch.arange(bits - 1, -1, -1)
+    return ((i[:, None] >> j) & 1).float() * 2 - 1
+
+
+def lsbq_greedy(
+    w: torch.Tensor, bits: int, signs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy least-squares binary quantization of the rows of w (C, K), or of the whole of
     a 1-D w: v_i = mean|r_{i-1}| of the residual, r_i = r_{i-1} - v_i sign(r_{i-1}) from r_0 =
     w, for i = 1..b. Returns w - r_b (each weight's sum of ±v_i) and the 2^b sorted levels,
     the sums of ±v_i over every choice of signs ((2^b,) or (C, 2^b)), formed as
-    `LSBQuantizer.quantize_greedy` forms them (a ±1 matrix times v), so that the levels are
-    its bit for bit."""
-    rows = w.dim() == 2
+    `LSBQuantizer.quantize_greedy` forms them (`signs`, `sign_patterns(b)`, times v), so
+    that the levels are its bit for bit."""
+    rows, signs = w.dim() == 2, signs.to(w.dtype)
     r = w.detach().clone()
     vs = []
     for _ in range(bits):
         v = r.abs().mean(dim=-1, keepdim=True) if rows else r.abs().mean()
         r.sub_(binary_sign(r).mul_(v))
         vs.append(v)
-    signs = torch.tensor(list(itertools.product((-1, 1), repeat=bits)), dtype=w.dtype)
-    signs = signs.to(w.device)
     if rows:
         levels = torch.sort(torch.cat(vs, dim=1) @ signs.T, dim=-1).values
     else:
@@ -122,6 +128,7 @@ class PARQQuantizer(Quantizer):
         rows = (channels,) if cfg.per_channel else ()
         if cfg.levels == "lsbq":
             self.register_buffer("values", torch.zeros(*rows, 2**bits))
+            self.register_buffer("signs", sign_patterns(bits), persistent=False)
         else:
             self.register_buffer("scale", torch.ones(rows))
 
@@ -137,7 +144,7 @@ class PARQQuantizer(Quantizer):
         """The levels of `w` (the latent weights), as the reference quantizer's `quantize`
         computes them."""
         if self.cfg.levels == "lsbq":
-            self.values.copy_(lsbq_greedy(self._rows(w), self.bits)[1])
+            self.values.copy_(lsbq_greedy(self._rows(w), self.bits, self.signs)[1])
             return
         a = w.detach().abs()
         if self.per_channel:
@@ -159,7 +166,7 @@ class PARQQuantizer(Quantizer):
         otherwise need not be (LSBQuantizer's q; the proximal map uses it where it sets the
         levels at hard rounding)."""
         if self.cfg.levels == "lsbq":
-            return lsbq_greedy(self._rows(w), self.bits)[0].view(w.shape)
+            return lsbq_greedy(self._rows(w), self.bits, self.signs)[0].view(w.shape)
         s = channel_view(self.scale, w, self.per_channel)
         codes = torch.clamp(torch.round(w / s - self.offset), self.n, self.p)
         return (codes + self.offset) * s
