@@ -12,14 +12,17 @@ from oscbench.training.loop import per_step_wrapped
 from tests.conftest import run_config
 from tests.syncs import HostSyncs
 
-CASES = [(p.name, []) for p in presets()] + [("lsq", ["trainer.ema_decay=0.9"])]
+CASES = [(p.name, []) for p in presets()] + [
+    ("lsq", ["trainer.ema_decay=0.9"]),
+    ("parq", ["recipe=parq2025"]),  # LSBQ's uneven levels
+]
 
 
 @pytest.mark.parametrize(
     ("method", "extra"), CASES, ids=lambda c: c if isinstance(c, str) else "+".join(c)
 )
 def test_no_per_step_call_of_the_loop_would_synchronise_a_gpu(method, extra, tmp_path):
-    """Every preset (and LSQ with an EMA copy), 4 epochs at batch 256 (every policy's
+    """Every preset (and LSQ with an EMA copy, PARQ under its recipe), 4 epochs at batch 256 (every policy's
     phase reached: BinReg's from its second epoch), with each per-step call of the loop
     (`oscbench.training.loop.PER_STEP`: `train_step`, the schedule's step, the EMA's update)
     watched; per-epoch code may synchronise. BinReg's bin sums were `torch.bincount`, whose
