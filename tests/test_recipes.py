@@ -184,6 +184,12 @@ def test_wenshoj_et_al_fine_tune_with_adam_at_their_notebooks_constant_rate():
     assert (t.optimizer, t.lr, t.schedule, t.weight_decay) == ("adam", 2.5e-4, "constant", 0.0)
 
 
+def test_ofq_decays_only_weights_and_embeddings_as_timms_create_optimizer():
+    spec = validate(compose(["method=ofq", "recipe=paper"]))
+    t = spec.trainer
+    assert (t.optimizer, t.weight_decay, t.no_weight_decay) == ("adamw", 0.05, "1d")
+
+
 def test_parq_trains_from_scratch_with_sgd_multistep_and_lsbq_levels_as_its_resnet20_script():
     spec = validate(compose(["method=parq", "recipe=paper"]))
     t = spec.trainer
