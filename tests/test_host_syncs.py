@@ -22,11 +22,11 @@ CASES = [(p.name, []) for p in presets()] + [
     ("method", "extra"), CASES, ids=lambda c: c if isinstance(c, str) else "+".join(c)
 )
 def test_no_per_step_call_of_the_loop_would_synchronise_a_gpu(method, extra, tmp_path):
-    """Every preset (and LSQ with an EMA copy, PARQ under its recipe), 4 epochs at batch 256 (every policy's
-    phase reached: BinReg's from its second epoch), with each per-step call of the loop
-    (`oscbench.training.loop.PER_STEP`: `train_step`, the schedule's step, the EMA's update)
-    watched; per-epoch code may synchronise. BinReg's bin sums were `torch.bincount`, whose
-    CUDA kernel reads the largest code on the host."""
+    """Every preset (and LSQ with an EMA copy, PARQ under its recipe), 4 epochs at batch
+    256 (every policy's phase reached: BinReg's from its second epoch), with each per-step
+    call of the loop (`oscbench.training.loop.PER_STEP`: `train_step`, the schedule's step,
+    the EMA's update) watched; per-epoch code may synchronise. BinReg's bin sums were
+    `torch.bincount`, whose CUDA kernel reads the largest code on the host."""
     probe = HostSyncs()
 
     def watched(fn):  # noqa: ANN001, ANN202

@@ -24,6 +24,7 @@ from oscbench.oscillation.parq import (
     inv_slope,
     mirror_sigmoid,
     prox_,
+    prox_uniform_,
 )
 from oscbench.oscillation.policy import RunContext, Schedule
 from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, deployability
@@ -161,6 +162,37 @@ def test_the_proximal_map_is_proxparqs(per_channel, step):
     prox_(got if per_channel else got.view(-1), levels, slope)
     assert slope == inv
     assert torch.equal(got, expected)
+
+
+def _hard_cases(levels: torch.Tensor, rows: int) -> torch.Tensor:
+    """Weights at, just below and just above every level and midpoint, beyond both ends,
+    and random ones: (rows, K), each row from its own levels."""
+    lv = levels.expand(rows, -1) if levels.dim() == 1 else levels
+    mids = (lv[:, :-1] + lv[:, 1:]) / 2
+    points = torch.cat([lv, mids, lv[:, :1] * 3, lv[:, -1:] * 3], dim=1)
+    up, down = torch.full_like(points, float("inf")), torch.full_like(points, -float("inf"))
+    spread = lv[:, -1:] * torch.randn(rows, 64)
+    return torch.cat([points, points.nextafter(up), points.nextafter(down), spread], dim=1)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize(("bits", "shift"), [(2, 0.5), (4, 0.5), (8, 0.5), (3, 1.0)])
+@pytest.mark.parametrize("slope", [1.0, 0.7, 0.01, torch.finfo(torch.float32).tiny, 0.0])
+def test_the_uniform_map_without_a_search_is_prox_bit_for_bit(per_channel, bits, shift, slope):
+    """Over many steps: w / step rounds across an integer for some of them, at a level (the
+    product rounded up) or at a midpoint, where only the corrections find prox_'s bin."""
+    torch.manual_seed(bits)
+    for _ in range(40):
+        w = torch.randn(16, 40) * torch.rand(16, 1)
+        q = quantizer(bits, 16, per_channel=per_channel, int_shift=shift)
+        q.init_from(w)
+        grid = q.grid(w)
+        cases = _hard_cases(q.levels(w), 16)
+        expected, got = cases.clone(), cases.clone()
+        step = grid.step.reshape(-1, 1) if per_channel else grid.step
+        prox_uniform_(got, step, grid.n, grid.p, grid.offset, slope)
+        prox_(expected if per_channel else expected.view(-1), q.levels(w), slope)
+        assert torch.equal(got, expected)
 
 
 def test_a_slope_between_zero_and_one_pulls_weights_towards_the_bins_ends():

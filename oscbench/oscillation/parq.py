@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
-from oscbench.quant.base import PROXIMAL, QUANTIZED, bucket, take
+from oscbench.quant.base import PROXIMAL, QUANTIZED, UniformGrid, bucket, take
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.parq import PARQQuantizer
 from oscbench.registry import ConfigError, check
@@ -88,6 +88,34 @@ def prox_(w: torch.Tensor, levels: torch.Tensor, inv_slope: float) -> None:
     w.copy_(torch.minimum(torch.maximum(centre + (w - centre) / inv_slope, lo), hi))
 
 
+def prox_uniform_(
+    w: torch.Tensor, step: torch.Tensor, n: int, p: int, offset: float, inv_slope: float
+) -> None:
+    """`prox_` on evenly spaced levels step (k + offset), k = n..p (`step` a scalar, or (C, 1)
+    for the rows of w), without a search: the code of the upper end of w's bin (of its
+    nearest level at inv_slope 0) from w / step, then corrected by comparing w with the
+    levels (the midpoints) around it, each computed as `UniformGrid.levels` computes it.
+    The estimate is off by one code at most, where w / step rounds across an integer, so
+    one correction each way gives `prox_`'s result bit for bit (tests/test_parq.py)."""
+
+    def level(k: torch.Tensor) -> torch.Tensor:
+        return step * (k + offset)
+
+    if inv_slope == 0:
+        k = torch.round(w / step - offset)
+        k.sub_(((level(k - 1) + level(k)) / 2 >= w).to(k.dtype))  # ties: the lower level
+        k.add_(((level(k) + level(k + 1)) / 2 < w).to(k.dtype))
+        w.copy_(level(k.clamp_(n, p)))
+        return
+    k = torch.ceil(w / step - offset)  # the first level >= w, as torch.bucketize finds it
+    k.add_((level(k) < w).to(k.dtype))
+    # one too high only where w is a level and w / step rounds up past it: the bin above
+    # maps w to itself as the bin below does (its lower end), so no correction is needed
+    lo, hi = level((k - 1).clamp_(n, p)), level(k.clamp_(n, p))
+    centre = (lo + hi) / 2
+    w.copy_(torch.minimum(torch.maximum(centre + (w - centre) / inv_slope, lo), hi))
+
+
 @POLICIES.register("parq", PARQScheduleConfig)
 class PARQ(Policy):
     """Each optimizer step t (QuantOptimizer.step): before step `warmup_steps`, the plain
@@ -100,7 +128,8 @@ class PARQ(Policy):
     mirror_sigmoid) in the annealing span (at its first step 1: only weights beyond the grid
     move, to its ends). From its end (slope 0), a step that sets the levels rounds as the
     quantizer does (`PARQQuantizer.quantize`: ProxPARQ's `p.copy_(q)`), the others to the
-    nearest level.
+    nearest level. On evenly spaced levels the map is `prox_uniform_`, `prox_` without its
+    search (the same weights, bit for bit).
 
     Which weights: every layer quantized by `quantizer: parq` (the 8-bit first and last at
     their bits; the reference quantizes every weight but the norms' and a ViT's head and
@@ -163,7 +192,12 @@ class PARQ(Policy):
                     m.weight.copy_(q.quantize(latent))
                 elif t >= self.start:  # before it, ProxPARQ leaves the weights as they are
                     w = m.weight.flatten(1) if q.per_channel else m.weight.view(-1)
-                    prox_(w, q.levels(m.weight), slope)
+                    grid = q.grid(m.weight)
+                    if isinstance(grid, UniformGrid):
+                        s = grid.step.reshape(-1, 1) if q.per_channel else grid.step
+                        prox_uniform_(w, s, grid.n, grid.p, grid.offset, slope)
+                    else:
+                        prox_(w, grid.levels(), slope)
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps, "inv_slope": self.inv_slope}
