@@ -82,7 +82,7 @@ class RunSpec:
     init_from: str | None
     init_strict: bool  # init_from must fill every tensor but a classifier of another shape
     qkr: str  # never | auto (for attention models) | always (refused without attention)
-    recipe: str  # the training recipe that ran: common, nagel2022, ofq2023, aoq2025, wenshoj2025
+    recipe: str  # the training recipe that ran: common or a paper's (conf/recipe/)
     teacher: str | None  # distil from: fp (the sweep's fp run), a run dir, checkpoint, weights
     distill: DistillConfig
     export: bool  # after training: the integer model to ONNX and its parity (oscbench.export)
