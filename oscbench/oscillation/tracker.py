@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from oscbench.quant.base import LevelGrid, Quantizer
+from oscbench.quant.base import Quantizer
 from oscbench.quant.modules import QuantizedLayer, quantized_layers
 from oscbench.registry import check
 
@@ -224,10 +224,11 @@ def level_distance(
     q: Quantizer, w: torch.Tensor, codes: torch.Tensor, delta: torch.Tensor
 ) -> torch.Tensor:
     """How far the quantized values of w moved in one step (codes: after it; delta: its
-    code changes), summed: `code_distance` on evenly spaced levels, and on uneven ones (a
-    `LevelGrid`: PARQ's LSBQ) |level(code) - level(code - change)| per weight."""
-    grid = q.grid(w)
-    if isinstance(grid, LevelGrid):
+    code changes), summed: `code_distance` on evenly spaced levels, and on uneven ones
+    (`Quantizer.uneven`: PARQ's LSBQ, a `LevelGrid`) |level(code) - level(code - change)|
+    per weight."""
+    if q.uneven:
+        grid = q.grid(w)
         moved = grid.code_centre(codes) - grid.code_centre(codes - delta)
         return moved.abs().sum(dtype=torch.float32)
     return code_distance(delta, level_spacing(q.levels(w)))

@@ -259,6 +259,7 @@ class Quantizer(nn.Module):
     capabilities: frozenset[str] = frozenset({QUANTIZED})
     driven_by: str | None = None  # the policy a run with this weight quantizer must have
     extra_state: tuple[str, ...] = ()  # attributes saved with the state dict, besides `ready`
+    uneven: bool = False  # its levels are not evenly spaced: `grid` is a LevelGrid
     bits: int
     signed: bool
     per_channel: bool

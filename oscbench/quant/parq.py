@@ -120,13 +120,14 @@ class PARQQuantizer(Quantizer):
         self.cfg = cfg
         self.per_channel = cfg.per_channel
         self.deploy = self.deploy_for(vars(cfg))
+        self.uneven = cfg.levels == "lsbq"
         half = 2 ** (bits - 1)
-        if cfg.int_shift == 0.5 or cfg.levels == "lsbq":
+        if cfg.int_shift == 0.5 or self.uneven:
             self.n, self.p, self.offset = -half, half - 1, 0.5
         else:
             self.n, self.p, self.offset = -(half - 1), half - 1, 0.0
         rows = (channels,) if cfg.per_channel else ()
-        if cfg.levels == "lsbq":
+        if self.uneven:
             self.register_buffer("values", torch.zeros(*rows, 2**bits))
             self.register_buffer("signs", sign_patterns(bits), persistent=False)
         else:
@@ -143,7 +144,7 @@ class PARQQuantizer(Quantizer):
     def set_levels(self, w: torch.Tensor) -> None:
         """The levels of `w` (the latent weights), as the reference quantizer's `quantize`
         computes them."""
-        if self.cfg.levels == "lsbq":
+        if self.uneven:
             self.values.copy_(lsbq_greedy(self._rows(w), self.bits, self.signs)[1])
             return
         a = w.detach().abs()
@@ -165,7 +166,7 @@ class PARQQuantizer(Quantizer):
         which is its nearest level where v_1 >= v_2 + ... + v_b, v_2 >= v_3 + ..., and
         otherwise need not be (LSBQuantizer's q; the proximal map uses it where it sets the
         levels at hard rounding)."""
-        if self.cfg.levels == "lsbq":
+        if self.uneven:
             return lsbq_greedy(self._rows(w), self.bits, self.signs)[0].view(w.shape)
         s = channel_view(self.scale, w, self.per_channel)
         codes = torch.clamp(torch.round(w / s - self.offset), self.n, self.p)
@@ -176,7 +177,7 @@ class PARQQuantizer(Quantizer):
         return w
 
     def grid(self, w: torch.Tensor) -> UniformGrid | LevelGrid:
-        if self.cfg.levels == "lsbq":
+        if self.uneven:
             return LevelGrid(self.values, self.n, w.dim())
         return UniformGrid(
             channel_view(self.scale, w, self.per_channel), self.n, self.p, self.offset
@@ -184,7 +185,7 @@ class PARQQuantizer(Quantizer):
 
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
-        if self.cfg.levels == "lsbq":
+        if self.uneven:
             grid = LevelGrid(self.values, self.n, w.dim())
             return grid.nearest(w).to(w.dtype).add_(self.n)
         s = channel_view(self.scale, w, self.per_channel)
