@@ -33,6 +33,7 @@ from oscbench.quant.parq import sign_patterns
 from oscbench.registry import ConfigError
 from tests.bounds import gamma
 from tests.conftest import build_config, compose_config, fit
+from tests.learned import above, below
 
 pytestmark = pytest.mark.numeric  # bit-for-bit parity: rerun in CI under other CPU code paths
 
@@ -303,7 +304,9 @@ def test_a_run_ends_with_every_quantized_weight_on_a_level_and_exports():
     )
 
 
+@pytest.mark.learned
 def test_an_lsbq_run_ends_on_its_uneven_levels_and_is_not_exported_as_integers():
+    """Margins in bench/margins.md (first epoch's share on a level, last epoch's crossings)."""
     spec, built = build_config(
         [
             "method=parq",
@@ -314,9 +317,10 @@ def test_an_lsbq_run_ends_on_its_uneven_levels_and_is_not_exported_as_integers()
         ]
     )
     history = fit(spec, built)
-    assert history[0]["osc"]["on_level_share"] < 0.5
+    below("share of weights on a level, first epoch", history[0]["osc"]["on_level_share"], 0.5)
     assert history[-1]["osc"]["on_level_share"] == 1.0
-    assert history[-1]["osc"]["crossings"] > 0  # the tracker reads the codes of uneven levels
+    # the tracker reads the codes of uneven levels: weights still cross after hard rounding
+    above("crossings in the last epoch", history[-1]["osc"]["crossings"], 0)
     for m in built.policies[0].layers:
         levels = m.weight_quantizer.levels(m.weight)
         gaps = levels.diff()
