@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
-from oscbench.quant.base import PROXIMAL, QUANTIZED, UniformGrid, bucket, take
+from oscbench.quant.base import PROXIMAL, QUANTIZED, bucket, take
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.parq import PARQQuantizer
 from oscbench.registry import ConfigError, check
@@ -193,11 +193,11 @@ class PARQ(Policy):
                 elif t >= self.start:  # before it, ProxPARQ leaves the weights as they are
                     w = m.weight.flatten(1) if q.per_channel else m.weight.view(-1)
                     grid = q.grid(m.weight)
-                    if isinstance(grid, UniformGrid):
+                    if q.uneven:
+                        prox_(w, grid.levels(), slope)
+                    else:
                         s = grid.step.reshape(-1, 1) if q.per_channel else grid.step
                         prox_uniform_(w, s, grid.n, grid.p, grid.offset, slope)
-                    else:
-                        prox_(w, grid.levels(), slope)
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps, "inv_slope": self.inv_slope}

@@ -186,8 +186,7 @@ class PARQQuantizer(Quantizer):
     @torch.no_grad()
     def to_int(self, w: torch.Tensor) -> torch.Tensor:
         if self.uneven:
-            grid = LevelGrid(self.values, self.n, w.dim())
-            return grid.nearest(w).to(w.dtype).add_(self.n)
+            return self.grid(w).nearest(w).to(w.dtype).add_(self.n)
         s = channel_view(self.scale, w, self.per_channel)
         return torch.clamp(torch.round(w / s - self.offset), self.n, self.p)
 
