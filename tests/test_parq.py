@@ -5,6 +5,7 @@ optimizer steps against `QuantOptimizer` with `ProxPARQ`; then a run's weights e
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -191,7 +192,7 @@ def test_the_uniform_map_without_a_search_is_prox_bit_for_bit(per_channel, bits,
         cases = _hard_cases(q.levels(w), 16)
         expected, got = cases.clone(), cases.clone()
         step = grid.step.reshape(-1, 1) if per_channel else grid.step
-        prox_uniform_(got, step, grid.n, grid.p, grid.offset, slope)
+        prox_uniform_(got, dataclasses.replace(grid, step=step), slope)
         prox_(expected if per_channel else expected.view(-1), q.levels(w), slope)
         assert torch.equal(got, expected)
 

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from oscbench.oscillation.policy import POLICIES, Policy, RunContext
-from oscbench.quant.base import PROXIMAL, QUANTIZED, bucket, take
+from oscbench.quant.base import PROXIMAL, QUANTIZED, UniformGrid, bucket, take
 from oscbench.quant.modules import quantized_layers
 from oscbench.quant.parq import PARQQuantizer
 from oscbench.registry import ConfigError, check
@@ -88,26 +88,21 @@ def prox_(w: torch.Tensor, levels: torch.Tensor, inv_slope: float) -> None:
     w.copy_(torch.minimum(torch.maximum(centre + (w - centre) / inv_slope, lo), hi))
 
 
-def prox_uniform_(
-    w: torch.Tensor, step: torch.Tensor, n: int, p: int, offset: float, inv_slope: float
-) -> None:
-    """`prox_` on evenly spaced levels step (k + offset), k = n..p (`step` a scalar, or (C, 1)
-    for the rows of w), without a search: the code of the upper end of w's bin (of its
-    nearest level at inv_slope 0) from w / step, then corrected by comparing w with the
-    levels (the midpoints) around it, each computed as `UniformGrid.levels` computes it.
-    The estimate is off by one code at most, where w / step rounds across an integer, so
+def prox_uniform_(w: torch.Tensor, grid: UniformGrid, inv_slope: float) -> None:
+    """`prox_` on evenly spaced levels (`grid`, its step a scalar or (C, 1) for the rows of
+    w), without a search: the code of the upper end of w's bin (of its nearest level at
+    inv_slope 0) from w / step, then corrected by comparing w with the levels (the
+    midpoints) around it, each the grid's `code_centre`, as `UniformGrid.levels` computes
+    it. The estimate is off by one code at most, where w / step rounds across an integer, so
     one correction each way gives `prox_`'s result bit for bit (tests/test_parq.py)."""
-
-    def level(k: torch.Tensor) -> torch.Tensor:
-        return step * (k + offset)
-
+    level, n, p = grid.code_centre, grid.n, grid.p
     if inv_slope == 0:
-        k = torch.round(w / step - offset)
+        k = torch.round(w / grid.step - grid.offset)
         k.sub_(((level(k - 1) + level(k)) / 2 >= w).to(k.dtype))  # ties: the lower level
         k.add_(((level(k) + level(k + 1)) / 2 < w).to(k.dtype))
         w.copy_(level(k.clamp_(n, p)))
         return
-    k = torch.ceil(w / step - offset)  # the first level >= w, as torch.bucketize finds it
+    k = torch.ceil(w / grid.step - grid.offset)  # the first level >= w, as bucketize finds it
     k.add_((level(k) < w).to(k.dtype))
     # one too high only where w is a level and w / step rounds up past it: the bin above
     # maps w to itself as the bin below does (its lower end), so no correction is needed
@@ -195,9 +190,9 @@ class PARQ(Policy):
                     grid = q.grid(m.weight)
                     if q.uneven:
                         prox_(w, grid.levels(), slope)
-                    else:
-                        s = grid.step.reshape(-1, 1) if q.per_channel else grid.step
-                        prox_uniform_(w, s, grid.n, grid.p, grid.offset, slope)
+                    else:  # the step per row of w
+                        step = grid.step.reshape(-1, 1) if q.per_channel else grid.step
+                        prox_uniform_(w, replace(grid, step=step), slope)
 
     def get_extra_state(self) -> dict:
         return {"steps": self.steps, "inv_slope": self.inv_slope}

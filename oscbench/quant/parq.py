@@ -168,9 +168,7 @@ class PARQQuantizer(Quantizer):
         levels at hard rounding)."""
         if self.uneven:
             return lsbq_greedy(self._rows(w), self.bits, self.signs)[0].view(w.shape)
-        s = channel_view(self.scale, w, self.per_channel)
-        codes = torch.clamp(torch.round(w / s - self.offset), self.n, self.p)
-        return (codes + self.offset) * s
+        return (self.to_int(w) + self.offset) * channel_view(self.scale, w, self.per_channel)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         self._check_ready()
