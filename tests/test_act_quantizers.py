@@ -75,9 +75,8 @@ def test_ltq_codes_values_and_gradients_equal_n2uqs_formula(bits):
         x.detach().double(), p["a"], p["start"], p["scale_in"], p["scale_out"], q.u, 1e-3
     )
     assert torch.equal(q.to_int(x.detach()).double(), k)  # codes 0..n
-    assert len(torch.unique(k)) == n + 1 and torch.equal(
-        out.detach(), (k * q.u).float() * q.scale_out.detach()
-    )
+    assert len(torch.unique(k)) == n + 1  # the level: the code times one scale, u scale_out
+    assert torch.equal(out.detach(), k.float() * (q.u * q.scale_out.detach()))
     assert_within(out.detach(), value, gamma(3) * value.abs())
     scale = g.double() * q.u * p["scale_out"]  # the ramp's gradient, times the output's scale
     N = x.numel()

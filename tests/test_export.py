@@ -13,11 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from oscbench.deploy.onnx import Deployed, deployed, logits_only, to_onnx
+from oscbench.deploy.onnx import Deployed, MultiThreshold, deployed, logits_only, to_onnx
 from oscbench.deploy.parity import parity, weight_codes_equal
 from oscbench.launch.compose import CONF_DIR
-from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, Quantizer
+from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, Quantizer
 from oscbench.quant.modules import QConv2d, QLinear, calibrate, quantized_layers
+from tests.bounds import assert_within, gamma
 from tests.conftest import run_config
 
 
@@ -131,18 +132,92 @@ def test_every_quantizer_declares_how_its_levels_map_to_integers():
     }
 
 
-def test_learned_thresholds_are_refused_with_the_reason():
-    conv = nn.Conv2d(3, 4, 3)
-    layer = QConv2d.from_float(
-        conv,
-        quantizer("quantizer", "lsq", 4, 4),
-        quantizer("act_quantizer", "ltq", 4, None),
+def lookup_model(bits: int) -> tuple[nn.Module, list[torch.Tensor]]:
+    """LOOKUP quantizers: LTQ inputs (random intervals) and PARQ's LSBQ levels, per tensor
+    and per channel, on convs with BN and ReLU and a classifier; each weight replaced by its
+    greedy sum, as a level-setting step at hard rounding leaves it. Also the latent weights."""
+    torch.manual_seed(bits)
+    layers: list[nn.Module] = []
+    for i, per_channel in enumerate((False, True)):
+        conv = nn.Conv2d(3 if i == 0 else WIDTH, WIDTH, 3, padding=1)
+        wq = quantizer("quantizer", "parq", bits, WIDTH, levels="lsbq", per_channel=per_channel)
+        aq = quantizer("act_quantizer", "ltq", bits, None)
+        layers += [QConv2d.from_float(conv, wq, aq, False), nn.BatchNorm2d(WIDTH), nn.ReLU()]
+    head = QLinear.from_float(
+        nn.Linear(WIDTH, CLASSES),
+        quantizer("quantizer", "parq", bits, CLASSES, levels="lsbq", per_channel=True),
+        quantizer("act_quantizer", "ltq", bits, None),
         False,
     )
-    model = nn.Sequential(layer)
-    calibrate(model, torch.randn(8, 3, 6, 6))
-    with pytest.raises(NotDeployable, match="LTQQuantizer.*lookup"):
-        deployed(model)
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), head)
+    x = 2 * torch.randn(64, 3, 8, 8)
+    model.train()
+    model(x)
+    calibrate(model, x)
+    latents = []
+    with torch.no_grad():
+        for _, layer in quantized_layers(model):
+            aq, wq = layer.input_quantizer, layer.weight_quantizer
+            aq.a.mul_(0.3 + 1.4 * torch.rand_like(aq.a))  # uneven thresholds
+            aq.scale_in.fill_(1.7)
+            latents.append(layer.weight.detach().clone())
+            wq.set_levels(layer.weight)
+            layer.weight.copy_(wq.quantize(layer.weight))
+    return model.eval(), latents
+
+
+def test_learned_thresholds_count_like_the_quantizer_ties_included():
+    """LTQ's code is #{i : x scale_in > f_i}: Greater and a sum give bucketize's count, also
+    for inputs that lie exactly on a threshold."""
+    q = quantizer("act_quantizer", "ltq", 3, None)
+    q.init_from(torch.zeros(1))
+    with torch.no_grad():
+        q.a.mul_(0.3 + 1.4 * torch.rand(q.a.shape, generator=torch.Generator().manual_seed(0)))
+    node = MultiThreshold(q.threshold_form())
+    edges = q.threshold_form().edges
+    x = torch.cat([edges, torch.nextafter(edges, edges + 1), 3 * torch.randn(500)])
+    assert torch.equal(node.codes(x).long(), q.to_int(x).long())
+    assert torch.equal(node(x), q(x))  # the level: DequantizeLinear at u scale_out
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_uneven_levels_and_learned_thresholds_export_as_a_table_and_comparisons(bits):
+    model, latents = lookup_model(bits)
+    twin = deployed(model)
+    probe = to_onnx(twin, torch.randn(2, 3, 8, 8))
+    onnx_model = logits_only(probe)
+    graph = onnx.load_from_string(onnx_model).graph
+    # the file holds int8 codes and each layer's table of 2^b levels (one row per output
+    # channel, or one), the quantizers' bit for bit; no float weights
+    assert weight_codes_equal(model, onnx_model) == (3, True)
+    inits = {i.name: i for i in graph.initializer}
+    names = [f"model.{name}" for name, _ in quantized_layers(model)]
+    for name, rows in zip(names, (None, WIDTH, CLASSES), strict=True):
+        assert inits[f"{name}.weight_codes"].data_type == onnx.TensorProto.INT8
+        assert list(inits[f"{name}.weight_levels"].dims) == [rows, 2**bits][rows is None :]
+        assert f"{name}.weight" not in inits
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("GatherElements") == 3 and ops.count("Greater") == 3
+    assert "QuantizeLinear" not in ops  # every input's code is a count of thresholds
+    # the deployed weight is the level of the weight's code; a greedy sum lies within its
+    # error bound of it: each v_i sign(r) is exact, the b residual updates, the final
+    # difference and the b-term sums of the table round once each
+    deps = [m for m in twin.modules() if isinstance(m, Deployed)]
+    for (_, layer), dep, latent in zip(quantized_layers(model), deps, latents, strict=True):
+        wq, w = layer.weight_quantizer, layer.weight.detach()
+        assert torch.equal(dep.weight(), wq.code_centre(wq.to_int(w), w))
+        v_sum = wq.levels(w)[..., -1:].abs()  # the top level: v_1 + ... + v_b
+        v_sum = v_sum.view(-1, *[1] * (w.dim() - 1)) if wq.per_channel else v_sum
+        bound = gamma(2 * bits + 2) * (bits * latent.abs() + w.abs() + 2 * v_sum)
+        assert_within(dep.weight(), w, bound)
+        assert dep.off_level == int((dep.weight() != w).sum())
+    assert sum(d.off_level for d in deps) > 0  # some greedy sums are not their level exactly
+    x = 2 * torch.randn(256, 3, 8, 8)
+    got = parity(model, probe, [(x, torch.randint(CLASSES, (256,)))])
+    codes = got["input_codes"]
+    assert codes["max_difference"] <= 1
+    assert codes["differ"] <= 1e-3 * codes["compared"]
+    assert got["logits"]["images_over_bound"] == 0
 
 
 def test_a_run_with_export_true_records_parity_with_onnxruntime(tmp_path):
@@ -156,20 +231,44 @@ def test_a_run_with_export_true_records_parity_with_onnxruntime(tmp_path):
     assert block["input_codes"]["max_difference"] <= 1
 
 
-def test_export_refuses_a_full_precision_run_and_learned_thresholds(tmp_path):
+def test_a_run_with_lookup_quantizers_exports_with_parity(tmp_path):
+    """PARQ's LSBQ levels with LTQ inputs, trained to hard rounding, as the integer model."""
+    overrides = ["method=parq", "quantizer.levels=lsbq", "act_quantizer=ltq", "export=true"]
+    run_config(["logger=none", "device=cpu", "trainer.epochs=2", *overrides], tmp_path)
+    block = json.loads((tmp_path / "results.json").read_text())["export"]
+    assert "refused" not in block
+    assert block["weights"]["codes_equal"]
+    assert abs(block["images_vs_record"]["difference"]) <= 2
+    assert block["logits"]["images_over_bound"] == 0
+    assert block["input_codes"]["max_difference"] <= 1
+
+
+def test_a_ptq_run_exports_its_rounded_weights_and_a_full_precision_run_is_refused(tmp_path):
+    """PTQ's result is the model with its weights rounded to `bits` and BN re-estimated:
+    the export rebuilds it, with integer weights and inputs in full precision."""
     cmd = [sys.executable, "-m", "oscbench.export"]
-    for overrides, reason in (
-        (["method=fp"], "full-precision run has no integer model"),
-        (["method=ptq"], "PTQ run trains in full precision"),
-        (["act_quantizer=ltq"], "LTQQuantizer"),
-    ):
-        run_dir = tmp_path / overrides[0].replace("=", "-")
-        run_config(["logger=none", "device=cpu", "trainer.epochs=1", *overrides], run_dir)
+    for method in ("ptq", "osc_reg", "fp"):
+        run_dir = tmp_path / method
+        run_config(["logger=none", "device=cpu", "trainer.epochs=1", f"method={method}"], run_dir)
         out = subprocess.run([*cmd, str(run_dir)], capture_output=True, text=True)
-        assert out.returncode == 2
-        assert reason in out.stdout
-        assert reason in json.loads((run_dir / "results.json").read_text())["export"]["refused"]
-        assert not (run_dir / "model.onnx").exists()
+        block = json.loads((run_dir / "results.json").read_text())["export"]
+        if method == "fp":
+            reason = "full-precision run has no integer model"
+            assert out.returncode == 2
+            assert reason in out.stdout and reason in block["refused"]
+            assert not (run_dir / "model.onnx").exists()
+            continue
+        assert out.returncode == 0, out.stderr
+        assert block["weights"] == {
+            "quantized_layers": 4,
+            "codes_equal": True,
+            "off_level": 0,
+            "max_off_level": 0.0,
+        }
+        assert block["images_vs_record"]["record"] == "acc@4bit"
+        assert abs(block["images_vs_record"]["difference"]) <= 2  # the same model and batches
+        assert block["input_codes"]["compared"] == 0
+        assert "inputs in full precision" in out.stdout
     missing = subprocess.run([*cmd, str(tmp_path / "nowhere")], capture_output=True, text=True)
     assert missing.returncode == 2
     assert "no results.json" in missing.stderr

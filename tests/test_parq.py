@@ -28,7 +28,7 @@ from oscbench.oscillation.parq import (
     prox_uniform_,
 )
 from oscbench.oscillation.policy import RunContext, Schedule
-from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, NotDeployable, deployability
+from oscbench.quant.base import EXTRA_BIT, LOOKUP, QUANTIZERS, UNIFORM, deployability
 from oscbench.quant.modules import QuantPlan, quantize_model, quantizer_factory
 from oscbench.quant.parq import sign_patterns
 from oscbench.registry import ConfigError
@@ -78,9 +78,7 @@ def test_lsbq_levels_and_rounding_are_lsbquantizers(bits, per_channel):
     hard, levels = LSBQuantizer().quantize(p, bits, dim=-1 if per_channel else None)
     assert torch.equal(q.levels(w), levels)
     assert torch.equal(q.quantize(w), hard.view(w.shape))
-    assert q.deploy == LOOKUP
-    with pytest.raises(NotDeployable, match="quantizer.levels=uniform"):
-        q.integer_form(w)
+    assert q.deploy == LOOKUP  # exported as the table of levels (tests/test_export.py)
 
 
 def test_the_sign_patterns_are_lsbquantizers_basis_in_its_order():
@@ -306,7 +304,7 @@ def test_a_run_ends_with_every_quantized_weight_on_a_level_and_exports():
 
 
 @pytest.mark.learned
-def test_an_lsbq_run_ends_on_its_uneven_levels_and_is_not_exported_as_integers():
+def test_an_lsbq_run_ends_on_its_uneven_levels_and_exports_them_as_a_table():
     """Margins in bench/margins.md (first epoch's share on a level, last epoch's crossings)."""
     spec, built = build_config(
         [
@@ -327,8 +325,14 @@ def test_an_lsbq_run_ends_on_its_uneven_levels_and_is_not_exported_as_integers()
         gaps = levels.diff()
         assert not torch.allclose(gaps, gaps[:1].expand_as(gaps))  # v1 != 2 v2
         assert torch.isin(m.weight, levels).float().mean() > 0.99  # greedy sums: ulps aside
-    with pytest.raises(NotDeployable, match="LSBQ"):
-        deployed(built.model)
+    # the integer model: each weight's code and its layer's table of levels
+    model = built.model.eval()
+    batches = list(built.data.eval_batches("test", 256))
+    probe = to_onnx(deployed(model), batches[0][0][:2])
+    assert weight_codes_equal(model, logits_only(probe)) == (len(built.policies[0].layers), True)
+    got = parity(model, probe, batches)
+    assert got["logits"]["images_over_bound"] == 0
+    assert got["correct"] == got["correct_simulated_here"]
     config = {"quantizer": {"name": "parq", "levels": "lsbq"}, "act_quantizer": {"name": "lsq"}}
     assert deployability(config) == LOOKUP
 

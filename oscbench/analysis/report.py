@@ -93,8 +93,8 @@ def markdown(stats: pd.DataFrame, df: pd.DataFrame) -> str:
     out.append(
         "deployable: how the run's quantizers' levels map to integers (`Quantizer.deploy`): "
         f"{UNIFORM} (QuantizeLinear at b bits), {EXTRA_BIT} (mid-rise levels, the odd "
-        f"integers at one more bit), {LOOKUP} (learned thresholds or uneven levels: a table, no "
-        "QuantizeLinear); "
+        f"integers at one more bit), {LOOKUP} (learned thresholds, counted, or uneven levels, "
+        "a table the codes index; no QuantizeLinear); "
         "fp: full precision.\n"
     )
     bad = df[df["status"] != "completed"]

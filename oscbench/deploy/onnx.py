@@ -4,10 +4,14 @@ The graph, made by torch.onnx's exporter (`dynamo=True`, opset 21), is a QDQ mod
 - each quantized layer's weight is an integer initializer (int8; int16 where a mid-rise grid
   at 8 bits needs 9 bits, `Quantizer.deploy`) with DequantizeLinear, per tensor or per
   output channel, at the scale the quantizer's forward pass uses (`integer_form`), so that
-  the dequantized weight is the fake-quantized one bit for bit;
+  the dequantized weight is the fake-quantized one bit for bit; uneven levels (LOOKUP:
+  PARQ's LSBQ) are a table, one row per tensor or output channel, that the codes index
+  (Gather), so that the weight is its level;
 - each quantized layer's input goes through QuantizeLinear (uint8 or int8), a Clip to its
   b-bit range where b < 8, and DequantizeLinear, at the learned step (LSQ+'s real-valued
-  offset: a float Sub before, an Add after); first and last layers at their own bits;
+  offset: a float Sub before, an Add after); learned thresholds (LOOKUP: LTQ) count the
+  thresholds below the input instead of QuantizeLinear (a multi-threshold: Greater,
+  ReduceSum); first and last layers at their own bits;
 - the rest (BatchNorm, activation functions, pooling, residual additions) stays in float,
   as in any QDQ model; a runtime fuses what it can.
 """
@@ -15,13 +19,22 @@ The graph, made by torch.onnx's exporter (`dynamo=True`, opset 21), is a QDQ mod
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed ops)
 import torch.nn.functional as F
 from torch import nn
 
-from oscbench.quant.base import UNIFORM, IntegerForm, NotDeployable, Quantizer
+from oscbench.quant.base import (
+    LOOKUP,
+    UNIFORM,
+    IntegerForm,
+    LevelGrid,
+    NotDeployable,
+    Quantizer,
+    ThresholdForm,
+)
 from oscbench.quant.fold import QConvBn2d
 from oscbench.quant.modules import QuantizedLayer, quantized_layers, swap_module
 
@@ -30,13 +43,14 @@ OPSET = 21  # DequantizeLinear of int16 codes
 qd = torch.ops.quantized_decomposed
 
 
-def integer_dtype(form: IntegerForm) -> torch.dtype:
-    """The smallest ONNX integer type of QuantizeLinear/DequantizeLinear that holds the codes."""
-    if form.bits > 16 or (not form.signed and form.bits > 8):
-        raise NotDeployable(f"codes {form.qmin}..{form.qmax} fit no int8, uint8 or int16")
-    if form.signed:
-        return torch.int8 if form.bits <= 8 else torch.int16
-    return torch.uint8
+def integer_dtype(qmin: int, qmax: int) -> torch.dtype:
+    """The smallest ONNX integer type of QuantizeLinear/DequantizeLinear that holds the codes
+    qmin..qmax."""
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    raise NotDeployable(f"codes {qmin}..{qmax} fit no int8, uint8 or int16")
 
 
 class QDQ(nn.Module):
@@ -46,7 +60,7 @@ class QDQ(nn.Module):
     def __init__(self, form: IntegerForm) -> None:
         super().__init__()
         self.form = form
-        self.dtype = integer_dtype(form)
+        self.dtype = integer_dtype(form.qmin, form.qmax)
         info = torch.iinfo(self.dtype)
         self.full = (info.min, info.max)
         if form.axis is None:
@@ -56,42 +70,78 @@ class QDQ(nn.Module):
             self.register_buffer("zero_points", torch.zeros(form.scale.numel(), dtype=torch.long))
         self.emit: list[torch.Tensor] | None = None
 
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.form
+        if f.axis is not None:
+            args = (self.scales, self.zero_points, f.axis, f.qmin, f.qmax, self.dtype)
+            return qd.quantize_per_channel(x, *args)
+        q = qd.quantize_per_tensor(x, self.scale, f.zero_point, *self.full, self.dtype)
+        return torch.clamp(q, f.qmin, f.qmax) if (f.qmin, f.qmax) != self.full else q
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.form
         if f.offset is not None:
             x = x - f.offset
+        q = self.codes(x)
         if f.axis is None:
-            q = qd.quantize_per_tensor(x, self.scale, f.zero_point, *self.full, self.dtype)
-            if (f.qmin, f.qmax) != self.full:
-                q = torch.clamp(q, f.qmin, f.qmax)
             y = qd.dequantize_per_tensor(q, self.scale, f.zero_point, f.qmin, f.qmax, self.dtype)
         else:
             args = (self.scales, self.zero_points, f.axis, f.qmin, f.qmax, self.dtype)
-            q = qd.quantize_per_channel(x, *args)
             y = qd.dequantize_per_channel(q, *args)
         if self.emit is not None:
             self.emit.append(q)
         return y if f.offset is None else y + f.offset
 
 
+class MultiThreshold(QDQ):
+    """A LOOKUP input quantizer (LTQ): the code is the number of its learned thresholds below
+    x scale_in (Greater and ReduceSum, in place of QuantizeLinear), the level DequantizeLinear's."""
+
+    def __init__(self, form: ThresholdForm) -> None:
+        super().__init__(form.levels)
+        self.register_buffer("scale_in", form.scale_in.float())
+        self.register_buffer("edges", form.edges.float())
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        above = (x * self.scale_in).unsqueeze(-1) > self.edges
+        return above.sum(-1, dtype=torch.int32).to(self.dtype)
+
+
+def input_node(q: Quantizer) -> QDQ:
+    """A layer's input quantizer as the integer model has it."""
+    return MultiThreshold(q.threshold_form()) if q.deploy == LOOKUP else QDQ(q.integer_form(None))
+
+
 class Deployed(nn.Module):
     """A quantized Conv2d or Linear as the integer model has it: integer weight codes with
-    DequantizeLinear, its input through `QDQ`."""
+    DequantizeLinear (or, for uneven levels, a table the codes index), its input through
+    `QDQ` or `MultiThreshold`. `off_level` counts the weights whose level is not the
+    simulated weight's value exactly (PARQ's LSBQ: greedy sums an ulp off their level), and
+    `max_off_level` is the largest such difference."""
 
     def __init__(self, name: str, layer: QuantizedLayer) -> None:
         super().__init__()
         wq: Quantizer = layer.weight_quantizer
         w = layer.quantizer_input().detach()  # with bn_fold: the folded weight
-        self.form = form = wq.integer_form(w)
-        self.dtype = integer_dtype(form)
-        self.register_buffer("weight_codes", wq.integer_codes(w).to(self.dtype))
-        if form.axis is None:
-            self.weight_scale = float(form.scale)  # a constant of the graph
+        self.form: IntegerForm | None = None
+        if wq.deploy == LOOKUP:
+            grid = wq.grid(w)
+            if not isinstance(grid, LevelGrid):
+                raise NotDeployable(f"{name}: a LOOKUP weight quantizer without a LevelGrid")
+            self.register_buffer("weight_levels", grid.values.detach().float())
+            self.first_code = grid.n
+            self.dtype = integer_dtype(grid.n, grid.p)
         else:
-            self.register_buffer("weight_scale", form.scale.float().reshape(-1))
+            self.form = form = wq.integer_form(w)
+            self.dtype = integer_dtype(form.qmin, form.qmax)
+            if form.axis is None:
+                self.weight_scale = float(form.scale)  # a constant of the graph
+            else:
+                self.register_buffer("weight_scale", form.scale.float().reshape(-1))
+        self.register_buffer("weight_codes", wq.integer_codes(w).to(self.dtype))
         self.bias = folded_bias(layer) if isinstance(layer, QConvBn2d) else layer.bias
         aq = layer.input_quantizer
-        self.input = QDQ(aq.integer_form(None)) if aq is not None else None
+        self.input = input_node(aq) if aq is not None else None
         self.conv = None
         if isinstance(layer, nn.Conv2d):
             if layer.padding_mode != "zeros":
@@ -99,14 +149,24 @@ class Deployed(nn.Module):
             keys = ("stride", "padding", "dilation", "groups")
             self.conv = {k: getattr(layer, k) for k in keys}
         with torch.no_grad():
-            if not torch.equal(self.weight(), wq(w).float()):
-                raise RuntimeError(  # a quantizer whose integer_form is not its forward's
-                    f"{name}: {type(wq).__name__}.integer_form does not give its "
-                    "fake-quantized weight; fix integer_form"
-                )
+            diff = (self.weight() - wq(w).float()).abs()
+        self.off_level, self.max_off_level = int((diff > 0).sum()), float(diff.max())
+        if self.off_level and self.form is not None:
+            raise RuntimeError(  # a quantizer whose integer_form is not its forward's
+                f"{name}: {type(wq).__name__}.integer_form does not give its "
+                "fake-quantized weight; fix integer_form"
+            )
 
     def weight(self) -> torch.Tensor:
         f, codes = self.form, self.weight_codes
+        if f is None:  # a table of levels, one per tensor or per output channel
+            # the codes' table indices through DequantizeLinear (scale 1, zero point the
+            # first code), which the exporter's constant folding keeps, so that the file
+            # holds the codes and the table, not float weights
+            lo, hi = self.first_code, self.first_code + self.weight_levels.shape[-1] - 1
+            index = qd.dequantize_per_tensor(codes, 1.0, lo, lo, hi, self.dtype).long()
+            rows = index.flatten(1) if self.weight_levels.dim() == 2 else index.reshape(-1)
+            return self.weight_levels.gather(-1, rows).view(codes.shape)  # GatherElements
         if f.axis is None:
             return qd.dequantize_per_tensor(codes, self.weight_scale, 0, f.qmin, f.qmax, self.dtype)
         return qd.dequantize_per_channel(
@@ -163,6 +223,8 @@ def deployed(model: nn.Module) -> nn.Module:
 
 def to_onnx(twin: nn.Module, example: torch.Tensor) -> bytes:
     """The deployed model with its codes as outputs (`Probe`), as serialized ONNX."""
+    for name in ("onnxscript", "onnx_ir"):  # their optimizer logs each step at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     batch = {0: torch.export.Dim.DYNAMIC}
     program = torch.onnx.export(
         Probe(twin).eval(),

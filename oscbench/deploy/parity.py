@@ -1,11 +1,12 @@
 """The exported model's parity with the simulated one.
 
 Parity is measured on the graph as written (onnxruntime with graph optimizations off) against
-the fake-quantized model here: the weight codes in the file against the quantizers' codes
-(equal, or the export fails); every quantized input's codes (a code may differ where the
-two sums that feed it round differently and the value lies at a rounding tie; these are
-counted); the logits, against the error bound of the last layer's sum given both inputs
-(`logit_bound`); the test accuracy, in images, against the record's. The accuracy with
+the fake-quantized model here: the weight codes in the file against the quantizers' codes,
+and a table of uneven levels against the quantizer's (equal, or the export fails); every
+quantized input's codes (a code may differ where the two sums that feed it round differently
+and the value lies at a rounding tie; these are counted); the logits, against the error
+bound of the last layer's sum given both inputs and both weights; the test accuracy, in
+images, against the record's. The accuracy with
 onnxruntime's default optimizations, which fuse QDQ patterns into integer kernels, is
 reported beside it (`optimized`).
 """
@@ -20,8 +21,8 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_
 from torch import nn
 
 from oscbench.data.base import Batch
-from oscbench.deploy.onnx import session
-from oscbench.quant.base import IntegerForm, Quantizer
+from oscbench.deploy.onnx import Deployed, session
+from oscbench.quant.base import LOOKUP, IntegerForm, Quantizer
 from oscbench.quant.modules import quantized_layers
 
 U = 2.0**-24  # float32's unit roundoff
@@ -29,21 +30,25 @@ U = 2.0**-24  # float32's unit roundoff
 
 def weight_codes_equal(model: nn.Module, onnx_model: bytes) -> tuple[int, bool]:
     """(quantized layers, whether every layer's weight codes in the ONNX file equal its
-    quantizer's `integer_codes`)."""
+    quantizer's `integer_codes`, and where its levels are a table (LOOKUP), the file's table
+    its grid's levels)."""
     import onnx
     from onnx import numpy_helper
 
     inits = {i.name: i for i in onnx.load_from_string(onnx_model).graph.initializer}
     layers = list(quantized_layers(model))
     for name, layer in layers:
-        init = inits.get(f"model.{name}.weight_codes")
-        if init is None:
-            return len(layers), False
-        theirs = numpy_helper.to_array(init).astype(np.int64)
-        ours = layer.weight_quantizer.integer_codes(layer.quantizer_input().detach())
-        ours = ours.long().numpy()
-        if theirs.shape != ours.shape or not (theirs == ours).all():
-            return len(layers), False
+        wq, w = layer.weight_quantizer, layer.quantizer_input().detach()
+        pairs = [("weight_codes", wq.integer_codes(w).long())]
+        if wq.deploy == LOOKUP:
+            pairs.append(("weight_levels", wq.grid(w).levels().float()))
+        for key, ours in pairs:
+            init = inits.get(f"model.{name}.{key}")
+            if init is None:
+                return len(layers), False
+            theirs = torch.from_numpy(numpy_helper.to_array(init).copy()).to(ours.dtype)
+            if not torch.equal(theirs, ours):
+                return len(layers), False
     return len(layers), True
 
 
@@ -55,7 +60,7 @@ def parity(model: nn.Module, probe: bytes, batches: Iterable[Batch]) -> dict:
     layers = [layer for _, layer in quantized_layers(model) if layer.input_quantizer is not None]
     ours: list[torch.Tensor] = []
     last_in: list[torch.Tensor] = []
-    last = list(quantized_layers(model))[-1][1]
+    last_name, last = list(quantized_layers(model))[-1]
     last_out: list[torch.Tensor] = []
 
     def codes(q: Quantizer, inputs: tuple, output: torch.Tensor) -> None:
@@ -66,10 +71,12 @@ def parity(model: nn.Module, probe: bytes, batches: Iterable[Batch]) -> dict:
     hooks = [layer.input_quantizer.register_forward_hook(codes) for layer in layers]
     hooks.append(last.register_forward_hook(lambda m, i, o: last_out.append(o)))
     bounded = isinstance(last, nn.Linear) and last.input_quantizer is not None
-    if bounded:
-        w = last.weight_quantizer(last.quantizer_input()).double().abs()
-        b = last.bias.double().abs() if last.bias is not None else torch.zeros(w.shape[0])
-        k = w.shape[1] + 1
+    if bounded:  # the simulated weight and the integer model's (a table's level may differ)
+        w_t = last.weight_quantizer(last.quantizer_input()).double()
+        w_o = Deployed(last_name, last).weight().double()
+        dw, w_t, w_o = (w_o - w_t).abs(), w_t.abs(), w_o.abs()
+        b = last.bias.double().abs() if last.bias is not None else torch.zeros(w_t.shape[0])
+        k = w_t.shape[1] + 1
         gamma = k * U / (1 - k * U)
         form = last.input_quantizer.integer_form(None)
     sess = session(probe, optimized=False)
@@ -98,7 +105,8 @@ def parity(model: nn.Module, probe: bytes, batches: Iterable[Batch]) -> dict:
             if bounded and torch.equal(last_out[0], logits):
                 x_t = last_in[0].double()
                 x_o = _dequantized(theirs[-1], form).double()
-                bound = (x_o - x_t).abs() @ w.T + gamma * ((x_o.abs() + x_t.abs()) @ w.T + 2 * b)
+                bound = (x_o - x_t).abs() @ w_o.T + x_t.abs() @ dw.T
+                bound += gamma * (x_o.abs() @ w_o.T + x_t.abs() @ w_t.T + 2 * b)
                 over += int((err > bound).any(1).sum())
                 max_ratio = max(max_ratio, float((err / bound.clamp_min(1e-300)).max()))
             else:
@@ -122,7 +130,8 @@ def parity(model: nn.Module, probe: bytes, batches: Iterable[Batch]) -> dict:
         },
         "logits": {
             "max_abs_difference": max_err,
-            "bound": "last layer: |W| |x_onnx - x| + gamma_K (|W| (|x_onnx| + |x|) + 2 |b|)"
+            "bound": "last layer: |W_onnx| |x_onnx - x| + |W_onnx - W| |x| + "
+            "gamma_K (|W_onnx| |x_onnx| + |W| |x| + 2 |b|)"
             if bounded
             else None,
             "images_over_bound": over if bounded else None,

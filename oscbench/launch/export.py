@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from oscbench.data.base import Data, build_data
-from oscbench.deploy.onnx import ONNX_FILE, OPSET, deployed, logits_only, to_onnx
+from oscbench.deploy.onnx import ONNX_FILE, OPSET, Deployed, deployed, logits_only, to_onnx
 from oscbench.deploy.parity import accuracy, parity, weight_codes_equal
 from oscbench.launch.build import quantize
 from oscbench.launch.compose import compose
 from oscbench.launch.config import RunSpec, resolved, validate
+from oscbench.launch.naming import result_key
 from oscbench.models.base import build_model
 from oscbench.quant.base import NotDeployable
 from oscbench.records.checkpoint import FINAL_MODEL
@@ -25,6 +26,7 @@ from oscbench.records.files import DamagedFile, write_atomic, write_json_atomic
 from oscbench.records.record import load_results
 from oscbench.records.runs import RESULTS
 from oscbench.registry import ConfigError
+from oscbench.training.evaluation import reestimate_bn, with_weight_bits
 
 
 def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
@@ -57,6 +59,25 @@ def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
     return spec, data, model.eval(), record
 
 
+def rounded(spec: RunSpec, data: Data, model: nn.Module) -> nn.Module:
+    """A PTQ run's model as its result (`acc@{bits}bit`) evaluates it: the weights rounded
+    to nearest at `bits` (first and last layer as the run's plan sets them), the inputs in
+    full precision, BN statistics re-estimated on the same training batches."""
+    q = with_weight_bits(model, spec.bits, spec.plan)
+    reestimate_bn(q, data, spec.trainer.bn_reestimate_batches, spec.trainer.batch_size)
+    return q.eval()
+
+
+def off_level(twin: nn.Module) -> dict:
+    """The weights whose level in the integer model is not the simulated weight exactly
+    (uneven levels only: PARQ's LSBQ greedy sums, an ulp or so off their level)."""
+    layers = [m for m in twin.modules() if isinstance(m, Deployed)]
+    return {
+        "off_level": sum(m.off_level for m in layers),
+        "max_off_level": max((m.max_off_level for m in layers), default=0.0),
+    }
+
+
 def export_run(run_dir: Path, batch_size: int | None = None) -> dict:
     """Export the run in `run_dir` to `model.onnx`, measure its parity and write the
     record's `export` block (also when the export is refused: its reason); returns it."""
@@ -66,13 +87,13 @@ def export_run(run_dir: Path, batch_size: int | None = None) -> dict:
     batch_size = batch_size or spec.trainer.eval_batch_size
     block: dict = {"opset": OPSET, "onnxruntime": onnxruntime.__version__}
     try:
-        if not spec.quantized:
-            what = (
-                "a PTQ run trains in full precision and rounds its weights only to evaluate them"
-                if spec.ptq
-                else "a full-precision run has no integer model"
+        if spec.ptq:
+            model = rounded(spec, data, model)
+        elif not spec.quantized:
+            raise NotDeployable(
+                "a full-precision run has no integer model; export a quantized run, or a "
+                "PTQ one (ptq=true: its weights rounded to `bits` after training)"
             )
-            raise NotDeployable(f"{what}; export a quantized run")
         start = time.perf_counter()
         twin = deployed(model)
         example = next(data.eval_batches("test", min(batch_size, 2)))[0]
@@ -84,12 +105,13 @@ def export_run(run_dir: Path, batch_size: int | None = None) -> dict:
         layers, equal = weight_codes_equal(model, onnx_model)
         if not equal:
             raise RuntimeError(f"{run_dir / ONNX_FILE}: weight codes differ from the quantizers'")
-        block["weights"] = {"quantized_layers": layers, "codes_equal": equal}
+        block["weights"] = {"quantized_layers": layers, "codes_equal": equal} | off_level(twin)
         start = time.perf_counter()
         block |= parity(model, probe, data.eval_batches("test", batch_size))
         block["optimized"] = {"acc": accuracy(onnx_model, data.eval_batches("test", batch_size))}
         block["seconds_parity"] = time.perf_counter() - start
-        key = "acc_bn" if "acc_bn" in record["final"] else "acc"
+        key = result_key(spec.ptq, spec.bits)
+        key = key if key in record["final"] else "acc"  # no BN re-estimation
         recorded = round(record["final"][key] * block["test_images"] / 100)
         block["images_vs_record"] = {"record": key, "difference": block["correct"] - recorded}
     except NotDeployable as e:
@@ -107,13 +129,16 @@ def summary(block: dict) -> str:
         f"exported   {block['file']} ({block['seconds_export']:.1f} s; onnxruntime "
         f"{block['onnxruntime']}, opset {block['opset']})",
         f"weights    {block['weights']['quantized_layers']} quantized layers, integer codes "
-        + ("equal to oscbench's" if block["weights"]["codes_equal"] else "DIFFER"),
+        + ("equal to oscbench's" if block["weights"]["codes_equal"] else "DIFFER")
+        + _off_level(block["weights"]),
         f"accuracy   {block['acc']:.2f} % on {block['test_images']:,} test images "
         f"({block['images_vs_record']['difference']:+d} images against the record's "
         f"{block['images_vs_record']['record']}); onnxruntime optimized: "
         f"{block['optimized']['acc']:.2f} %",
         f"codes      {codes['differ']:,} of {codes['compared']:,} quantized inputs differ "
-        f"(by at most {codes['max_difference']}; {codes['images_with_a_difference']:,} images)",
+        f"(by at most {codes['max_difference']}; {codes['images_with_a_difference']:,} images)"
+        if codes["compared"]
+        else "codes      inputs in full precision (the weights only are integers)",
         f"logits     max |difference| {logits['max_abs_difference']:.3g}"
         + (
             f", {logits['images_over_bound']} images over the bound "
@@ -123,3 +148,13 @@ def summary(block: dict) -> str:
         ),
     ]
     return "\n".join(lines)
+
+
+def _off_level(weights: dict) -> str:
+    n = weights.get("off_level", 0)  # records exported before tables of levels have none
+    if not n:
+        return ""
+    return (
+        f"; {n:,} simulated weights lie off their level by at most "
+        f"{weights['max_off_level']:.2g} (the integer model has the level)"
+    )

@@ -1,7 +1,7 @@
 """The quantizer interface, the grids quantizers describe (uniform, or a set of levels:
 PARQ's LSBQ), the quantizer registry, the capabilities that policies ask of a quantizer,
 and how a quantizer's levels map to the integers of a deployed model (`Quantizer.deploy`,
-`IntegerForm`).
+`IntegerForm`, `ThresholdForm`).
 
 A quantizer plugin is one module that defines a `Quantizer` subclass and registers it:
 
@@ -55,11 +55,11 @@ CAPABILITIES = {
 # How a quantizer's levels map to integers (Quantizer.deploy; the report's "deployable")
 UNIFORM = "yes"  # level = scale (code - zero point): QuantizeLinear/DequantizeLinear at b bits
 EXTRA_BIT = "at b+1 bits"  # mid-rise levels (k + 1/2) s: the odd integer 2k + 1 on a step s / 2
-LOOKUP = "lookup"  # non-uniform thresholds or levels (LTQ, LSBQ): a table lookup, not a rounding
+LOOKUP = "lookup"  # learned thresholds (LTQ: compared) or uneven levels (LSBQ: a table)
 
 
 class NotDeployable(ValueError):
-    """A quantizer whose levels no integer runtime's QuantizeLinear produces; says why."""
+    """A quantizer or run that has no integer model; says why."""
 
 
 @dataclass
@@ -86,6 +86,17 @@ class IntegerForm:
         """The bits its codes need."""
         top = max(self.qmax + 1, -self.qmin) if self.signed else self.qmax + 1
         return math.ceil(math.log2(max(top, 2))) + int(self.signed)
+
+
+@dataclass
+class ThresholdForm:
+    """An input quantizer whose codes come from learned thresholds, not a rounding (LOOKUP
+    inputs: LTQ): the code of x is the number of `edges` below x * `scale_in` (a
+    multi-threshold), and its level is `levels`' (a uniform IntegerForm)."""
+
+    scale_in: torch.Tensor
+    edges: torch.Tensor
+    levels: IntegerForm
 
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
@@ -250,7 +261,8 @@ class Quantizer(nn.Module):
     (UNIFORM, EXTRA_BIT or LOOKUP) says how its levels map to integers, and
     `integer_form(x)` gives that map for tensor x (activations: for any input), the one the
     forward pass computes levels with, so that scale * (code - zero_point) is bit for bit
-    the fake-quantized value.
+    the fake-quantized value. A LOOKUP input quantizer gives its codes' `threshold_form()`; a
+    LOOKUP weight quantizer's levels are its `grid(w)`, a `LevelGrid` (a table).
     """
 
     deploy: str  # every quantizer declares it (one whose options decide: `deploy_for(options)`)
@@ -320,12 +332,17 @@ class Quantizer(nn.Module):
         """How x's levels map to integers (weights: x is the weight; activations: None)."""
         raise NotDeployable(f"{type(self).__name__} declares no integer form ({self.deploy})")
 
+    def threshold_form(self) -> ThresholdForm:
+        """How an input quantizer's codes come from learned thresholds (LOOKUP inputs)."""
+        raise NotDeployable(f"{type(self).__name__} declares no threshold form ({self.deploy})")
+
     @torch.no_grad()
     def integer_codes(self, w: torch.Tensor) -> torch.Tensor:
-        """A weight's integer codes in `integer_form(w)`: `to_int`'s, or on a mid-rise grid
-        (EXTRA_BIT) the odd integers 2 k + 1."""
+        """A weight's integer codes in `integer_form(w)`: `to_int`'s (on a LOOKUP grid, the
+        index of the level in the table, shifted by the grid's first code), or on a mid-rise
+        grid (EXTRA_BIT) the odd integers 2 k + 1."""
         k = self.to_int(w)
-        return k if self.deploy == UNIFORM else 2 * k + 1
+        return 2 * k + 1 if self.deploy == EXTRA_BIT else k
 
     def get_extra_state(self) -> dict:
         return {"ready": self.ready, **{k: getattr(self, k) for k in self.extra_state}}

@@ -10,7 +10,9 @@ With n = 2^b - 1 intervals a_0..a_(n-1) (learnable, each at least `eps`), a star
 interval u = init_range / n: the input is first scaled, z = scale_in x; the backward
 thresholds are b_(i+1) = b_i + a_i and the forward ones f_i = b_i + a_i / 2, the middle of
 each interval. Forward: the code k = #{i : z > f_i} in 0..n, output scale_out k u (uniform
-levels). Backward (the generalized straight-through estimator): the gradient of the
+levels; here k (u scale_out), one scale, so that an integer runtime's DequantizeLinear
+gives the same value, where the references multiply k u by scale_out: a last-bit
+difference). Backward (the generalized straight-through estimator): the gradient of the
 piecewise-linear k(z) ~ i + (z - b_i) / a_i on [b_i, b_(i+1)], constant (no gradient)
 below b_0 and above b_n, times scale_out u; so x, scale_in, the intervals and the start
 all learn through it, and scale_out through the output's value.
@@ -22,6 +24,9 @@ Both start from a_i = u with `init_range` 2 and scale_in 1, without looking at d
 calibration batch only marks the quantizer ready), as here. Where the references loop
 over the n thresholds with torch.where, this evaluates the same function with one
 bucketize and gathers (memory: a few tensors of the input's size, not n).
+
+Deployed (`deploy` LOOKUP), the code is a multi-threshold, the count of the forward
+thresholds below x scale_in (`threshold_form`), and the level a DequantizeLinear of it.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ from oscbench.quant.base import (
     LOOKUP,
     QUANTIZERS,
     IntegerForm,
-    NotDeployable,
     Quantizer,
+    ThresholdForm,
 )
 from oscbench.registry import check
 
@@ -91,21 +96,24 @@ class LTQQuantizer(Quantizer):
         ramp = (z - b[j]) / a[j] + j  # k(z) inside [b_0, b_n]: i + (z - b_i) / a_i
         ramp = torch.where(inside, ramp, ramp.detach())
         k = code + (ramp - ramp.detach())  # the code forward, the ramp's gradient backward
-        return k * self.u * self.scale_out
+        return k * (self.u * self.scale_out)
 
     @torch.no_grad()
     def to_int(self, x: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(x.float() * self.scale_in, self._edges()[2]).float()
 
     def integer_form(self, x: torch.Tensor | None) -> IntegerForm:
-        raise NotDeployable(
-            "LTQ's thresholds are learned and non-uniform, so its codes come from a lookup "
-            "(bucketize against 2^b - 1 thresholds), which no QuantizeLinear computes"
-        )
+        """The output levels: codes 0..n at the step u scale_out."""
+        return IntegerForm((self.u * self.scale_out).detach().float(), 0, self.levels_n)
+
+    def threshold_form(self) -> ThresholdForm:
+        """The code: the number of forward thresholds f_i below x scale_in."""
+        scale_in = self.scale_in.detach().float()
+        return ThresholdForm(scale_in, self._edges()[2].detach(), self.integer_form(None))
 
     def levels(self, x: torch.Tensor) -> torch.Tensor:
         k = torch.arange(self.levels_n + 1, device=self.a.device, dtype=torch.float32)
-        return k * self.u * self.scale_out.detach()
+        return k * (self.u * self.scale_out.detach())
 
     def thresholds(self, x: torch.Tensor) -> torch.Tensor:
         """Where the code steps up, in the input's units (not between the output levels:
@@ -113,7 +121,7 @@ class LTQQuantizer(Quantizer):
         return self._edges()[2].detach() / self.scale_in.detach()
 
     def code_centre(self, codes: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return codes * self.u * self.scale_out.detach()
+        return codes * (self.u * self.scale_out.detach())
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, learn_start={self.cfg.learn_start}"

@@ -91,7 +91,8 @@ class PARQQuantizer(Quantizer):
       (scale_method mean) or max|w|, at least float32's smallest normal.
     - `levels: lsbq` (LSBQuantizer, greedy, `lsbq_greedy`): the 2^b sums ±v_1 ± ... ± v_b,
       not evenly spaced (a `LevelGrid`; codes -2^(b-1).. in their order). Deployed, they
-      are a table, not a QuantizeLinear (`deploy` LOOKUP).
+      are a table of levels and each weight's code (`deploy` LOOKUP: a Gather, not a
+      DequantizeLinear).
 
     Not implemented: `center` (subtracting the mean first; off by default there) and LSBQ's
     `optimal` solutions for 1-2 bits and ternary (`--quant-lsbq-optimal`, off in their
@@ -191,10 +192,7 @@ class PARQQuantizer(Quantizer):
     def integer_form(self, w: torch.Tensor | None) -> IntegerForm:
         """int_shift 1: the codes at step s; 0.5: the odd integers 2k + 1 at step s / 2."""
         if self.deploy == LOOKUP:
-            raise NotDeployable(
-                "LSBQ's levels are sums of ±v_i, not evenly spaced: no QuantizeLinear makes "
-                "them; train with quantizer.levels=uniform to export"
-            )
+            raise NotDeployable("LSBQ's levels are not evenly spaced: a table (`grid(w)`)")
         if self.deploy == UNIFORM:
             return IntegerForm(
                 self.scale.flatten(), self.n, self.p, 0 if self.per_channel else None
