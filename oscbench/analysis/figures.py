@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import colorcet
 import matplotlib
 
 matplotlib.use("Agg")
@@ -28,11 +29,12 @@ NOT_SHOWN = ("bits", "fp_run.key")  # in the axes or panels; a hash (fp_run.reci
 UNSET = (None, "-", "None")  # a setting a run lacks, or leaves null (as value or as text)
 
 
-def colours(n: int) -> list:
-    """n distinct colours: tab10's, then tab20's lighter ten (then again)."""
-    dark = list(plt.get_cmap("tab10").colors)
-    light = list(plt.get_cmap("tab20").colors)[1::2]
-    return [(dark + light)[i % 20] for i in range(n)]
+def colours(n: int) -> list[str]:
+    """n colours as far apart as colorcet's Glasbey palette puts them (256), of some chroma
+    and at most 70 lightness, so that none is grey or faint on white; tab10 and tab20 had
+    ten hues for twenty methods, a light and a dark of each."""
+    palette = colorcet.palette["glasbey_bw_minc_20_maxl_70"]  # hex strings
+    return [palette[i % len(palette)] for i in range(n)]
 
 
 def _shown(settings: dict, bits: int) -> dict:
