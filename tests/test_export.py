@@ -134,8 +134,9 @@ def test_every_quantizer_declares_how_its_levels_map_to_integers():
 
 def lookup_model(bits: int) -> tuple[nn.Module, list[torch.Tensor]]:
     """LOOKUP quantizers: LTQ inputs (random intervals) and PARQ's LSBQ levels, per tensor
-    and per channel, on convs with BN and ReLU and a classifier; each weight replaced by its
-    greedy sum, as a level-setting step at hard rounding leaves it. Also the latent weights."""
+    and per channel, on convs with BN and ReLU, and a classifier on centred uniform levels
+    per channel; each weight replaced by its rounding as a level-setting step at hard
+    rounding leaves it (LSBQ's greedy sum). Also the latent weights."""
     torch.manual_seed(bits)
     layers: list[nn.Module] = []
     for i, per_channel in enumerate((False, True)):
@@ -145,7 +146,7 @@ def lookup_model(bits: int) -> tuple[nn.Module, list[torch.Tensor]]:
         layers += [QConv2d.from_float(conv, wq, aq, False), nn.BatchNorm2d(WIDTH), nn.ReLU()]
     head = QLinear.from_float(
         nn.Linear(WIDTH, CLASSES),
-        quantizer("quantizer", "parq", bits, CLASSES, levels="lsbq", per_channel=True),
+        quantizer("quantizer", "parq", bits, CLASSES, center=True, per_channel=True),
         quantizer("act_quantizer", "ltq", bits, None),
         False,
     )
@@ -275,7 +276,7 @@ def test_a_ptq_run_exports_its_rounded_weights_and_a_full_precision_run_is_refus
     assert "Traceback" not in missing.stderr
 
 
-def test_a_record_from_before_export_and_bn_fold_existed_exports(tmp_path):
+def test_a_record_from_before_export_bn_fold_and_an_option_existed_exports(tmp_path):
     from oscbench.launch.export import export_run
 
     run_config(["logger=none", "device=cpu", "trainer.epochs=1"], tmp_path)
@@ -283,5 +284,7 @@ def test_a_record_from_before_export_and_bn_fold_existed_exports(tmp_path):
     record = json.loads(path.read_text())
     for key in ("export", "bn_fold"):
         del record["config"][key]
+    for group in ("quantizer", "act_quantizer"):  # an option newer than the record
+        del record["config"][group]["keep_positive"]
     path.write_text(json.dumps(record))
     assert export_run(tmp_path)["weights"]["codes_equal"]

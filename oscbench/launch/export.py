@@ -16,7 +16,7 @@ from oscbench.data.base import Data, build_data
 from oscbench.deploy.onnx import ONNX_FILE, OPSET, Deployed, deployed, logits_only, to_onnx
 from oscbench.deploy.parity import accuracy, parity, weight_codes_equal
 from oscbench.launch.build import quantize
-from oscbench.launch.compose import compose
+from oscbench.launch.compose import CONF_DIR, compose
 from oscbench.launch.config import RunSpec, resolved, validate
 from oscbench.launch.naming import result_key
 from oscbench.models.base import build_model
@@ -27,6 +27,20 @@ from oscbench.records.record import load_results
 from oscbench.records.runs import RESULTS
 from oscbench.registry import ConfigError
 from oscbench.training.evaluation import reestimate_bn, with_weight_bits
+
+
+def choices(config: dict) -> list[str]:
+    """The overrides that choose a record's components where conf/ has them (its model,
+    data, recipe, quantizers and policies)."""
+    out = []
+    for group in ("model", "dataset", "recipe", "quantizer", "act_quantizer"):
+        name = (config.get(group) or {}).get("name")
+        if name and (Path(CONF_DIR) / group / f"{name}.yaml").exists():
+            out.append(f"{group}={name}")
+    policies = [
+        n for n in config.get("policy") or {} if (Path(CONF_DIR) / "policy" / f"{n}.yaml").exists()
+    ]
+    return [*out, f"policy=[{','.join(policies)}]"]
 
 
 def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
@@ -41,11 +55,11 @@ def rebuild(run_dir: Path) -> tuple[RunSpec, Data, nn.Module, dict]:
     if not final_model.exists():
         raise ConfigError(f"{final_model} is missing: the run's final weights are not there")
     config = {k: v for k, v in record["config"].items() if k != "fp_run"}
-    # top-level keys newer than the record (export, bn_fold) at their defaults, which leave
-    # a run as it was before they existed (its key is unchanged: oscbench.records.runs.fingerprint)
-    defaults = resolved(compose([]))
-    config = {k: v for k, v in defaults.items() if k not in config} | config
-    spec = validate(OmegaConf.create(config | {"device": "cpu"}))
+    # keys newer than the record (export, bn_fold, a quantizer's new option) at their
+    # defaults for the components it chose, which leave a run as it was before they existed
+    # (its key is unchanged: oscbench.records.runs.fingerprint)
+    config = OmegaConf.merge(resolved(compose(choices(config))), config)
+    spec = validate(OmegaConf.merge(config, {"device": "cpu"}))
     device = torch.device("cpu")
     data = build_data(spec.dataset, seed=spec.seed, device=device)
     model = build_model(spec.model, data.num_classes, data.in_channels, data.image_size)

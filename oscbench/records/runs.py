@@ -48,6 +48,8 @@ NEUTRAL = {
     "trainer.gamma": 0.1,
     "trainer.no_weight_decay": "none",
     "quantizer.levels": "uniform",  # PARQ's
+    "quantizer.center": False,  # PARQ's
+    "quantizer.optimal": False,  # PARQ's (LSBQ)
 }
 
 
