@@ -212,13 +212,22 @@ def test_uneven_levels_and_learned_thresholds_export_as_a_table_and_comparisons(
         bound = gamma(2 * bits + 2) * (bits * latent.abs() + w.abs() + 2 * v_sum)
         assert_within(dep.weight(), w, bound)
         assert dep.off_level == int((dep.weight() != w).sum())
-    assert sum(d.off_level for d in deps) > 0  # some greedy sums are not their level exactly
     x = 2 * torch.randn(256, 3, 8, 8)
     got = parity(model, probe, [(x, torch.randint(CLASSES, (256,)))])
     codes = got["input_codes"]
     assert codes["max_difference"] <= 1
     assert codes["differ"] <= 1e-3 * codes["compared"]
     assert got["logits"]["images_over_bound"] == 0
+    # a weight an ulp off its level (as some greedy sums are, depending on the CPU path and
+    # the width) is counted, and the integer model keeps the level
+    name, layer = next(iter(quantized_layers(model)))
+    before = Deployed(name, layer)
+    flat = layer.weight.detach().view(-1)
+    i = int(torch.nonzero(before.weight().view(-1) == flat)[0])
+    flat[i] = torch.nextafter(flat[i], flat[i] + 1)
+    after = Deployed(name, layer)
+    assert torch.equal(after.weight(), before.weight())
+    assert after.off_level == before.off_level + 1 and after.max_off_level > 0
 
 
 def test_a_run_with_export_true_records_parity_with_onnxruntime(tmp_path):
@@ -241,7 +250,10 @@ def test_a_run_with_lookup_quantizers_exports_with_parity(tmp_path):
     assert block["weights"]["codes_equal"]
     assert abs(block["images_vs_record"]["difference"]) <= 2
     assert block["logits"]["images_over_bound"] == 0
-    assert block["input_codes"]["max_difference"] <= 1
+    # a code one rounding tie apart early moves later ones by more (LTQ's narrow intervals):
+    # 0, 36 and 1 of 1,175,040 codes on the native, avx2 and default paths, in 0-3 images
+    codes = block["input_codes"]
+    assert codes["differ"] <= 1e-3 * codes["compared"]
 
 
 def test_a_ptq_run_exports_its_rounded_weights_and_a_full_precision_run_is_refused(tmp_path):
