@@ -167,13 +167,16 @@ def lookup_model(bits: int) -> tuple[nn.Module, list[torch.Tensor]]:
     return model.eval(), latents
 
 
-def test_learned_thresholds_count_like_the_quantizer_ties_included():
-    """LTQ's code is #{i : x scale_in > f_i}: Greater and a sum give bucketize's count, also
-    for inputs that lie exactly on a threshold."""
-    q = quantizer("act_quantizer", "ltq", 3, None)
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_learned_thresholds_count_like_the_quantizer_ties_included(bits):
+    """LTQ's code is #{i : x scale_in > f_i}: the binary search gives bucketize's count, also
+    for inputs that lie exactly on a threshold, and where intervals sit at LTQ's smallest."""
+    q = quantizer("act_quantizer", "ltq", bits, None)
     q.init_from(torch.zeros(1))
     with torch.no_grad():
-        q.a.mul_(0.3 + 1.4 * torch.rand(q.a.shape, generator=torch.Generator().manual_seed(0)))
+        g = torch.Generator().manual_seed(bits)
+        q.a.mul_(0.3 + 1.4 * torch.rand(q.a.shape, generator=g))
+        q.a[::3] = 0.0  # clamped to eps
     node = MultiThreshold(q.threshold_form())
     edges = q.threshold_form().edges
     x = torch.cat([edges, torch.nextafter(edges, edges + 1), 3 * torch.randn(500)])
@@ -198,7 +201,8 @@ def test_uneven_levels_and_learned_thresholds_export_as_a_table_and_comparisons(
         assert list(inits[f"{name}.weight_levels"].dims) == [rows, 2**bits][rows is None :]
         assert f"{name}.weight" not in inits
     ops = [n.op_type for n in graph.node]
-    assert ops.count("GatherElements") == 3 and ops.count("Greater") == 3
+    # the tables (GatherElements); the thresholds, b steps of a search a layer (Greater)
+    assert ops.count("GatherElements") == 3 and ops.count("Greater") == 3 * bits
     assert "QuantizeLinear" not in ops  # every input's code is a count of thresholds
     # the deployed weight is the level of the weight's code; a greedy sum lies within its
     # error bound of it: each v_i sign(r) is exact, the b residual updates, the final

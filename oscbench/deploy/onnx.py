@@ -10,8 +10,8 @@ The graph, made by torch.onnx's exporter (`dynamo=True`, opset 21), is a QDQ mod
 - each quantized layer's input goes through QuantizeLinear (uint8 or int8), a Clip to its
   b-bit range where b < 8, and DequantizeLinear, at the learned step (LSQ+'s real-valued
   offset: a float Sub before, an Add after); learned thresholds (LOOKUP: LTQ) count the
-  thresholds below the input instead of QuantizeLinear (a multi-threshold: Greater,
-  ReduceSum); first and last layers at their own bits;
+  thresholds below the input instead of QuantizeLinear (a multi-threshold, by binary
+  search: Gather, Greater); first and last layers at their own bits;
 - the rest (BatchNorm, activation functions, pooling, residual additions) stays in float,
   as in any QDQ model; a runtime fuses what it can.
 """
@@ -95,16 +95,23 @@ class QDQ(nn.Module):
 
 class MultiThreshold(QDQ):
     """A LOOKUP input quantizer (LTQ): the code is the number of its learned thresholds below
-    x scale_in (Greater and ReduceSum, in place of QuantizeLinear), the level DequantizeLinear's."""
+    x scale_in, in place of QuantizeLinear, the level DequantizeLinear's. The thresholds are
+    sorted (each interval at least LTQ's eps > 0), so b steps of a binary search (Gather a
+    threshold, Greater, add 2^j) count them, ties as bucketize: the memory of a few
+    activations, not of 2^b - 1."""
 
     def __init__(self, form: ThresholdForm) -> None:
         super().__init__(form.levels)
         self.register_buffer("scale_in", form.scale_in.float())
         self.register_buffer("edges", form.edges.float())
+        self.bits = (len(form.edges) + 1).bit_length() - 1  # 2^b - 1 thresholds
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        above = (x * self.scale_in).unsqueeze(-1) > self.edges
-        return above.sum(-1, dtype=torch.int32).to(self.dtype)
+        z = x * self.scale_in
+        k = torch.zeros(z.shape, dtype=torch.long, device=z.device)
+        for j in reversed(range(self.bits)):  # is the (k + 2^j)-th threshold below z?
+            k = k + (z > self.edges[k + (2**j - 1)]).long() * 2**j
+        return k.to(self.dtype)
 
 
 def input_node(q: Quantizer) -> QDQ:

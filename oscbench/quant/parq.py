@@ -99,12 +99,12 @@ def lsbq_optimal_2bit(w: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tenso
     where it lies below every |w|; the first of least residual norm, among those below |w|'s
     own, wins. The reference loops over the n - 1 splits in Python; the same float operations
     are taken here for all splits at once. Where no candidate qualifies or beats |w|'s own
-    norm (w all zero, where the reference's assertion fails), the levels are 0. Per row, v_1 is `compute_v_per_channel`'s
-    (its candidates' residuals subtract v_1 twice: the reference's `v.mean` over a dimension
-    of size 1 leaves v_1 as v_2 there, so its choice can leave more residual than greedy's),
-    then v_2 = mean|w - v_1 s_1|; the levels are sorted (the reference returns V B^T in its
-    sign patterns' order, out of order where v_2 > v_1, and its proximal map then
-    bucketizes on them as if sorted)."""
+    norm (w all zero, where the reference's assertion fails), the levels are 0. Per row, v_1
+    is `compute_v_per_channel`'s (its candidates' residuals subtract v_1 twice: the
+    reference's `v.mean` over a dimension of size 1 leaves v_1 as v_2 there, so its choice
+    can leave more residual than greedy's), then v_2 = mean|w - v_1 s_1|; the levels are
+    sorted (the reference returns V B^T in its sign patterns' order, out of order where v_2
+    > v_1, and its proximal map then bucketizes on them as if sorted)."""
     signs = signs.to(w.dtype)
     if w.dim() == 2:
         v1 = _v1_per_row(w)
