@@ -8,7 +8,7 @@ SWEEP  ?= multirun/compare_methods-cnn_small-digits
 # make test: pytest-xdist's workers (auto: one per core), each on one torch thread
 JOBS   ?= auto
 
-.PHONY: install run test lint sweep report claims claims-plateau deploy bench gpu-wheels gpu-check clean
+.PHONY: install run test lint sweep report claims claims-plateau claims-2bit deploy bench gpu-wheels gpu-check clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ claims: install  # the claims study (experiments/claims): under 2 hours on 2 cor
 claims-plateau: install  # the evidence that the study's runs have plateaued: about 3 h 10 min
 	$(PY) -m oscbench.claims experiments/claims/plateau.yaml --sweep-dir multirun/claims-plateau \
 		--out experiments/claims/plateau $(ARGS)
+
+claims-2bit: install  # AOQ's and OFQ's 2-bit headlines, 160-epoch cells, 3 seeds: about 1 h 45 min
+	$(PY) -m oscbench.claims experiments/claims/two_bit.yaml --sweep-dir multirun/claims-2bit \
+		--out experiments/claims/two_bit $(ARGS)
 
 deploy: install  # every preset exported to onnxruntime, with and without BN folding (experiments/deploy)
 	$(PY) -m oscbench.claims experiments/deploy/study.yaml --sweep-dir multirun/deploy $(ARGS)

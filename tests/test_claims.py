@@ -25,7 +25,6 @@ from oscbench.records.runs import fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "claims" / "study.yaml"
-DEPLOY = ROOT / "experiments" / "deploy" / "study.yaml"
 
 
 def _configurations(overrides: list[str]) -> list[list[str]]:
@@ -67,7 +66,7 @@ def _made(study: dict) -> dict[tuple[str, str], list[claims.Cell]]:
 
 @pytest.mark.parametrize(
     "path",
-    [STUDY, STUDY.with_name("plateau.yaml"), DEPLOY],
+    sorted((ROOT / "experiments").glob("*/*.yaml")),  # every study file
     ids=lambda p: p.parent.name + "/" + p.name,
 )
 def test_every_claim_is_about_cells_that_the_studys_sweeps_make(path):

@@ -260,22 +260,30 @@ def test_a_run_with_lookup_quantizers_exports_with_parity(tmp_path):
     assert codes["differ"] <= 1e-3 * codes["compared"]
 
 
-def test_a_ptq_run_exports_its_rounded_weights_and_a_full_precision_run_is_refused(tmp_path):
+def test_a_ptq_run_exports_its_rounded_weights_and_a_full_precision_run_is_refused(
+    tmp_path, capsys
+):
     """PTQ's result is the model with its weights rounded to `bits` and BN re-estimated:
-    the export rebuilds it, with integer weights and inputs in full precision."""
-    cmd = [sys.executable, "-m", "oscbench.export"]
+    the export rebuilds it, with integer weights and inputs in full precision. The command
+    runs in this process (an exit is SystemExit), but for a directory without a run."""
+    from oscbench.export import main
+
     for method in ("ptq", "osc_reg", "fp"):
         run_dir = tmp_path / method
-        run_config(["logger=none", "device=cpu", "trainer.epochs=1", f"method={method}"], run_dir)
-        out = subprocess.run([*cmd, str(run_dir)], capture_output=True, text=True)
-        block = json.loads((run_dir / "results.json").read_text())["export"]
+        quick = ["logger=none", "device=cpu", "trainer.epochs=1", "cross_bits=[]"]
+        run_config([*quick, f"method={method}"], run_dir)
+        capsys.readouterr()
         if method == "fp":
+            with pytest.raises(SystemExit) as refused:
+                main([str(run_dir)])
             reason = "full-precision run has no integer model"
-            assert out.returncode == 2
-            assert reason in out.stdout and reason in block["refused"]
+            block = json.loads((run_dir / "results.json").read_text())["export"]
+            assert refused.value.code == 2
+            assert reason in capsys.readouterr().out and reason in block["refused"]
             assert not (run_dir / "model.onnx").exists()
             continue
-        assert out.returncode == 0, out.stderr
+        main([str(run_dir)])
+        block = json.loads((run_dir / "results.json").read_text())["export"]
         assert block["weights"] == {
             "quantized_layers": 4,
             "codes_equal": True,
@@ -285,8 +293,9 @@ def test_a_ptq_run_exports_its_rounded_weights_and_a_full_precision_run_is_refus
         assert block["images_vs_record"]["record"] == "acc@4bit"
         assert abs(block["images_vs_record"]["difference"]) <= 2  # the same model and batches
         assert block["input_codes"]["compared"] == 0
-        assert "inputs in full precision" in out.stdout
-    missing = subprocess.run([*cmd, str(tmp_path / "nowhere")], capture_output=True, text=True)
+        assert "inputs in full precision" in capsys.readouterr().out
+    cmd = [sys.executable, "-m", "oscbench.export", str(tmp_path / "nowhere")]
+    missing = subprocess.run(cmd, capture_output=True, text=True)
     assert missing.returncode == 2
     assert "no results.json" in missing.stderr
     assert "Traceback" not in missing.stderr
