@@ -39,16 +39,19 @@ def test_gradients_flow_to_bf16_inputs():
 
 
 @pytest.mark.learned
-@pytest.mark.parametrize("method", ["lsq", "aoq", "lsq_freeze"])
-def test_bf16_channels_last_training_runs_and_learns(method):
-    """10 epochs at 4 bits: validation accuracy 96.5-97.9 % on every CPU path (AOQ after 3
-    epochs: 46.5, 34.7, 19.4 % on the native, avx2 and default paths: its staged schedule
-    is slow to start)."""
+@pytest.mark.parametrize(
+    ("method", "epochs"),
+    [pytest.param(m, e, id=m) for m, e in (("lsq", 5), ("aoq", 10), ("lsq_freeze", 5))],
+)
+def test_bf16_channels_last_training_runs_and_learns(method, epochs):
+    """At 4 bits, validation accuracy 97.2-97.9 % on every CPU path: LSQ and LSQ with
+    freezing after 5 epochs, AOQ after 10 (after 5: 40.3, 42.4, 56.3 % on the native, avx2
+    and default paths: its staged schedule is slow to start)."""
     spec, built = build_config(
         [
             f"method={method}",
             "bits=4",
-            "trainer.epochs=10",
+            f"trainer.epochs={epochs}",
             "trainer.precision=bf16",
             "trainer.channels_last=always",
         ]

@@ -348,6 +348,37 @@ def test_a_missing_study_file_is_named_without_a_traceback(tmp_path):
     )
 
 
+CLAIM = "{paper: p, claim: c, a: lsq w2a2 acc, b: lsq w2a2 acc, expect: higher, margin: 0.5}"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("claims: [", "is damaged (not YAML"),
+        ("- 1", "holds a list, not a study"),
+        ("sweeps: [method=lsq]\nclaims: []", "sweeps is a list of lists of overrides"),
+        ("sweeps: [[method=lsq]]", "claims is a list of claims"),
+        (
+            f"sweeps: [[method=lsq]]\nclaims: [{CLAIM.replace(', margin: 0.5', '')}]",
+            "without margin",
+        ),
+        (f"sweeps: [[method=lsq]]\nclaims: [{CLAIM.replace('0.5', 'half')}]", "margin is a number"),
+        (
+            f"sweeps: [[method=lsq]]\nclaims: [{CLAIM.replace('w2a2 acc,', 'w2a2,', 1)}]",
+            "bits metric",
+        ),
+    ],
+)
+def test_a_bad_study_file_is_named_with_the_fix_before_any_run(tmp_path, capsys, text, says):
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as end:
+        study.main([str(path), "--sweep-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert end.value.code == 2 and says in err and str(path) in err, err
+    assert not (tmp_path / "runs").exists()  # no sweep ran
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [

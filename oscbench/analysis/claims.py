@@ -153,11 +153,20 @@ class Claim:
         return f"{a} {self.a.metric} - {b} {self.b.metric}"
 
 
+FIELDS = ("paper", "claim", "a", "b", "expect", "margin")  # what a claim of a study file names
+
+
 def parse_claims(entries: list[dict]) -> list[Claim]:
     """The study's claims; an entry with `over: [2, 3]` stands for one claim per value,
     `{b}` in its text replaced by it."""
     claims = []
     for entry in entries:
+        missing = [k for k in FIELDS if not isinstance(entry, dict) or k not in entry]
+        if missing:
+            names = ", ".join(FIELDS)
+            raise ConfigError(f"a claim without {', '.join(missing)}: each names {names}")
+        if isinstance(entry["margin"], bool) or not isinstance(entry["margin"], int | float):
+            raise ConfigError(f"claim {entry['claim']!r}: margin is a number, in the metric's unit")
         for value in entry.get("over", [None]):
 
             def fill(text: str, value: object = value) -> str:

@@ -16,7 +16,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from oscbench.analysis import figures as plots
 from oscbench.analysis import frame, report
@@ -162,6 +164,34 @@ def write(study: dict, records: list[dict], out: Path) -> pd.DataFrame:
     return table
 
 
+def load_study(path: Path) -> dict:
+    """The study file, checked before any run: YAML with `base` (a list of overrides),
+    `sweeps` (lists of overrides) and `claims` that parse (`parse_claims`)."""
+    fix = f"fix {path} (experiments/claims/study.yaml shows the form)"
+    try:
+        study = OmegaConf.to_container(OmegaConf.load(path))
+    except (yaml.YAMLError, OmegaConfBaseException) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"{path} is damaged (not YAML: {first}); {fix}") from None
+    if not isinstance(study, dict):
+        raise ConfigError(f"{path} holds a {type(study).__name__}, not a study; {fix}")
+
+    def overrides(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(o, str) for o in v)
+
+    if not overrides(study.get("base", [])):
+        raise ConfigError(f"{path}: base is a list of overrides; {fix}")
+    if not isinstance(study.get("sweeps"), list) or not all(map(overrides, study["sweeps"])):
+        raise ConfigError(f"{path}: sweeps is a list of lists of overrides; {fix}")
+    if not isinstance(study.get("claims"), list):
+        raise ConfigError(f"{path}: claims is a list of claims; {fix}")
+    try:
+        parse_claims(study["claims"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return {"base": [], **study}
+
+
 def run_sweeps(study: dict, sweep_dir: Path, extra: list[str]) -> list[str]:
     """Each sweep of the study, one after another, into `sweep_dir`; completed runs are
     skipped and interrupted ones resumed (trainer.resume=auto), so the same command again
@@ -193,7 +223,10 @@ def main(argv: list[str] | None = None) -> None:
     path = Path(args.study)
     if not path.is_file():
         parser.exit(2, f"oscbench.claims: no study file {path} (experiments/claims/study.yaml)\n")
-    study = OmegaConf.to_container(OmegaConf.load(path))
+    try:
+        study = load_study(path)
+    except ConfigError as e:
+        parser.exit(2, f"oscbench.claims: {e}\n")
     sweep_dir = Path(args.sweep_dir)
     failed = [] if args.table_only else run_sweeps(study, sweep_dir, args.overrides)
     why = f"{len(failed)} sweep(s) had failed runs (their records in {sweep_dir} say why): "
