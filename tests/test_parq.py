@@ -135,6 +135,54 @@ def test_optimal_2bit_levels_of_a_tensor_are_the_least_squares_over_every_split(
     assert abs(v1.double() - best[1]) <= bound and abs(v2.double() - best[2]) <= bound
 
 
+def _row_residuals(row: torch.Tensor) -> dict[float, float]:
+    """Each candidate v_1 of `compute_v_per_channel` for one row, in float64 from its
+    definition (|p|_(j) where half the mean above j, or that plus half the mean up to j,
+    lies in [|p|_(j), |p|_(j+1)], j = 1..K-2 of the sorted |p|), and the residual it leaves
+    with v_2 = mean|p - v_1 s_1|."""
+    p = row.double()
+    a, k = p.abs().sort().values, p.numel()
+    out = {}
+    for j in range(1, k - 1):
+        above, below = a[j + 1 :].mean() / 2, a[: j + 1].mean() / 2
+        if any(a[j] <= m <= a[j + 1] for m in (above, above + below)):
+            r = p - a[j] * torch.where(p >= 0, 1.0, -1.0).double()
+            r = r - r.abs().mean() * torch.where(r >= 0, 1.0, -1.0).double()
+            out[float(a[j])] = float(r.norm())
+    return out
+
+
+def test_optimal_rows_least_squares_takes_each_rows_candidate_of_least_residual():
+    """Per channel the reference scores a candidate v_1 subtracting it twice; with
+    `optimal_rows: least_squares` each row's residual |w - q(w)| is the least any candidate
+    leaves with the v_2 then taken (float64 from the definition), never above the
+    reference's scoring's, and below it in some rows here."""
+    w = torch.randn(64, 27, generator=torch.Generator().manual_seed(0))
+    w = w * torch.rand(64, 1, generator=torch.Generator().manual_seed(1))
+    left = {}
+    for rows in ("reference", "least_squares"):
+        q = quantizer(2, 64, levels="lsbq", optimal=True, per_channel=True, optimal_rows=rows)
+        q.init_from(w)
+        left[rows] = (w.double() - q.quantize(w).double()).norm(dim=-1)
+    better = 0
+    for i, row in enumerate(w):
+        least = min(_row_residuals(row).values())
+        # a residual in float32: K terms of |w| + v_1 + v_2 (each at most 3 max|w|), rounded
+        # over at most 2K + 8 operations
+        k = row.numel()
+        bound = gamma(2 * k + 8) * float(row.abs().sum() + 3 * k * row.abs().max())
+        assert left["least_squares"][i] <= least + bound, i
+        assert left["least_squares"][i] <= left["reference"][i] + bound, i
+        better += int(left["reference"][i] > left["least_squares"][i] + bound)
+    assert better > 0  # the two scorings differ on these rows
+
+
+def test_optimal_rows_least_squares_is_refused_where_it_changes_nothing():
+    for options in ({"optimal": True}, {"per_channel": True}):
+        with pytest.raises(ConfigError, match="optimal_rows"):
+            quantizer(2, 4, levels="lsbq", optimal_rows="least_squares", **options)
+
+
 def test_optimal_levels_need_lsbq():
     with pytest.raises(ConfigError, match="optimal"):
         quantizer(2, None, levels="uniform", optimal=True)

@@ -41,6 +41,9 @@ class PARQConfig:
     #               the mean added back to the levels and the rounded weights (off there)
     optimal: bool  # lsbq at 2 bits: LSBQuantizer's `optimal` least-squares v_1, v_2
     #                (`--quant-lsbq-optimal`; off in their scripts); greedy at other widths
+    optimal_rows: str  # optimal per channel: reference (compute_v_per_channel's scoring of a
+    #                    candidate v_1: v_1 subtracted twice) | least_squares (with the v_2
+    #                    the map then takes: each row's least residual among the candidates)
 
     def __post_init__(self) -> None:
         check(self.levels in ("uniform", "lsbq"), "levels", self.levels, "uniform, lsbq")
@@ -51,6 +54,15 @@ class PARQConfig:
             "optimal",
             self.optimal,
             "false with levels=uniform (it is LSBQ's: levels=lsbq)",
+        )
+        rows = ("reference", "least_squares")
+        check(self.optimal_rows in rows, "optimal_rows", self.optimal_rows, ", ".join(rows))
+        check(
+            self.optimal_rows == "reference" or (self.optimal and self.per_channel),
+            "optimal_rows",
+            self.optimal_rows,
+            "reference unless optimal=true and per_channel=true (per tensor the reference "
+            "already scores each candidate by its own residual)",
         )
 
 
@@ -89,7 +101,9 @@ def lsbq_greedy(
     return w - r, levels
 
 
-def lsbq_optimal_2bit(w: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def lsbq_optimal_2bit(
+    w: torch.Tensor, signs: torch.Tensor, least_squares: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LSBQuantizer's optimal 2-bit solution (`quantize_optimal_2bits`) for the rows of w (C,
     K), or the whole of a 1-D w: returns each weight's v_1 s_1 + v_2 s_2 and the 4 sorted
     levels ±v_1 ± v_2.
@@ -102,12 +116,13 @@ def lsbq_optimal_2bit(w: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tenso
     norm (w all zero, where the reference's assertion fails), the levels are 0. Per row, v_1
     is `compute_v_per_channel`'s (its candidates' residuals subtract v_1 twice: the
     reference's `v.mean` over a dimension of size 1 leaves v_1 as v_2 there, so its choice
-    can leave more residual than greedy's), then v_2 = mean|w - v_1 s_1|; the levels are
+    can leave more residual than greedy's; `least_squares` scores each with the v_2 below
+    instead), then v_2 = mean|w - v_1 s_1|; the levels are
     sorted (the reference returns V B^T in its sign patterns' order, out of order where v_2
     > v_1, and its proximal map then bucketizes on them as if sorted)."""
     signs = signs.to(w.dtype)
     if w.dim() == 2:
-        v1 = _v1_per_row(w)
+        v1 = _v1_per_row(w, least_squares)
         s = binary_sign(w).mul_(v1)
         r = w.sub(s)
         v2 = r.abs().mean(dim=-1, keepdim=True)
@@ -135,9 +150,12 @@ def lsbq_optimal_2bit(w: torch.Tensor, signs: torch.Tensor) -> tuple[torch.Tenso
     return best_q, signs @ v
 
 
-def _v1_per_row(p: torch.Tensor) -> torch.Tensor:
+def _v1_per_row(p: torch.Tensor, least_squares: bool = False) -> torch.Tensor:
     """`compute_v_per_channel(p, dim=-1, ternary=False)` (torchao's parq/quant/lsbq.py):
-    each row's v_1 (C, 1), its candidates padded with 0 as the reference's nested tensor."""
+    each row's v_1 (C, 1), its candidates padded with 0 as the reference's nested tensor.
+    `least_squares`: each candidate is scored by the residual it leaves with its own v_2 =
+    mean|p - v_1 s_1| (what `lsbq_optimal_2bit` then takes), the padding left out (a row
+    without candidates keeps v_1 = 0, as the reference's)."""
     cands = p.abs().sort(dim=-1).values
     cumsum = cands.cumsum(dim=-1)
     cumsum, total = cumsum[:, 1:-1], cumsum[:, -1:]
@@ -154,8 +172,11 @@ def _v1_per_row(p: torch.Tensor) -> torch.Tensor:
     v = torch.where(kept, lo.gather(1, order), 0.0).unsqueeze(-1)
     r = p.unsqueeze(-2)
     r = r.sub(v * binary_sign(r))
-    r = r.sub(v * binary_sign(r))
-    best = torch.linalg.vector_norm(r, dim=-1).argmin(dim=-1, keepdim=True)
+    r = r.sub((r.abs().mean(dim=-1, keepdim=True) if least_squares else v) * binary_sign(r))
+    cost = torch.linalg.vector_norm(r, dim=-1)
+    if least_squares:
+        cost = cost.masked_fill(~kept, torch.inf)
+    best = cost.argmin(dim=-1, keepdim=True)
     return v.squeeze(-1).gather(1, best)
 
 
@@ -180,6 +201,8 @@ class PARQQuantizer(Quantizer):
     - `optimal` (lsbq at 2 bits): LSBQuantizer's least-squares v_1, v_2
       (`lsbq_optimal_2bit`); its 1-bit solution is the greedy one, and for more bits the
       reference has none (refused here). Its ternary levels (b = 0) are not implemented.
+      Per channel, `optimal_rows: least_squares` scores the reference's candidate v_1 by
+      the residual each leaves (the reference's scoring, `reference`, is the default).
 
     The forward is the identity: PARQ has no straight-through estimator; its weights are
     what the proximal map made them, on the levels once its slope reaches 0 (by the nearest
@@ -253,7 +276,7 @@ class PARQQuantizer(Quantizer):
 
     def _lsbq(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.optimal and self.bits == 2:
-            return lsbq_optimal_2bit(rows, self.signs)
+            return lsbq_optimal_2bit(rows, self.signs, self.cfg.optimal_rows == "least_squares")
         return lsbq_greedy(rows, self.bits, self.signs)
 
     @torch.no_grad()

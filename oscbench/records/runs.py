@@ -50,6 +50,7 @@ NEUTRAL = {
     "quantizer.levels": "uniform",  # PARQ's
     "quantizer.center": False,  # PARQ's
     "quantizer.optimal": False,  # PARQ's (LSBQ)
+    "quantizer.optimal_rows": "reference",  # PARQ's (LSBQ optimal per channel)
 }
 
 
