@@ -35,6 +35,26 @@ def objective(spec: RunSpec, final: dict) -> float:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float:
+    """The task function: `python -m oscbench.run` calls it once, a multirun's launcher once
+    per job (submitit's in a job process of its own: there its preemption signal ends the
+    run as an interruption before submitit requeues the job)."""
+    interrupt.defer_submitit()
+    try:
+        return _task(cfg)
+    except interrupt.Preempted as e:
+        sig = interrupt.signal_of(e).name
+        where = getattr(e, "record", None)
+        said = f"; {where} says so after epoch {e.epoch}" if where else ""
+        warn(
+            f"interrupted by {sig} (submitit: preempted, or its time limit near){said}; "
+            "submitit requeues the job where hydra.launcher.max_num_timeout allows, and the "
+            "requeued job (or the same command) resumes from the last checkpoint"
+        )
+        e.hand_over()  # requeues and exits, or ends the job
+        return float("nan")  # a process of a multi-process job but rank 0: requeued with it
+
+
+def _task(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     overrides = list(hc.overrides.task)

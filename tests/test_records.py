@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -344,6 +345,79 @@ def test_an_interrupted_run_is_recorded_as_interrupted_and_resumes(sig, code, tm
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resuming {tmp_path} after epoch {epoch} of 8" in again.stdout
     assert load_results(tmp_path)["status"] == "completed"
+
+
+class _HydraLikeJob:
+    """A job as Hydra's submitit launchers submit one: oscbench's task function (here through
+    its command line) in a task process where submitit handles its own signal (SIGUSR2),
+    checkpointable as their launcher is (`checkpoint`: the same job again, which submitit
+    requeues). The task process writes its id to `pid`."""
+
+    def __init__(self, args: list[str], pid: Path) -> None:
+        self.args, self.pid = args, pid
+
+    def __call__(self) -> None:
+        from oscbench.run import main
+
+        self.pid.write_text(str(os.getpid()))
+        sys.argv = ["oscbench.run", *self.args]
+        main()
+
+    def checkpoint(self):  # noqa: ANN201
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def test_a_preempted_submitit_job_is_recorded_as_interrupted_requeued_and_resumed(
+    tmp_path, monkeypatch
+):
+    """submitit's signal sent to the job's task process, as submitit's local controller
+    sends it near the time limit (in a job of under 10 minutes every such signal is a time
+    limit): the first requeues the job (one such requeue allowed), which resumes from the
+    checkpoint; the second ends it. Each time the record
+    says `interrupted` by SIGUSR2, not `failed` with submitit's exit as its traceback, and
+    the same command then completes the run."""
+    import submitit
+
+    # the job process unpickles _HydraLikeJob from this module, by pytest's name for it
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(map(str, (ROOT, ROOT / "tests"))))
+    run_dir = tmp_path / "run"
+    args = ["trainer.epochs=8", "logger=none", f"hydra.run.dir={run_dir}"]
+    executor = submitit.LocalExecutor(tmp_path / "submitit", max_num_timeout=1)
+    executor.update_parameters(timeout_min=1)
+    pid = tmp_path / "pid"
+    job = executor.submit(_HydraLikeJob(args, pid))
+
+    def record_once(done) -> dict:  # noqa: ANN001
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not job.done():
+            record = load_results(run_dir) if (run_dir / "results.json").exists() else None
+            if record is not None and done(record):
+                return record
+            time.sleep(0.02)
+        raise AssertionError(job.stderr())
+
+    record_once(lambda r: len(r["history"]) >= 1)
+    os.kill(int(pid.read_text()), signal.SIGUSR2)
+    first = record_once(lambda r: r["status"] == "interrupted")
+    epoch = len(first["history"])
+    assert first["error"] == f"interrupted by SIGUSR2 after epoch {epoch}"
+    record_once(lambda r: r["attempts"] == 2 and len(r["history"]) > epoch)
+    os.kill(int(pid.read_text()), signal.SIGUSR2)
+    with pytest.raises(submitit.core.utils.UncompletedJobError, match="timed-out too many times"):
+        job.result()
+    last = load_results(run_dir)
+    epoch = len(last["history"])
+    assert last["status"] == "interrupted" and last["attempts"] == 2 and epoch < 8
+    assert last["error"] == f"interrupted by SIGUSR2 after epoch {epoch}"
+    assert "Requeued job" in job.stderr() + job.stdout()
+    assert job.stderr().count("oscbench: interrupted by SIGUSR2 (submitit: preempted") == 2
+    cmd = [sys.executable, "-m", "oscbench.run", *args]
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming {run_dir} after epoch {epoch} of 8" in again.stdout
+    assert load_results(run_dir)["status"] == "completed"
 
 
 def test_help_into_a_closed_pipe_exits_quietly():

@@ -3,11 +3,17 @@ before its SIGKILL at a time limit). Both end a run as an interruption, not a fa
 record says `interrupted` and when, the command prints one line and exits with the shell's
 code for the signal (130, 143), and the same command resumes the run from its last
 checkpoint. Python raises KeyboardInterrupt on SIGINT; `install` makes SIGTERM raise
-`Terminated` likewise, in the main thread."""
+`Terminated` likewise, in the main thread.
+
+In a job of Hydra's submitit launchers, submitit's own signal (SIGUSR2: the job preempted,
+or its time limit near) requeues the job and exits from wherever the run is, which would
+leave its record `failed`; `defer_submitit` makes that signal end the run as an
+interruption first (`Preempted`), then hands it to submitit."""
 
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from types import FrameType
 
 
@@ -16,7 +22,19 @@ class Terminated(BaseException):
     library in between swallows it)."""
 
 
-INTERRUPTS = (KeyboardInterrupt, Terminated)
+class Preempted(BaseException):
+    """submitit's signal arrived; `hand_over` then runs submitit's handler of it, which
+    requeues the job and exits (or, past its requeues for time limits, ends the job)."""
+
+    def __init__(self, signum: int, handler: Callable[[int, FrameType | None], None]) -> None:
+        super().__init__(signum)
+        self.signum, self.handler = signum, handler
+
+    def hand_over(self) -> None:
+        self.handler(self.signum, None)
+
+
+INTERRUPTS = (KeyboardInterrupt, Terminated, Preempted)
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -29,5 +47,21 @@ def install() -> None:
     signal.signal(signal.SIGTERM, _terminate)
 
 
+def defer_submitit() -> None:
+    """In a submitit job (its handler set for SIGUSR1 or SIGUSR2, `checkpoint_and_try_requeue`),
+    that signal raises `Preempted` from now on, in the main thread; once, as SIGTERM's."""
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        handler = signal.getsignal(sig)
+        if getattr(handler, "__name__", None) == "checkpoint_and_try_requeue":
+
+            def preempt(signum: int, frame: FrameType | None, handler=handler) -> None:
+                signal.signal(signum, signal.SIG_IGN)
+                raise Preempted(signum, handler)
+
+            signal.signal(sig, preempt)
+
+
 def signal_of(exc: BaseException) -> signal.Signals:
+    if isinstance(exc, Preempted):
+        return signal.Signals(exc.signum)
     return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
