@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,14 +225,15 @@ def test_a_tuning_sweep_in_which_every_trial_fails_exits_non_zero(tmp_path):
     assert [t.state for t in trials] == [TrialState.FAIL] * 2
 
 
-def test_a_damaged_study_file_is_named_with_the_fix_by_every_command_that_reads_it(tuned, tmp_path):
+def test_a_damaged_study_file_is_named_with_the_fix_by_every_command_that_reads_it(tmp_path):
     """tune_methods (continuing), final_methods and the report's --tuned: one line that
     names the file and what to do, no SQLAlchemy traceback."""
     sweep = tmp_path / "tuned"
-    shutil.copytree(tuned, sweep)
+    tune = ["experiment=tune_methods", "method=lsq", "bits=2", "tune.trials=1"]
+    proc = _run(None, *tune, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
     db = sweep / "optuna.db"
     db.write_bytes(db.read_bytes()[: db.stat().st_size // 2])  # a disk that filled up
-    tune = ["experiment=tune_methods", "method=lsq,lsq_dampen", "bits=2", "tune.trials=3"]
     final = ["experiment=final_methods", "method=lsq", "bits=2", "seed=1", f"tune.dir={sweep}"]
     report_cmd = [sys.executable, "-m", "oscbench.report", str(sweep), "--tuned", str(sweep)]
     procs = [
