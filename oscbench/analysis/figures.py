@@ -183,7 +183,11 @@ def over_training(records: list[dict], runs: pd.DataFrame, style: dict, out: Pat
     bits = sorted(runs["bits"].unique())
     rows = (("osc_share", 100.0, "oscillating weights (%)"), ("crossings", 1.0, "crossings"))
     fig, axes = plt.subplots(
-        2, len(bits), figsize=(3.6 * len(bits) + 1, 6.2), squeeze=False, layout="constrained"
+        2,
+        len(bits),
+        figsize=(max(3.6 * len(bits) + 1, 6.4), 6.2),  # the title's width for one bit-width
+        squeeze=False,
+        layout="constrained",
     )
     for col, b in enumerate(bits):
         for label, g in _each(runs[runs["bits"] == b], style):
