@@ -42,11 +42,8 @@ def main(cfg: DictConfig) -> float:
     try:
         return _task(cfg)
     except interrupt.Preempted as e:
-        sig = interrupt.signal_of(e).name
-        where = getattr(e, "record", None)
-        said = f"; {where} says so after epoch {e.epoch}" if where else ""
         warn(
-            f"interrupted by {sig} (submitit: preempted, or its time limit near){said}; "
+            f"{interrupt.said(e, ' (submitit: preempted, or its time limit near)')}; "
             "submitit requeues the job where hydra.launcher.max_num_timeout allows, and the "
             "requeued job (or the same command) resumes from the last checkpoint"
         )
@@ -95,11 +92,8 @@ def cli() -> int:
     try:
         main()
     except interrupt.INTERRUPTS as e:
-        sig = interrupt.signal_of(e)
-        where = getattr(e, "record", None)
-        said = f"; {where} says so after epoch {e.epoch}" if where else ""
-        warn(f"interrupted by {sig.name}{said}; the same command resumes from the last checkpoint")
-        return 128 + sig.value
+        warn(f"{interrupt.said(e)}; the same command resumes from the last checkpoint")
+        return 128 + interrupt.signal_of(e).value
     return 0
 
 

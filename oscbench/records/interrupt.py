@@ -65,3 +65,11 @@ def signal_of(exc: BaseException) -> signal.Signals:
     if isinstance(exc, Preempted):
         return signal.Signals(exc.signum)
     return signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+
+
+def said(exc: BaseException, why: str = "") -> str:
+    """`interrupted by SIG<why>; <record> says so after epoch k`: what the command prints
+    (`why` after the signal's name; the record's part once the recorder has saved it)."""
+    where = getattr(exc, "record", None)
+    record = f"; {where} says so after epoch {exc.epoch}" if where else ""
+    return f"interrupted by {signal_of(exc).name}{why}{record}"
